@@ -1,0 +1,241 @@
+//! The one configuration loader: a TOML file, overridden by environment
+//! variables `PGFANOUT_<SECTION>__<KEY>` (e.g. `PGFANOUT_SOURCE__URL`).
+//! Secrets are wrapped so they never reach a log line.
+
+use std::fmt;
+use std::path::Path;
+
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+/// A string that must not be logged (passwords, shared secrets).
+#[derive(Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"***\"")
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(#[from] Box<figment::Error>);
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub source: SourceConfig,
+    pub log: LogConfig,
+    pub clickhouse: ClickHouseConfig,
+    pub redis: RedisConfig,
+    pub http: HttpConfig,
+    #[serde(default)]
+    pub pipeline: PipelineConfig,
+}
+
+impl Config {
+    /// Loads `path` (if given) and applies `PGFANOUT_*__*` environment overrides.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut fig = Figment::new();
+        if let Some(p) = path {
+            fig = fig.merge(Toml::file_exact(p));
+        }
+        fig.merge(Env::prefixed("PGFANOUT_").split("__").filter(|k| k.as_str().contains('.')))
+            .extract()
+            .map_err(|e| ConfigError(Box::new(e)))
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// libpq-style URL or key=value string; the password inside is never logged.
+    pub url: Secret,
+    /// Connect the replication stream over this Unix socket directory instead
+    /// of TCP (faster next to PostgreSQL: the walsender spends most of its time
+    /// in send()).
+    #[serde(default)]
+    pub socket_dir: Option<String>,
+    #[serde(default = "default_slot")]
+    pub slot: String,
+    #[serde(default = "default_slot")]
+    pub publication: String,
+    /// Tables the publication covers, schema-qualified.
+    #[serde(default = "default_tables")]
+    pub tables: Vec<String>,
+    /// How often the flush position is reported to the server.
+    #[serde(default = "default_status_interval_ms")]
+    pub status_interval_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    pub brokers: String,
+    #[serde(default = "default_topic_prefix")]
+    pub topic_prefix: String,
+    #[serde(default = "one")]
+    pub partitions: i32,
+    #[serde(default = "one")]
+    pub replication_factor: i32,
+    #[serde(default = "default_compression")]
+    pub compression: String,
+    /// Extra librdkafka properties (e.g. security.protocol, sasl.*, ssl.*).
+    #[serde(default)]
+    pub properties: std::collections::BTreeMap<String, Secret>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClickHouseConfig {
+    pub url: String,
+    #[serde(default = "default_ch_database")]
+    pub database: String,
+    #[serde(default = "default_ch_user")]
+    pub user: String,
+    #[serde(default)]
+    pub password: Secret,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    pub url: Secret,
+    /// Prefix of every key written, so several pipelines share one Redis.
+    #[serde(default)]
+    pub key_prefix: String,
+    /// Approximate MAXLEN of each content-type stream.
+    #[serde(default = "default_stream_maxlen")]
+    pub stream_maxlen: u64,
+    /// Width of the "most engaged" window.
+    #[serde(default = "default_top_window_secs")]
+    pub top_window_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    pub url: String,
+    /// Shared secret for the Standard-Webhooks HMAC-SHA256 signature.
+    pub secret: Secret,
+    #[serde(default = "default_http_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Attempts before a batch is parked in the dead-letter topic.
+    #[serde(default = "default_http_max_attempts")]
+    pub max_attempts: u32,
+    #[serde(default = "default_backoff_initial_ms")]
+    pub backoff_initial_ms: u64,
+    #[serde(default = "default_backoff_max_ms")]
+    pub backoff_max_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    /// Largest number of changes handed to the sinks at once; also bounds
+    /// memory for huge transactions, which are cut into batches.
+    pub batch_max_changes: usize,
+    /// How long a partial batch may wait for more changes.
+    pub batch_linger_ms: u64,
+    /// Changes buffered between the replication reader and the pipeline.
+    pub channel_capacity: usize,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        PipelineConfig { batch_max_changes: 5_000, batch_linger_ms: 50, channel_capacity: 20_000 }
+    }
+}
+
+fn default_slot() -> String {
+    "pgfanout".into()
+}
+fn default_tables() -> Vec<String> {
+    vec!["public.content".into(), "public.engagement_events".into()]
+}
+fn default_status_interval_ms() -> u64 {
+    1_000
+}
+fn default_topic_prefix() -> String {
+    "pgfanout.".into()
+}
+fn one() -> i32 {
+    1
+}
+fn default_compression() -> String {
+    "lz4".into()
+}
+fn default_ch_database() -> String {
+    "app".into()
+}
+fn default_ch_user() -> String {
+    "default".into()
+}
+fn default_stream_maxlen() -> u64 {
+    100_000
+}
+fn default_top_window_secs() -> u64 {
+    600
+}
+fn default_http_timeout_ms() -> u64 {
+    10_000
+}
+fn default_http_max_attempts() -> u32 {
+    8
+}
+fn default_backoff_initial_ms() -> u64 {
+    100
+}
+fn default_backoff_max_ms() -> u64 {
+    10_000
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_never_print() {
+        let s = Secret("hunter2".into());
+        assert_eq!(format!("{s:?}"), "\"***\"");
+    }
+
+    #[test]
+    fn toml_and_env_overrides() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "p.toml",
+                r#"
+                [source]
+                url = "postgres://u:pw@localhost/db"
+                [log]
+                brokers = "localhost:9092"
+                [clickhouse]
+                url = "http://localhost:8123"
+                [redis]
+                url = "redis://localhost"
+                [http]
+                url = "http://localhost:9000/hook"
+                secret = "s3cret"
+                "#,
+            )?;
+            jail.set_env("PGFANOUT_REDIS__KEY_PREFIX", "t1:");
+            jail.set_env("PGFANOUT_REDIS_URL", "ignored, not a section key");
+            let c = Config::load(Some(Path::new("p.toml"))).expect("loads");
+            assert_eq!(c.redis.key_prefix, "t1:");
+            assert_eq!(c.source.slot, "pgfanout");
+            assert_eq!(c.pipeline.batch_max_changes, 5_000);
+            assert!(!format!("{c:?}").contains("s3cret"));
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,118 @@
+//! The content dimension held in memory: loaded from PostgreSQL at start,
+//! then kept current from the content table's own changes.
+
+use std::collections::HashMap;
+
+use serde::Serialize;
+use tokio_postgres::Client;
+use uuid::Uuid;
+
+use crate::source::{Change, Op, Row};
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Content {
+    pub id: Uuid,
+    pub slug: String,
+    pub title: String,
+    pub content_type: Option<String>,
+    pub length_seconds: Option<i32>,
+    /// Milliseconds since the Unix epoch.
+    pub publish_ts: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ContentError {
+    #[error("content row at {position}: column {column} is missing or has the wrong type")]
+    Column { position: String, column: &'static str },
+    #[error("loading content from PostgreSQL failed: {0}")]
+    Load(#[from] tokio_postgres::Error),
+}
+
+#[derive(Debug, Default)]
+pub struct ContentDim {
+    by_id: HashMap<Uuid, Content>,
+}
+
+impl ContentDim {
+    pub async fn load(client: &Client) -> Result<ContentDim, ContentError> {
+        let rows = client
+            .query(
+                "SELECT id, slug, title, content_type, length_seconds, \
+                 (extract(epoch from publish_ts) * 1000)::int8 FROM public.content",
+                &[],
+            )
+            .await?;
+        let by_id = rows
+            .iter()
+            .map(|r| {
+                let c = Content {
+                    id: r.get(0),
+                    slug: r.get(1),
+                    title: r.get(2),
+                    content_type: r.get(3),
+                    length_seconds: r.get(4),
+                    publish_ts: r.get(5),
+                };
+                (c.id, c)
+            })
+            .collect();
+        Ok(ContentDim { by_id })
+    }
+
+    pub fn get(&self, id: &Uuid) -> Option<&Content> {
+        self.by_id.get(id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
+    }
+
+    /// Applies a change of the content table; returns the content row it
+    /// produced (the deleted row for a delete).
+    pub fn apply(&mut self, change: &Change) -> Result<Option<Content>, ContentError> {
+        match change.op {
+            Op::Create | Op::Update | Op::Read => {
+                let Some(after) = &change.after else { return Ok(None) };
+                let c = content_from_row(after, change)?;
+                if let Some(before) = &change.before {
+                    if let Some(old_id) = before.get("id").and_then(|v| v.as_uuid()) {
+                        if old_id != c.id {
+                            self.by_id.remove(&old_id);
+                        }
+                    }
+                }
+                self.by_id.insert(c.id, c.clone());
+                Ok(Some(c))
+            }
+            Op::Delete => {
+                let id = change
+                    .before
+                    .as_ref()
+                    .and_then(|r| r.get("id"))
+                    .and_then(|v| v.as_uuid())
+                    .ok_or_else(|| ContentError::Column { position: change.position.to_string(), column: "id" })?;
+                Ok(self.by_id.remove(&id).or_else(|| change.before.as_ref().and_then(|b| content_from_row(b, change).ok())))
+            }
+            Op::Truncate => {
+                self.by_id.clear();
+                Ok(None)
+            }
+        }
+    }
+}
+
+fn content_from_row(row: &Row, change: &Change) -> Result<Content, ContentError> {
+    let missing = |column| ContentError::Column { position: change.position.to_string(), column };
+    Ok(Content {
+        id: row.get("id").and_then(|v| v.as_uuid()).ok_or_else(|| missing("id"))?,
+        slug: row.get("slug").and_then(|v| v.as_str()).ok_or_else(|| missing("slug"))?.to_string(),
+        title: row.get("title").and_then(|v| v.as_str()).ok_or_else(|| missing("title"))?.to_string(),
+        content_type: row.get("content_type").and_then(|v| v.as_str()).map(str::to_string),
+        length_seconds: row.get("length_seconds").and_then(|v| v.as_i64()).and_then(|v| i32::try_from(v).ok()),
+        publish_ts: row.get("publish_ts").and_then(|v| v.as_timestamp_millis()).ok_or_else(|| missing("publish_ts"))?,
+    })
+}

@@ -1,0 +1,17 @@
+//! pgfanout: a PostgreSQL change-data-capture sidecar.
+//!
+//! Data flows `source` (slot, native pgoutput decoder) → `log` (Kafka-API
+//! broker, durable) → `enrich` (content join and derived engagement figures)
+//! → `sinks` (ClickHouse, Redis, HTTP). The slot is acknowledged through
+//! `ack` only once every sink has flushed what precedes a commit.
+
+pub mod ack;
+pub mod config;
+pub mod enrich;
+pub mod generate;
+pub mod init;
+pub mod log;
+pub mod pipeline;
+pub mod retry;
+pub mod sinks;
+pub mod source;

@@ -1,0 +1,117 @@
+//! Writes changes to the broker: idempotent producer, acks=all, compressed.
+//! `publish` returns only when the broker has acknowledged every message of
+//! the batch, which is the point where the sinks may see it.
+
+use std::time::Duration;
+
+use futures::future::try_join_all;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+use super::envelope;
+use crate::config::LogConfig;
+use crate::source::Change;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("broker client setup failed: {0}")]
+    Client(#[source] KafkaError),
+    #[error("broker did not accept the message for topic {topic}: {source}")]
+    Produce { topic: String, source: KafkaError },
+    #[error("creating topic {topic} failed: {reason}")]
+    CreateTopic { topic: String, reason: String },
+}
+
+pub struct LogProducer {
+    producer: FutureProducer,
+    cfg: LogConfig,
+    database: String,
+}
+
+fn client_config(cfg: &LogConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.brokers);
+    for (k, v) in &cfg.properties {
+        c.set(k, v.expose());
+    }
+    c
+}
+
+impl LogProducer {
+    pub fn new(cfg: &LogConfig, database: &str) -> Result<Self, LogError> {
+        let producer: FutureProducer = client_config(cfg)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("compression.type", &cfg.compression)
+            .set("linger.ms", "5")
+            .set("message.timeout.ms", "300000")
+            .create()
+            .map_err(LogError::Client)?;
+        Ok(LogProducer { producer, cfg: cfg.clone(), database: database.to_string() })
+    }
+
+    pub fn topic_prefix(&self) -> &str {
+        &self.cfg.topic_prefix
+    }
+
+    /// Publishes a batch and waits for the broker's acknowledgement of all of it.
+    pub async fn publish(&self, changes: &[Change]) -> Result<(), LogError> {
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let sends = changes.iter().map(|c| {
+            let topic = envelope::topic(&self.cfg.topic_prefix, c);
+            let key = envelope::key(c);
+            let payload = serde_json::to_vec(&envelope::value(c, &self.database, now_ms)).unwrap_or_default();
+            async move {
+                let record = FutureRecord::to(&topic).key(&key).payload(&payload);
+                self.producer
+                    .send(record, Duration::from_secs(300))
+                    .await
+                    .map(|_| ())
+                    .map_err(|(source, _)| LogError::Produce { topic: topic.clone(), source })
+            }
+        });
+        try_join_all(sends).await?;
+        Ok(())
+    }
+
+    /// Parks a payload that a sink could never deliver, with the reason, in
+    /// the dead-letter topic. Counts as delivered only once the broker has it.
+    pub async fn dead_letter(&self, sink: &str, key: &str, payload: &[u8], error: &str) -> Result<(), LogError> {
+        let topic = dead_letter_topic(&self.cfg.topic_prefix);
+        let headers = OwnedHeaders::new()
+            .insert(Header { key: "pgfanout.sink", value: Some(sink) })
+            .insert(Header { key: "pgfanout.error", value: Some(error) });
+        let record = FutureRecord::to(&topic).key(key).payload(payload).headers(headers);
+        self.producer
+            .send(record, Duration::from_secs(300))
+            .await
+            .map(|_| ())
+            .map_err(|(source, _)| LogError::Produce { topic, source })
+    }
+}
+
+pub fn dead_letter_topic(prefix: &str) -> String {
+    format!("{prefix}dead_letter")
+}
+
+/// Creates the topics that are missing (existing ones are left as they are).
+pub async fn ensure_topics(cfg: &LogConfig, topics: &[String]) -> Result<(), LogError> {
+    let admin: AdminClient<DefaultClientContext> = client_config(cfg).create().map_err(LogError::Client)?;
+    let new: Vec<NewTopic> = topics
+        .iter()
+        .map(|t| NewTopic::new(t, cfg.partitions, TopicReplication::Fixed(cfg.replication_factor)))
+        .collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let results = admin.create_topics(new.iter(), &opts).await.map_err(LogError::Client)?;
+    for r in results {
+        match r {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => return Err(LogError::CreateTopic { topic, reason: code.to_string() }),
+        }
+    }
+    Ok(())
+}

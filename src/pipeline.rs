@@ -1,0 +1,160 @@
+//! The apply loop: source → log → enrich → sinks → acknowledgement.
+//!
+//! Changes arrive from the replication reader in commit order and are cut
+//! into batches (by count and by a short linger), so a huge transaction
+//! flows through in bounded memory. A batch is published to the broker and
+//! acknowledged there before enrichment; the three sinks then write it
+//! concurrently, and only when all three have returned does the slot's
+//! flush position advance, to the end of the last transaction the batch
+//! completed (see `ack`).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+
+use crate::ack::{BatchAck, FlushedLsn};
+use crate::config::Config;
+use crate::enrich::{self, ContentDim};
+use crate::log::{producer, LogProducer};
+use crate::sinks::{clickhouse::ClickHouseSink, http::HttpSink, redis::RedisSink, SinkError};
+use crate::source::{self, session, slot, Change, SourceEvent};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error(transparent)]
+    Slot(#[from] slot::SlotError),
+    #[error(transparent)]
+    Session(#[from] session::SessionError),
+    #[error(transparent)]
+    Log(#[from] crate::log::LogError),
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error(transparent)]
+    Content(#[from] enrich::ContentError),
+    #[error("replication reader stopped unexpectedly")]
+    ReaderGone,
+}
+
+/// Counters the pipeline keeps (exported as metrics, read by tests).
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub changes: AtomicU64,
+    pub batches: AtomicU64,
+    pub rejected: AtomicU64,
+    pub flushed_lsn: AtomicU64,
+}
+
+/// The topics `run` writes to, for `init`.
+pub fn topics(cfg: &Config) -> Vec<String> {
+    let mut t: Vec<String> = cfg.source.tables.iter().map(|t| format!("{}{}", cfg.log.topic_prefix, t)).collect();
+    t.push(producer::dead_letter_topic(&cfg.log.topic_prefix));
+    t
+}
+
+/// Runs until `shutdown` turns true, then drains what was read, flushes the
+/// sinks and reports the final flush position before returning.
+pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>, stats: Arc<Stats>) -> Result<(), PipelineError> {
+    let pg = slot::connect(cfg.source.url.expose()).await?;
+    let slot_state = slot::ensure(&pg, &cfg.source).await?;
+    let mut dim = ContentDim::load(&pg).await?;
+    let database = pg.query_one("SELECT current_database()", &[]).await.map_err(|source| slot::SlotError::Query { what: "current_database", source })?.get::<_, String>(0);
+    drop(pg);
+    tracing::info!(contents = dim.len(), confirmed_flush_lsn = ?slot_state.confirmed_flush_lsn.map(|l| source::Lsn(l).to_pg_string()), "starting pipeline");
+
+    producer::ensure_topics(&cfg.log, &topics(&cfg)).await?;
+    let log = Arc::new(LogProducer::new(&cfg.log, &database)?);
+    let clickhouse = ClickHouseSink::new(&cfg.clickhouse);
+    let redis = RedisSink::connect(&cfg.redis).await?;
+    let http = HttpSink::new(&cfg.http, log.clone())?;
+
+    let (events_tx, mut events) = mpsc::channel(cfg.pipeline.channel_capacity);
+    let (ack_tx, ack_rx) = watch::channel(slot_state.confirmed_flush_lsn.unwrap_or(0));
+    let (stop_reader_tx, stop_reader) = watch::channel(false);
+    let reader = tokio::spawn(session::read(cfg.source.clone(), events_tx, ack_rx, stop_reader));
+
+    let mut flushed = FlushedLsn(slot_state.confirmed_flush_lsn.unwrap_or(0));
+    let mut open_tx = false;
+    let linger = Duration::from_millis(cfg.pipeline.batch_linger_ms);
+    let mut stopping = false;
+    loop {
+        // Wait for the first event of a batch, or for shutdown.
+        let first = tokio::select! {
+            ev = events.recv() => ev,
+            _ = shutdown.changed(), if !stopping => { stopping = true; None }
+        };
+        let mut batch: Vec<Change> = Vec::new();
+        let mut ack = BatchAck::default();
+        let take = |ev: SourceEvent, batch: &mut Vec<Change>, ack: &mut BatchAck, open_tx: &mut bool| match ev {
+            SourceEvent::Change(c) => {
+                *open_tx = true;
+                batch.push(*c);
+            }
+            SourceEvent::Commit { end_lsn, .. } => {
+                *open_tx = false;
+                ack.last_commit_end = Some(end_lsn);
+            }
+            SourceEvent::Idle { wal_end } => ack.idle_wal_end = Some(wal_end),
+        };
+        match first {
+            Some(ev) => take(ev, &mut batch, &mut ack, &mut open_tx),
+            None if stopping => break,
+            None => {
+                return Err(match reader.await {
+                    Ok(Err(e)) => e.into(),
+                    _ => PipelineError::ReaderGone,
+                })
+            }
+        }
+        let deadline = tokio::time::Instant::now() + linger;
+        while batch.len() < cfg.pipeline.batch_max_changes {
+            match tokio::time::timeout_at(deadline, events.recv()).await {
+                Ok(Some(ev)) => take(ev, &mut batch, &mut ack, &mut open_tx),
+                _ => break,
+            }
+        }
+        ack.open_tx = open_tx;
+        if !batch.is_empty() {
+            deliver(&batch, &log, &mut dim, &clickhouse, &redis, &http, &stats).await?;
+        }
+        if let Some(lsn) = flushed.advance(&ack) {
+            stats.flushed_lsn.store(lsn, Ordering::Relaxed);
+            let _ = ack_tx.send(lsn);
+        }
+    }
+    tracing::info!(flushed_lsn = %source::Lsn(flushed.0).to_pg_string(), "draining done; stopping replication");
+    let _ = stop_reader_tx.send(true);
+    match reader.await {
+        Ok(r) => r?,
+        Err(_) => return Err(PipelineError::ReaderGone),
+    }
+    Ok(())
+}
+
+async fn deliver(
+    batch: &[Change],
+    log: &LogProducer,
+    dim: &mut ContentDim,
+    clickhouse: &ClickHouseSink,
+    redis: &RedisSink,
+    http: &HttpSink,
+    stats: &Stats,
+) -> Result<(), PipelineError> {
+    let mut backoff = crate::retry::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    while let Err(e) = log.publish(batch).await {
+        tracing::warn!(error = %e, attempt = backoff.attempts(), "publishing to the broker failed; retrying");
+        tokio::time::sleep(backoff.next_delay()).await;
+    }
+    let enriched = enrich::enrich(dim, batch);
+    for (change, reason) in &enriched.rejected {
+        tracing::error!(table = %change.table, position = %change.position, key = %change.key.to_json(), reason = %reason, "change cannot be enriched; parking it in the dead-letter topic");
+        let payload = serde_json::to_vec(&crate::log::envelope::value(change, "", chrono::Utc::now().timestamp_millis())).unwrap_or_default();
+        log.dead_letter("enrich", &crate::sinks::event_id(&change.position), &payload, reason).await?;
+    }
+    tokio::try_join!(clickhouse.write(&enriched), redis.write(&enriched), http.write(&enriched))?;
+    stats.changes.fetch_add(batch.len() as u64, Ordering::Relaxed);
+    stats.batches.fetch_add(1, Ordering::Relaxed);
+    stats.rejected.fetch_add(enriched.rejected.len() as u64, Ordering::Relaxed);
+    Ok(())
+}

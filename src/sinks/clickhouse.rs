@@ -1,0 +1,178 @@
+//! ClickHouse: enriched events into `enriched_engagements`, content changes
+//! into `content_dim`. Both tables are ReplacingMergeTree with a version
+//! taken from the change's position and an `_is_deleted` flag, so a replayed
+//! row collapses into the one already there and a delete hides the row;
+//! queries read with FINAL (or `SETTINGS final = 1`).
+
+use std::time::Duration;
+
+use clickhouse::{Client, Row};
+use serde::Serialize;
+use uuid::Uuid;
+
+use super::SinkError;
+use crate::config::ClickHouseConfig;
+use crate::enrich::{ContentChange, EngagementChange, EngagementRow, Enriched};
+use crate::retry::Backoff;
+use crate::source::Op;
+
+#[derive(Debug, Row, Serialize)]
+struct EngagementRecord {
+    event_id: u64,
+    #[serde(with = "clickhouse::serde::uuid")]
+    content_id: Uuid,
+    #[serde(with = "clickhouse::serde::uuid::option")]
+    user_id: Option<Uuid>,
+    event_type: Option<String>,
+    event_ts: i64,
+    duration_ms: Option<i32>,
+    device: Option<String>,
+    engagement_seconds: Option<f64>,
+    engagement_percent: Option<f64>,
+    content_slug: String,
+    content_title: String,
+    content_type: String,
+    length_seconds: Option<i32>,
+    publish_ts: Option<i64>,
+    _version: u64,
+    _is_deleted: u8,
+}
+
+impl EngagementRecord {
+    fn new(r: &EngagementRow, version: u64, deleted: bool) -> Self {
+        EngagementRecord {
+            event_id: r.event_id as u64,
+            // The sort key cannot be Nullable: a missing content_id is the nil UUID.
+            content_id: r.content_id.unwrap_or(Uuid::nil()),
+            user_id: r.user_id,
+            event_type: r.event_type.clone(),
+            event_ts: r.event_ts,
+            duration_ms: r.duration_ms,
+            device: r.device.clone(),
+            engagement_seconds: r.engagement_seconds,
+            engagement_percent: r.engagement_percent,
+            content_slug: r.content_slug.clone().unwrap_or_default(),
+            content_title: r.content_title.clone().unwrap_or_default(),
+            content_type: r.content_type.clone().unwrap_or_default(),
+            length_seconds: r.length_seconds,
+            publish_ts: r.publish_ts,
+            _version: version,
+            _is_deleted: u8::from(deleted),
+        }
+    }
+
+    fn sort_key(&self) -> (i64, Uuid, u64) {
+        (self.event_ts, self.content_id, self.event_id)
+    }
+}
+
+#[derive(Debug, Row, Serialize)]
+struct ContentRecord {
+    #[serde(with = "clickhouse::serde::uuid")]
+    id: Uuid,
+    slug: String,
+    title: String,
+    content_type: Option<String>,
+    length_seconds: Option<i32>,
+    publish_ts: i64,
+    version_ts_ms: u64,
+    _is_deleted: u8,
+}
+
+pub struct ClickHouseSink {
+    client: Client,
+}
+
+impl ClickHouseSink {
+    pub fn new(cfg: &ClickHouseConfig) -> Self {
+        let client = Client::default()
+            .with_url(&cfg.url)
+            .with_database(&cfg.database)
+            .with_user(&cfg.user)
+            .with_password(cfg.password.expose());
+        ClickHouseSink { client }
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Writes a batch, retrying (with backoff) until ClickHouse takes it:
+    /// an outage stalls the pipeline, it never drops data.
+    pub async fn write(&self, batch: &Enriched) -> Result<(), SinkError> {
+        let events = engagement_records(&batch.engagements);
+        let contents = content_records(&batch.contents);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        loop {
+            match self.write_once(batch, &events, &contents).await {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    let wait = backoff.next_delay();
+                    tracing::warn!(sink = "clickhouse", error = %e, attempt = backoff.attempts(), "write failed; retrying");
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+    }
+
+    async fn write_once(&self, batch: &Enriched, events: &[EngagementRecord], contents: &[ContentRecord]) -> Result<(), SinkError> {
+        if !batch.events_truncated.is_empty() {
+            self.client.query("TRUNCATE TABLE enriched_engagements").execute().await?;
+        }
+        if !events.is_empty() {
+            let mut ins = self.client.insert::<EngagementRecord>("enriched_engagements").await?;
+            for r in events {
+                ins.write(r).await?;
+            }
+            ins.end().await?;
+        }
+        if !contents.is_empty() {
+            let mut ins = self.client.insert::<ContentRecord>("content_dim").await?;
+            for r in contents {
+                ins.write(r).await?;
+            }
+            ins.end().await?;
+        }
+        Ok(())
+    }
+}
+
+/// Rows for a batch: the current row of each insert/update, a tombstone for
+/// each delete, and a tombstone for the old sort key when an update moved
+/// the row (event_ts or content_id changed).
+fn engagement_records(changes: &[EngagementChange]) -> Vec<EngagementRecord> {
+    let mut out = Vec::with_capacity(changes.len());
+    for c in changes {
+        let version = c.position.version();
+        let current = c.current.as_ref().map(|r| EngagementRecord::new(r, version, false));
+        let previous = c.previous.as_ref().map(|r| EngagementRecord::new(r, version, true));
+        match (c.op, current, previous) {
+            (Op::Delete, _, Some(prev)) => out.push(prev),
+            (_, Some(cur), Some(prev)) => {
+                if prev.sort_key() != cur.sort_key() {
+                    out.push(prev);
+                }
+                out.push(cur);
+            }
+            (_, Some(cur), None) => out.push(cur),
+            _ => {}
+        }
+    }
+    out
+}
+
+fn content_records(changes: &[ContentChange]) -> Vec<ContentRecord> {
+    changes
+        .iter()
+        .map(|c| ContentRecord {
+            id: c.content.id,
+            slug: c.content.slug.clone(),
+            title: c.content.title.clone(),
+            content_type: c.content.content_type.clone(),
+            length_seconds: c.content.length_seconds,
+            publish_ts: c.content.publish_ts,
+            version_ts_ms: c.commit_ts.max(0) as u64,
+            _is_deleted: u8::from(c.op == Op::Delete),
+        })
+        .collect()
+}

@@ -1,0 +1,230 @@
+//! The replication session: streams the slot with pgwire-replication, decodes
+//! each message with our pgoutput decoder, and hands changes to the pipeline
+//! in commit order through a bounded channel (a full channel slows reading;
+//! pgwire-replication keeps answering keepalives meanwhile). Acknowledged
+//! positions come back through a watch channel and are reported to the
+//! server as the slot's flush LSN.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent};
+use tokio::sync::{mpsc, watch};
+
+use super::pgoutput::{DecodeError, Decoder, Message};
+use super::relations::{RelationError, Relations};
+use super::{Change, Op, Position, Row, SourceEvent, TxInfo, PG_EPOCH_OFFSET_US};
+use crate::config::SourceConfig;
+use crate::retry::Backoff;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("invalid source.url: {0}")]
+    Url(String),
+    #[error("replication connection failed: {0}")]
+    Replication(#[from] pgwire_replication::PgWireError),
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    #[error(transparent)]
+    Relation(#[from] RelationError),
+    #[error("replication slot {slot} is active for PID {pid}: another pgfanout (or client) is reading it; stop it, or terminate that backend with pg_terminate_backend({pid})")]
+    SlotBusy { slot: String, pid: String },
+    #[error("change outside a transaction at LSN {0}")]
+    NoTransaction(String),
+}
+
+impl SessionError {
+    /// Errors that a new connection may cure.
+    pub fn is_transient(&self) -> bool {
+        // A walsender terminated by an administrator (57P01) or a server
+        // restart is worth reconnecting to, like an I/O error.
+        matches!(self, SessionError::Replication(e)
+            if e.is_transient() || e.to_string().contains("terminating connection"))
+    }
+}
+
+/// Builds pgwire-replication's config from `source.url` (libpq URL or
+/// key=value form), preferring the Unix socket when one is configured.
+pub fn replication_config(cfg: &SourceConfig) -> Result<ReplicationConfig, SessionError> {
+    let pg = tokio_postgres::Config::from_str(cfg.url.expose()).map_err(|e| SessionError::Url(e.to_string()))?;
+    let user = pg.get_user().unwrap_or("postgres").to_string();
+    let password = pg.get_password().map(|p| String::from_utf8_lossy(p).into_owned()).unwrap_or_default();
+    let dbname = pg.get_dbname().unwrap_or(&user).to_string();
+    let port = pg.get_ports().first().copied().unwrap_or(5432);
+    let host = match (&cfg.socket_dir, pg.get_hosts().first()) {
+        (Some(dir), _) => dir.clone(),
+        (None, Some(tokio_postgres::config::Host::Tcp(h))) => h.clone(),
+        (None, Some(tokio_postgres::config::Host::Unix(p))) => p.to_string_lossy().into_owned(),
+        (None, None) => "localhost".to_string(),
+    };
+    let rc = if host.starts_with('/') {
+        ReplicationConfig::unix(host, port, user, password, dbname, cfg.slot.clone(), cfg.publication.clone())
+    } else {
+        ReplicationConfig::new(host, user, password, dbname, cfg.slot.clone(), cfg.publication.clone()).with_port(port)
+    };
+    Ok(rc
+        .with_status_interval(Duration::from_millis(cfg.status_interval_ms))
+        .with_application_name("pgfanout"))
+}
+
+/// State of the transaction being read.
+struct OpenTx {
+    info: TxInfo,
+    ordinal: u32,
+}
+
+/// Reads the slot until `shutdown` turns true, reconnecting on transient
+/// errors from the slot's confirmed position. Each reconnect replays what
+/// was not acknowledged; sinks are idempotent, so that is safe.
+pub async fn read(
+    cfg: SourceConfig,
+    out: mpsc::Sender<SourceEvent>,
+    mut acks: watch::Receiver<u64>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), SessionError> {
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    loop {
+        match stream_once(&cfg, &out, &mut acks, &mut shutdown).await {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_transient() && !*shutdown.borrow() => {
+                let wait = backoff.next_delay();
+                tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "replication connection lost; reconnecting");
+                tokio::time::sleep(wait).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn stream_once(
+    cfg: &SourceConfig,
+    out: &mpsc::Sender<SourceEvent>,
+    acks: &mut watch::Receiver<u64>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<(), SessionError> {
+    let acked = *acks.borrow();
+    let rc = replication_config(cfg)?.with_ack_lsn(Lsn(acked));
+    let mut client = ReplicationClient::connect(rc).await.map_err(|e| busy_or(e, &cfg.slot))?;
+    tracing::info!(slot = %cfg.slot, publication = %cfg.publication, "replication started");
+    let mut decoder = Decoder::new(1);
+    let mut relations = Relations::default();
+    let mut open: Option<OpenTx> = None;
+    let mut last_idle = 0u64;
+    let mut last_reported = acked;
+    loop {
+        let ev = tokio::select! {
+            ev = client.recv() => ev,
+            r = acks.changed() => {
+                if r.is_ok() {
+                    let lsn = *acks.borrow_and_update();
+                    if lsn > last_reported {
+                        client.update_applied_lsn(Lsn(lsn));
+                        last_reported = lsn;
+                    }
+                }
+                continue;
+            }
+            _ = shutdown.changed() => {
+                // pgwire-replication stops without a last status update:
+                // give it one status interval to report the final position.
+                tokio::time::sleep(Duration::from_millis(cfg.status_interval_ms + 100)).await;
+                client.stop();
+                return Ok(());
+            }
+        };
+        let Some(ev) = ev.map_err(|e| busy_or(e, &cfg.slot))? else { return Ok(()) };
+        let event = match ev {
+            ReplicationEvent::Begin { final_lsn, xid, commit_time_micros } => {
+                open = Some(OpenTx {
+                    info: TxInfo { xid, commit_lsn: final_lsn.0, commit_ts_us: commit_time_micros + PG_EPOCH_OFFSET_US },
+                    ordinal: 0,
+                });
+                continue;
+            }
+            ReplicationEvent::Commit { end_lsn, .. } => match open.take() {
+                Some(tx) => SourceEvent::Commit { end_lsn: end_lsn.0, tx: tx.info },
+                None => continue,
+            },
+            ReplicationEvent::KeepAlive { wal_end, .. } => {
+                if open.is_some() || wal_end.0 <= last_idle {
+                    continue;
+                }
+                last_idle = wal_end.0;
+                SourceEvent::Idle { wal_end: wal_end.0 }
+            }
+            ReplicationEvent::XLogData { wal_start, data, .. } => {
+                let msg = decoder.decode(&data, wal_start.0)?;
+                for change in changes(msg, &mut relations, open.as_mut(), wal_start.0)? {
+                    if out.send(SourceEvent::Change(Box::new(change))).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                continue;
+            }
+            ReplicationEvent::Message { .. } | ReplicationEvent::StoppedAt { .. } => continue,
+        };
+        if out.send(event).await.is_err() {
+            return Ok(());
+        }
+    }
+}
+
+fn busy_or(e: pgwire_replication::PgWireError, slot: &str) -> SessionError {
+    let text = e.to_string();
+    if let Some(rest) = text.split("is active for PID ").nth(1) {
+        let pid: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+        return SessionError::SlotBusy { slot: slot.to_string(), pid };
+    }
+    SessionError::Replication(e)
+}
+
+/// Turns one decoded message into the row changes it carries.
+fn changes(
+    msg: Message,
+    relations: &mut Relations,
+    open: Option<&mut OpenTx>,
+    lsn: u64,
+) -> Result<Vec<Change>, SessionError> {
+    let make = |table, op, key: Row, before: Option<Row>, after: Option<Row>| -> Result<Change, SessionError> {
+        let tx = open.as_ref().map(|t| t.info).ok_or_else(|| SessionError::NoTransaction(Lsn(lsn).to_pg_string()))?;
+        Ok(Change { table, op, key, before, after, lsn, tx, position: Position { commit_lsn: tx.commit_lsn, ordinal: 0 } })
+    };
+    let mut out = match msg {
+        Message::Relation(rel) => {
+            relations.learn(&rel);
+            return Ok(Vec::new());
+        }
+        Message::Insert { rel_id, new, .. } => {
+            let shape = relations.shape(rel_id, lsn)?;
+            let after = shape.row(&new, None, lsn)?;
+            vec![make(shape.table.clone(), Op::Create, shape.key_of(&after), None, Some(after))?]
+        }
+        Message::Update { rel_id, old, new, .. } => {
+            let shape = relations.shape(rel_id, lsn)?;
+            let before = old.as_ref().map(|o| shape.old_row(o, lsn)).transpose()?;
+            let after = shape.row(&new, before.as_ref(), lsn)?;
+            vec![make(shape.table.clone(), Op::Update, shape.key_of(&after), before, Some(after))?]
+        }
+        Message::Delete { rel_id, old, .. } => {
+            let shape = relations.shape(rel_id, lsn)?;
+            let before = shape.old_row(&old, lsn)?;
+            vec![make(shape.table.clone(), Op::Delete, shape.key_of(&before), Some(before), None)?]
+        }
+        Message::Truncate { rel_ids, .. } => {
+            let mut v = Vec::new();
+            for rel_id in rel_ids {
+                let table = relations.shape(rel_id, lsn)?.table.clone();
+                v.push(make(table, Op::Truncate, Row::default(), None, None)?);
+            }
+            v
+        }
+        _ => Vec::new(),
+    };
+    if let Some(tx) = open {
+        for c in &mut out {
+            tx.ordinal += 1;
+            c.position.ordinal = tx.ordinal;
+        }
+    }
+    Ok(out)
+}
