@@ -100,7 +100,10 @@ def decompress_blocks(body):
             raise ClickHouseError(40, "Code: 40. DB::Exception: Checksum doesn't match: corrupted data. (CHECKSUM_DOESNT_MATCH)")
         payload = body[pos + 25:end]
         if method == METHOD_LZ4:
-            out.append(lz4.block.decompress(payload, uncompressed_size=usize))
+            try:
+                out.append(lz4.block.decompress(payload, uncompressed_size=usize))
+            except lz4.block.LZ4BlockError as exc:
+                raise ClickHouseError(271, f"Code: 271. DB::Exception: {exc}. (CANNOT_DECOMPRESS)") from None
         elif method == METHOD_NONE:
             out.append(payload)
         elif method == METHOD_ZSTD:
@@ -280,7 +283,12 @@ class Handler(BaseHTTPRequestHandler):
     def _handle(self, url, body):
         query_id = str(uuid.uuid4())
         try:
-            payload, summary, params, fmt = self._run(dict(parse_qsl(url.query, keep_blank_values=True)), body)
+            try:
+                payload, summary, params, fmt = self._run(dict(parse_qsl(url.query, keep_blank_values=True)), body)
+            except ClickHouseError:
+                raise
+            except Exception as exc:  # a bug or malformed input: still answer like ClickHouse
+                raise ClickHouseError(1001, f"Code: 1001. DB::Exception: {type(exc).__name__}: {exc}. (STD_EXCEPTION)") from exc
         except ClickHouseError as err:
             msg = err.message if err.message.endswith("\n") else err.message + "\n"
             if self.verbose:
