@@ -49,7 +49,10 @@ mod tests {
     #[test]
     fn open_transaction_blocks_idle_advance() {
         let mut f = FlushedLsn(100);
-        assert_eq!(f.advance(&BatchAck { last_commit_end: Some(150), idle_wal_end: Some(900), open_tx: true }), Some(150));
+        assert_eq!(
+            f.advance(&BatchAck { last_commit_end: Some(150), idle_wal_end: Some(900), open_tx: true }),
+            Some(150)
+        );
         assert_eq!(f.advance(&BatchAck { last_commit_end: None, idle_wal_end: Some(900), open_tx: false }), Some(900));
         assert_eq!(f.advance(&BatchAck { last_commit_end: Some(500), idle_wal_end: None, open_tx: false }), None);
         assert_eq!(f.0, 900);

@@ -210,6 +210,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail API returns its own error
     fn toml_and_env_overrides() {
         figment::Jail::expect_with(|jail| {
             jail.create_file(

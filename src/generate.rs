@@ -70,8 +70,10 @@ pub async fn run(client: &Client, w: &Workload) -> Result<u64, tokio_postgres::E
                 let x: f64 = rng.gen::<f64>().powi(3);
                 format!("'{}'", ids[((x * ids.len() as f64) as usize).min(ids.len() - 1)])
             };
-            let duration = if rng.gen_ratio(1, 10) { "NULL".to_string() } else { rng.gen_range(0..600_000).to_string() };
-            let device = if rng.gen_ratio(1, 20) { "NULL".to_string() } else { format!("'{}'", DEVICES[rng.gen_range(0..5)]) };
+            let duration =
+                if rng.gen_ratio(1, 10) { "NULL".to_string() } else { rng.gen_range(0..600_000).to_string() };
+            let device =
+                if rng.gen_ratio(1, 20) { "NULL".to_string() } else { format!("'{}'", DEVICES[rng.gen_range(0..5)]) };
             rows.push(format!(
                 "({content}, '{}', '{}', now() - interval '{} seconds', {duration}, {device}, '{{\"source\": \"generator\", \"n\": {}}}')",
                 Uuid::from_u128(rng.gen()),

@@ -23,11 +23,7 @@ pub enum InitError {
 
 /// Splits a schema file into statements (`;` at a line end), without comments.
 pub fn statements(sql: &str) -> Vec<String> {
-    let body: String = sql
-        .lines()
-        .filter(|l| !l.trim_start().starts_with("--"))
-        .map(|l| format!("{l}\n"))
-        .collect();
+    let body: String = sql.lines().filter(|l| !l.trim_start().starts_with("--")).map(|l| format!("{l}\n")).collect();
     body.split(";\n").map(str::trim).filter(|s| !s.is_empty()).map(str::to_string).collect()
 }
 

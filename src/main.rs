@@ -7,7 +7,11 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "pgfanout", version, about = "PostgreSQL → Redpanda → ClickHouse, Redis and HTTP, acknowledged only after every sink flushed")]
+#[command(
+    name = "pgfanout",
+    version,
+    about = "PostgreSQL → Redpanda → ClickHouse, Redis and HTTP, acknowledged only after every sink flushed"
+)]
 struct Cli {
     /// Configuration file (TOML); PGFANOUT_<SECTION>__<KEY> variables override it.
     #[arg(short, long, global = true, env = "PGFANOUT_CONFIG")]

@@ -58,16 +58,16 @@ pub fn topics(cfg: &Config) -> Vec<String> {
 pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>, stats: Arc<Stats>) -> Result<(), PipelineError> {
     let pg = slot::connect(cfg.source.url.expose()).await?;
     let slot_state = slot::ensure(&pg, &cfg.source).await?;
-    let mut dim = ContentDim::load(&pg).await?;
-    let database = pg.query_one("SELECT current_database()", &[]).await.map_err(|source| slot::SlotError::Query { what: "current_database", source })?.get::<_, String>(0);
+    let dim = ContentDim::load(&pg).await?;
+    let database = pg
+        .query_one("SELECT current_database()", &[])
+        .await
+        .map_err(|source| slot::SlotError::Query { what: "current_database", source })?
+        .get::<_, String>(0);
     drop(pg);
     tracing::info!(contents = dim.len(), confirmed_flush_lsn = ?slot_state.confirmed_flush_lsn.map(|l| source::Lsn(l).to_pg_string()), "starting pipeline");
 
-    producer::ensure_topics(&cfg.log, &topics(&cfg)).await?;
-    let log = Arc::new(LogProducer::new(&cfg.log, &database)?);
-    let clickhouse = ClickHouseSink::new(&cfg.clickhouse);
-    let redis = RedisSink::connect(&cfg.redis).await?;
-    let http = HttpSink::new(&cfg.http, log.clone())?;
+    let mut delivery = Delivery::connect(&cfg, &database, dim, stats.clone()).await?;
 
     let (events_tx, mut events) = mpsc::channel(cfg.pipeline.channel_capacity);
     let (ack_tx, ack_rx) = watch::channel(slot_state.confirmed_flush_lsn.unwrap_or(0));
@@ -116,7 +116,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>, stats: Arc<St
         }
         ack.open_tx = open_tx;
         if !batch.is_empty() {
-            deliver(&batch, &log, &mut dim, &clickhouse, &redis, &http, &stats).await?;
+            delivery.deliver(&batch).await?;
         }
         if let Some(lsn) = flushed.advance(&ack) {
             stats.flushed_lsn.store(lsn, Ordering::Relaxed);
@@ -132,29 +132,55 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>, stats: Arc<St
     Ok(())
 }
 
-async fn deliver(
-    batch: &[Change],
-    log: &LogProducer,
-    dim: &mut ContentDim,
-    clickhouse: &ClickHouseSink,
-    redis: &RedisSink,
-    http: &HttpSink,
-    stats: &Stats,
-) -> Result<(), PipelineError> {
-    let mut backoff = crate::retry::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
-    while let Err(e) = log.publish(batch).await {
-        tracing::warn!(error = %e, attempt = backoff.attempts(), "publishing to the broker failed; retrying");
-        tokio::time::sleep(backoff.next_delay()).await;
+/// Everything downstream of the source: the log, the content dimension and
+/// the sinks. The streaming loop, the snapshot and backfill all hand their
+/// changes to `deliver`, so every path has the same guarantees.
+pub struct Delivery {
+    pub log: Arc<LogProducer>,
+    pub dim: ContentDim,
+    pub clickhouse: ClickHouseSink,
+    pub redis: RedisSink,
+    pub http: HttpSink,
+    pub stats: Arc<Stats>,
+}
+
+impl Delivery {
+    /// Connects to the broker (creating missing topics) and every sink.
+    pub async fn connect(
+        cfg: &Config,
+        database: &str,
+        dim: ContentDim,
+        stats: Arc<Stats>,
+    ) -> Result<Self, PipelineError> {
+        producer::ensure_topics(&cfg.log, &topics(cfg)).await?;
+        let log = Arc::new(LogProducer::new(&cfg.log, database)?);
+        let clickhouse = ClickHouseSink::new(&cfg.clickhouse);
+        let redis = RedisSink::connect(&cfg.redis).await?;
+        let http = HttpSink::new(&cfg.http, log.clone())?;
+        Ok(Delivery { log, dim, clickhouse, redis, http, stats })
     }
-    let enriched = enrich::enrich(dim, batch);
-    for (change, reason) in &enriched.rejected {
-        tracing::error!(table = %change.table, position = %change.position, key = %change.key.to_json(), reason = %reason, "change cannot be enriched; parking it in the dead-letter topic");
-        let payload = serde_json::to_vec(&crate::log::envelope::value(change, "", chrono::Utc::now().timestamp_millis())).unwrap_or_default();
-        log.dead_letter("enrich", &crate::sinks::event_id(&change.position), &payload, reason).await?;
+
+    /// Publishes a batch to the log (retrying until the broker takes it),
+    /// enriches it, parks what cannot be enriched, and writes it to every
+    /// sink concurrently. Returns once all of them have flushed it.
+    pub async fn deliver(&mut self, batch: &[Change]) -> Result<(), PipelineError> {
+        let mut backoff = crate::retry::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        while let Err(e) = self.log.publish(batch).await {
+            tracing::warn!(error = %e, attempt = backoff.attempts(), "publishing to the broker failed; retrying");
+            tokio::time::sleep(backoff.next_delay()).await;
+        }
+        let enriched = enrich::enrich(&mut self.dim, batch);
+        for (change, reason) in &enriched.rejected {
+            tracing::error!(table = %change.table, position = %change.position, key = %change.key.to_json(), reason = %reason, "change cannot be enriched; parking it in the dead-letter topic");
+            let payload =
+                serde_json::to_vec(&crate::log::envelope::value(change, "", chrono::Utc::now().timestamp_millis()))
+                    .unwrap_or_default();
+            self.log.dead_letter("enrich", &crate::sinks::event_id(&change.position), &payload, reason).await?;
+        }
+        tokio::try_join!(self.clickhouse.write(&enriched), self.redis.write(&enriched), self.http.write(&enriched))?;
+        self.stats.changes.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        self.stats.batches.fetch_add(1, Ordering::Relaxed);
+        self.stats.rejected.fetch_add(enriched.rejected.len() as u64, Ordering::Relaxed);
+        Ok(())
     }
-    tokio::try_join!(clickhouse.write(&enriched), redis.write(&enriched), http.write(&enriched))?;
-    stats.changes.fetch_add(batch.len() as u64, Ordering::Relaxed);
-    stats.batches.fetch_add(1, Ordering::Relaxed);
-    stats.rejected.fetch_add(enriched.rejected.len() as u64, Ordering::Relaxed);
-    Ok(())
 }

@@ -46,7 +46,10 @@ async fn spec_sample(v: &str) {
     let r = &rows[0];
     assert_eq!(r.engagement_seconds, Some(30.0));
     assert_eq!(r.engagement_percent, Some(2.5));
-    assert_eq!((r.content_type.as_str(), r.content_slug.as_str(), r.content_title.as_str()), ("podcast", "test-episode", "Test Episode"));
+    assert_eq!(
+        (r.content_type.as_str(), r.content_slug.as_str(), r.content_title.as_str()),
+        ("podcast", "test-episode", "Test Episode")
+    );
     assert_eq!(r.device.as_deref(), Some("web"));
     assert_eq!(t.ch_count("SELECT count() FROM content_dim FINAL").await, 1);
 
@@ -83,7 +86,11 @@ async fn ack_waits_for_the_slowest_sink(v: &str) {
     let mut t = TestEnv::new(v).await;
     t.start();
     // Settle: the slot has caught up with an idle server.
-    t.pg.batch_execute("INSERT INTO content VALUES ('550e8400-e29b-41d4-a716-446655440000', 's', 'T', 'video', 100, now())").await.unwrap();
+    t.pg.batch_execute(
+        "INSERT INTO content VALUES ('550e8400-e29b-41d4-a716-446655440000', 's', 'T', 'video', 100, now())",
+    )
+    .await
+    .unwrap();
     let settled = t.wal_insert_lsn().await;
     wait_until("initial ack", WAIT, || async { t.confirmed_flush_lsn().await >= settled }).await;
 
@@ -104,7 +111,8 @@ async fn ack_waits_for_the_slowest_sink(v: &str) {
 
     t.http_control(serde_json::json!({"hold": false})).await;
     wait_until("HTTP receiver got the event", WAIT, || async { t.http_get("_stats").await["events"] == 1 }).await;
-    wait_until("slot acknowledged after all sinks flushed", WAIT, || async { t.confirmed_flush_lsn().await >= end }).await;
+    wait_until("slot acknowledged after all sinks flushed", WAIT, || async { t.confirmed_flush_lsn().await >= end })
+        .await;
     t.stop().await;
 }
 
@@ -119,7 +127,9 @@ async fn nulls_and_unknown_content(v: &str) {
     let mut t = TestEnv::new(v).await;
     // The FK would refuse an event whose content does not exist; the sidecar
     // must cope with one anyway (late content, FK-less sources).
-    t.pg.batch_execute("ALTER TABLE engagement_events DROP CONSTRAINT engagement_events_content_id_fkey").await.unwrap();
+    t.pg.batch_execute("ALTER TABLE engagement_events DROP CONSTRAINT engagement_events_content_id_fkey")
+        .await
+        .unwrap();
     t.start();
     t.pg.batch_execute(
         "INSERT INTO content VALUES
@@ -157,13 +167,11 @@ async fn nulls_and_unknown_content(v: &str) {
 
     let mut redis = t.redis.clone();
     let p = t.cfg.redis.key_prefix.clone();
-    let lens: Vec<u64> = futures::future::join_all(
-        ["podcast", "video", "newsletter", "unknown"].iter().map(|ty| {
-            let mut r = redis.clone();
-            let key = format!("{p}stream:{ty}");
-            async move { r.xlen::<_, u64>(key).await.unwrap() }
-        }),
-    )
+    let lens: Vec<u64> = futures::future::join_all(["podcast", "video", "newsletter", "unknown"].iter().map(|ty| {
+        let mut r = redis.clone();
+        let key = format!("{p}stream:{ty}");
+        async move { r.xlen::<_, u64>(key).await.unwrap() }
+    }))
     .await;
     assert_eq!(lens, vec![1, 1, 1, 2], "PG {v}: streams per content type");
     let top: Vec<(String, f64)> = redis.zrange_withscores(format!("{p}top:window"), 0, -1).await.unwrap();

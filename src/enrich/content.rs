@@ -95,7 +95,10 @@ impl ContentDim {
                     .and_then(|r| r.get("id"))
                     .and_then(|v| v.as_uuid())
                     .ok_or_else(|| ContentError::Column { position: change.position.to_string(), column: "id" })?;
-                Ok(self.by_id.remove(&id).or_else(|| change.before.as_ref().and_then(|b| content_from_row(b, change).ok())))
+                Ok(self
+                    .by_id
+                    .remove(&id)
+                    .or_else(|| change.before.as_ref().and_then(|b| content_from_row(b, change).ok())))
             }
             Op::Truncate => {
                 self.by_id.clear();

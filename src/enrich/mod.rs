@@ -115,9 +115,13 @@ pub fn enrich(dim: &mut ContentDim, changes: &[Change]) -> Enriched {
             }
             let row = |r: &Option<Row>| r.as_ref().map(|r| engagement_row(dim, r, c.position)).transpose();
             match (row(&c.after), row(&c.before)) {
-                (Ok(current), Ok(previous)) => {
-                    out.engagements.push(EngagementChange { op: c.op, current, previous, position: c.position, commit_ts })
-                }
+                (Ok(current), Ok(previous)) => out.engagements.push(EngagementChange {
+                    op: c.op,
+                    current,
+                    previous,
+                    position: c.position,
+                    commit_ts,
+                }),
                 (Err(e), _) | (_, Err(e)) => out.rejected.push((c.clone(), e.to_string())),
             }
         }

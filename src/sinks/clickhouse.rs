@@ -115,7 +115,12 @@ impl ClickHouseSink {
         }
     }
 
-    async fn write_once(&self, batch: &Enriched, events: &[EngagementRecord], contents: &[ContentRecord]) -> Result<(), SinkError> {
+    async fn write_once(
+        &self,
+        batch: &Enriched,
+        events: &[EngagementRecord],
+        contents: &[ContentRecord],
+    ) -> Result<(), SinkError> {
         if !batch.events_truncated.is_empty() {
             self.client.query("TRUNCATE TABLE enriched_engagements").execute().await?;
         }

@@ -41,7 +41,13 @@ pub struct EventJson<'a> {
 
 impl<'a> EventJson<'a> {
     pub fn new(c: &'a EngagementChange) -> Self {
-        EventJson { id: event_id(&c.position), op: c.op, commit_ts: c.commit_ts, event: c.current.as_ref(), previous: c.previous.as_ref() }
+        EventJson {
+            id: event_id(&c.position),
+            op: c.op,
+            commit_ts: c.commit_ts,
+            event: c.current.as_ref(),
+            previous: c.previous.as_ref(),
+        }
     }
 }
 

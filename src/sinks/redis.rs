@@ -116,9 +116,17 @@ impl RedisSink {
             // Zero-padded so Lua's string comparison orders positions.
             let pos = format!("{:020}", c.position.version());
             let json = serde_json::to_string(&EventJson::new(c)).unwrap_or_default();
-            let content_type = c.current.as_ref().or(c.previous.as_ref()).and_then(|r| r.content_type.as_deref()).unwrap_or("unknown");
+            let content_type =
+                c.current.as_ref().or(c.previous.as_ref()).and_then(|r| r.content_type.as_deref()).unwrap_or("unknown");
             let op = serde_json::to_value(c.op).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
-            args.extend([pos.clone(), "X".into(), self.stream_key(content_type), super::event_id(&c.position), op, json]);
+            args.extend([
+                pos.clone(),
+                "X".into(),
+                self.stream_key(content_type),
+                super::event_id(&c.position),
+                op,
+                json,
+            ]);
             // The window score: retract what the previous row counted, add the current row.
             let mut score = |row: &EngagementRow, sign: f64| {
                 let Some(pct) = row.engagement_percent else { return };

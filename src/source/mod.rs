@@ -124,11 +124,16 @@ pub enum SourceEvent {
     Change(Box<Change>),
     /// A transaction ended; everything before `end_lsn` may be acknowledged
     /// once it is flushed everywhere.
-    Commit { end_lsn: u64, tx: TxInfo },
+    Commit {
+        end_lsn: u64,
+        tx: TxInfo,
+    },
     /// No transaction is open and the server has sent everything up to
     /// `wal_end`: once the pipeline is empty, this position can be
     /// acknowledged so an idle slot does not pin WAL.
-    Idle { wal_end: u64 },
+    Idle {
+        wal_end: u64,
+    },
 }
 
 /// Microseconds between the Unix epoch and PostgreSQL's epoch (2000-01-01).

@@ -62,9 +62,7 @@ pub fn replication_config(cfg: &SourceConfig) -> Result<ReplicationConfig, Sessi
     } else {
         ReplicationConfig::new(host, user, password, dbname, cfg.slot.clone(), cfg.publication.clone()).with_port(port)
     };
-    Ok(rc
-        .with_status_interval(Duration::from_millis(cfg.status_interval_ms))
-        .with_application_name("pgfanout"))
+    Ok(rc.with_status_interval(Duration::from_millis(cfg.status_interval_ms)).with_application_name("pgfanout"))
 }
 
 /// State of the transaction being read.
@@ -136,7 +134,11 @@ async fn stream_once(
         let event = match ev {
             ReplicationEvent::Begin { final_lsn, xid, commit_time_micros } => {
                 open = Some(OpenTx {
-                    info: TxInfo { xid, commit_lsn: final_lsn.0, commit_ts_us: commit_time_micros + PG_EPOCH_OFFSET_US },
+                    info: TxInfo {
+                        xid,
+                        commit_lsn: final_lsn.0,
+                        commit_ts_us: commit_time_micros + PG_EPOCH_OFFSET_US,
+                    },
                     ordinal: 0,
                 });
                 continue;
@@ -187,7 +189,16 @@ fn changes(
 ) -> Result<Vec<Change>, SessionError> {
     let make = |table, op, key: Row, before: Option<Row>, after: Option<Row>| -> Result<Change, SessionError> {
         let tx = open.as_ref().map(|t| t.info).ok_or_else(|| SessionError::NoTransaction(Lsn(lsn).to_pg_string()))?;
-        Ok(Change { table, op, key, before, after, lsn, tx, position: Position { commit_lsn: tx.commit_lsn, ordinal: 0 } })
+        Ok(Change {
+            table,
+            op,
+            key,
+            before,
+            after,
+            lsn,
+            tx,
+            position: Position { commit_lsn: tx.commit_lsn, ordinal: 0 },
+        })
     };
     let mut out = match msg {
         Message::Relation(rel) => {

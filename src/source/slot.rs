@@ -52,11 +52,7 @@ fn query_err(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> SlotEr
 /// Creates the publication (for the configured tables) and the slot when
 /// they are missing, and refuses a slot that can no longer be trusted.
 pub async fn ensure(client: &Client, cfg: &SourceConfig) -> Result<SlotState, SlotError> {
-    let wal_level: String = client
-        .query_one("SHOW wal_level", &[])
-        .await
-        .map_err(query_err("SHOW wal_level"))?
-        .get(0);
+    let wal_level: String = client.query_one("SHOW wal_level", &[]).await.map_err(query_err("SHOW wal_level"))?.get(0);
     if wal_level != "logical" {
         return Err(SlotError::WalLevel(wal_level));
     }
@@ -68,10 +64,8 @@ pub async fn ensure(client: &Client, cfg: &SourceConfig) -> Result<SlotState, Sl
     if !has_pub {
         let mut tables = Vec::new();
         for t in &cfg.tables {
-            let row = client
-                .query_opt("SELECT to_regclass($1)::text", &[t])
-                .await
-                .map_err(query_err("look up table"))?;
+            let row =
+                client.query_opt("SELECT to_regclass($1)::text", &[t]).await.map_err(query_err("look up table"))?;
             let name: Option<String> = row.and_then(|r| r.get(0));
             tables.push(name.ok_or_else(|| SlotError::NoSuchTable(t.clone()))?);
         }
@@ -110,7 +104,10 @@ pub async fn ensure(client: &Client, cfg: &SourceConfig) -> Result<SlotState, Sl
 /// Reads the slot's state (None when the slot does not exist).
 pub async fn state(client: &Client, slot: &str) -> Result<Option<SlotState>, SlotError> {
     let row = client
-        .query_opt("SELECT confirmed_flush_lsn::text, active_pid FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
+        .query_opt(
+            "SELECT confirmed_flush_lsn::text, active_pid FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
         .await
         .map_err(query_err("read slot"))?;
     Ok(row.map(|r| SlotState { confirmed_flush_lsn: parse_lsn(r.get(0)), active_pid: r.get(1) }))

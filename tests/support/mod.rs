@@ -9,13 +9,16 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pgfanout::config::{ClickHouseConfig, Config, HttpConfig, LogConfig, PipelineConfig, RedisConfig, Secret, SourceConfig};
+use pgfanout::config::{
+    ClickHouseConfig, Config, HttpConfig, LogConfig, PipelineConfig, RedisConfig, Secret, SourceConfig,
+};
 use pgfanout::pipeline::{self, Stats};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 fn env(name: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: run the tests through scripts/test, which starts the services"))
+    std::env::var(name)
+        .unwrap_or_else(|_| panic!("{name} is not set: run the tests through scripts/test, which starts the services"))
 }
 
 /// PostgreSQL major versions running for this test run.
@@ -27,6 +30,8 @@ pub fn unique_name() -> String {
     format!("t_{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
 }
 
+type RunningPipeline = (watch::Sender<bool>, JoinHandle<Result<(), pipeline::PipelineError>>);
+
 pub struct TestEnv {
     pub name: String,
     pub pg_version: String,
@@ -35,7 +40,7 @@ pub struct TestEnv {
     pub ch: clickhouse::Client,
     pub redis: redis::aio::MultiplexedConnection,
     pub http_base: String,
-    pipeline: Option<(watch::Sender<bool>, JoinHandle<Result<(), pipeline::PipelineError>>)>,
+    pipeline: Option<RunningPipeline>,
     pub stats: Arc<Stats>,
 }
 
@@ -98,7 +103,17 @@ impl TestEnv {
             .get_multiplexed_async_connection()
             .await
             .expect("connect to Redis");
-        TestEnv { name, pg_version: pg_version.to_string(), cfg, pg, ch, redis, http_base, pipeline: None, stats: Arc::default() }
+        TestEnv {
+            name,
+            pg_version: pg_version.to_string(),
+            cfg,
+            pg,
+            ch,
+            redis,
+            http_base,
+            pipeline: None,
+            stats: Arc::default(),
+        }
     }
 
     pub fn start(&mut self) {
@@ -137,7 +152,11 @@ impl TestEnv {
     }
 
     pub async fn confirmed_flush_lsn(&self) -> u64 {
-        pgfanout::source::slot::state(&self.pg, &self.name).await.unwrap().and_then(|s| s.confirmed_flush_lsn).unwrap_or(0)
+        pgfanout::source::slot::state(&self.pg, &self.name)
+            .await
+            .unwrap()
+            .and_then(|s| s.confirmed_flush_lsn)
+            .unwrap_or(0)
     }
 }
 
