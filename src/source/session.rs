@@ -65,6 +65,9 @@ pub fn replication_config(cfg: &SourceConfig) -> Result<ReplicationConfig, Sessi
     Ok(rc.with_status_interval(Duration::from_millis(cfg.status_interval_ms)).with_application_name("pgfanout"))
 }
 
+/// How long a start-up waits for a slot held by a connection that died.
+const SLOT_BUSY_PATIENCE: Duration = Duration::from_secs(90);
+
 /// State of the transaction being read.
 struct OpenTx {
     info: TxInfo,
@@ -81,9 +84,17 @@ pub async fn read(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), SessionError> {
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    let started = std::time::Instant::now();
     loop {
         match stream_once(&cfg, &out, &mut acks, &mut shutdown).await {
             Ok(()) => return Ok(()),
+            // After a crash the server may hold the slot for the dead
+            // connection until it notices (at most wal_sender_timeout):
+            // wait for it, then give up with the clear error.
+            Err(e @ SessionError::SlotBusy { .. }) if started.elapsed() < SLOT_BUSY_PATIENCE => {
+                tracing::warn!(error = %e, "waiting for the slot to be released");
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
             Err(e) if e.is_transient() && !*shutdown.borrow() => {
                 let wait = backoff.next_delay();
                 tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "replication connection lost; reconnecting");
@@ -155,7 +166,7 @@ async fn stream_once(
                 SourceEvent::Idle { wal_end: wal_end.0 }
             }
             ReplicationEvent::XLogData { wal_start, data, .. } => {
-                let msg = decoder.decode(&data, wal_start.0)?;
+                let msg = decoder.decode_bytes(&data, wal_start.0)?;
                 for change in changes(msg, &mut relations, open.as_mut(), wal_start.0)? {
                     if out.send(SourceEvent::Change(Box::new(change))).await.is_err() {
                         return Ok(());
