@@ -6,6 +6,7 @@
 //! server as the slot's flush LSN.
 
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent};
@@ -15,6 +16,7 @@ use super::pgoutput::{DecodeError, Decoder, Message};
 use super::relations::{RelationError, Relations};
 use super::{Change, Op, Position, Row, SourceEvent, TxInfo, PG_EPOCH_OFFSET_US};
 use crate::config::SourceConfig;
+use crate::observe::{ReaderProgress, TableCounters};
 use crate::retry::Backoff;
 
 #[derive(Debug, thiserror::Error)]
@@ -82,11 +84,14 @@ pub async fn read(
     out: mpsc::Sender<SourceEvent>,
     mut acks: watch::Receiver<u64>,
     mut shutdown: watch::Receiver<bool>,
+    progress: Arc<ReaderProgress>,
 ) -> Result<(), SessionError> {
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     let started = std::time::Instant::now();
     loop {
-        match stream_once(&cfg, &out, &mut acks, &mut shutdown).await {
+        let streamed = stream_once(&cfg, &out, &mut acks, &mut shutdown, &progress).await;
+        progress.set_connected(false);
+        match streamed {
             Ok(()) => return Ok(()),
             // After a crash the server may hold the slot for the dead
             // connection until it notices (at most wal_sender_timeout):
@@ -96,6 +101,7 @@ pub async fn read(
                 tokio::time::sleep(backoff.next_delay()).await;
             }
             Err(e) if e.is_transient() && !*shutdown.borrow() => {
+                crate::observe::error("replication");
                 let wait = backoff.next_delay();
                 tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "replication connection lost; reconnecting");
                 tokio::time::sleep(wait).await;
@@ -110,11 +116,14 @@ async fn stream_once(
     out: &mpsc::Sender<SourceEvent>,
     acks: &mut watch::Receiver<u64>,
     shutdown: &mut watch::Receiver<bool>,
+    progress: &ReaderProgress,
 ) -> Result<(), SessionError> {
     let acked = *acks.borrow();
     let rc = replication_config(cfg)?.with_ack_lsn(Lsn(acked));
     let mut client = ReplicationClient::connect(rc).await.map_err(|e| busy_or(e, &cfg.slot))?;
     tracing::info!(slot = %cfg.slot, publication = %cfg.publication, "replication started");
+    progress.set_connected(true);
+    let mut read = TableCounters::new("read");
     let mut decoder = Decoder::new(1);
     let mut relations = Relations::default();
     let mut open: Option<OpenTx> = None;
@@ -134,6 +143,11 @@ async fn stream_once(
                 continue;
             }
             _ = shutdown.changed() => {
+                // The last acknowledgement may have come with the stop.
+                let lsn = *acks.borrow_and_update();
+                if lsn > last_reported {
+                    client.update_applied_lsn(Lsn(lsn));
+                }
                 // pgwire-replication stops without a last status update:
                 // give it one status interval to report the final position.
                 tokio::time::sleep(Duration::from_millis(cfg.status_interval_ms + 100)).await;
@@ -159,15 +173,19 @@ async fn stream_once(
                 None => continue,
             },
             ReplicationEvent::KeepAlive { wal_end, .. } => {
+                progress.saw_server_wal_end(wal_end.0);
                 if open.is_some() || wal_end.0 <= last_idle {
                     continue;
                 }
                 last_idle = wal_end.0;
                 SourceEvent::Idle { wal_end: wal_end.0 }
             }
-            ReplicationEvent::XLogData { wal_start, data, .. } => {
+            ReplicationEvent::XLogData { wal_start, wal_end, data, .. } => {
+                progress.saw_server_wal_end(wal_end.0);
                 let msg = decoder.decode_bytes(&data, wal_start.0)?;
                 for change in changes(msg, &mut relations, open.as_mut(), wal_start.0)? {
+                    read.add(&change.table, 1);
+                    progress.buffered_one();
                     if out.send(SourceEvent::Change(Box::new(change))).await.is_err() {
                         return Ok(());
                     }
