@@ -40,6 +40,8 @@ pub struct Config {
     pub http: HttpConfig,
     #[serde(default)]
     pub pipeline: PipelineConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
 }
 
 impl Config {
@@ -148,11 +150,47 @@ pub struct PipelineConfig {
     pub batch_linger_ms: u64,
     /// Changes buffered between the replication reader and the pipeline.
     pub channel_capacity: usize,
+    /// How long SIGTERM/SIGINT may take to drain: past it the process exits
+    /// non-zero without acknowledging anything more (the slot replays the rest).
+    #[serde(default = "default_shutdown_timeout_ms")]
+    pub shutdown_timeout_ms: u64,
 }
 
 impl Default for PipelineConfig {
     fn default() -> Self {
-        PipelineConfig { batch_max_changes: 5_000, batch_linger_ms: 50, channel_capacity: 20_000 }
+        PipelineConfig {
+            batch_max_changes: 5_000,
+            batch_linger_ms: 50,
+            channel_capacity: 20_000,
+            shutdown_timeout_ms: default_shutdown_timeout_ms(),
+        }
+    }
+}
+
+/// The service endpoint (`/metrics`, `/healthz`, `/readyz`) and the lag
+/// thresholds behind readiness, the lag alert and `pgfanout status`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address the endpoint listens on (`host:port`); empty disables it.
+    #[serde(default = "default_metrics_listen")]
+    pub listen: String,
+    /// Replication lag in seconds above which the sidecar is not ready and alerts.
+    #[serde(default = "default_max_lag_seconds")]
+    pub max_lag_seconds: u64,
+    /// Replication lag in bytes (server WAL end minus flushed LSN) above
+    /// which the sidecar is not ready and alerts.
+    #[serde(default = "default_max_lag_bytes")]
+    pub max_lag_bytes: u64,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: default_metrics_listen(),
+            max_lag_seconds: default_max_lag_seconds(),
+            max_lag_bytes: default_max_lag_bytes(),
+        }
     }
 }
 
@@ -198,6 +236,18 @@ fn default_backoff_initial_ms() -> u64 {
 fn default_backoff_max_ms() -> u64 {
     10_000
 }
+fn default_shutdown_timeout_ms() -> u64 {
+    10_000
+}
+fn default_metrics_listen() -> String {
+    "127.0.0.1:9187".into()
+}
+fn default_max_lag_seconds() -> u64 {
+    60
+}
+fn default_max_lag_bytes() -> u64 {
+    1 << 30
+}
 
 #[cfg(test)]
 mod tests {
@@ -235,6 +285,8 @@ mod tests {
             assert_eq!(c.redis.key_prefix, "t1:");
             assert_eq!(c.source.slot, "pgfanout");
             assert_eq!(c.pipeline.batch_max_changes, 5_000);
+            assert_eq!(c.pipeline.shutdown_timeout_ms, 10_000);
+            assert_eq!(c.metrics.listen, "127.0.0.1:9187");
             assert!(!format!("{c:?}").contains("s3cret"));
             Ok(())
         });

@@ -1,7 +1,6 @@
-//! The command line: `init`, `run`, `generate`.
+//! The command line: `init`, `run`, `status`, `snapshot`, `backfill`, `generate`.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -30,6 +29,55 @@ enum Command {
     },
     /// Stream the slot to the log and all sinks until SIGINT/SIGTERM.
     Run,
+    /// Show the slot, every sink and the running sidecar; exit 0 healthy, 1 unhealthy, 2 on a config or connection error.
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Benchmark the source path alone: read the slot through the decoder up to an LSN, no log or sinks.
+    Drain {
+        /// Stop after the transaction ending at or past this LSN (e.g. 0/3A0B1C8).
+        #[arg(long)]
+        until: String,
+    },
+    /// Initial load: create the slot with an exported snapshot and deliver every published
+    /// table as of that point (resumes an interrupted snapshot; exits 0 if it completed before).
+    Snapshot {
+        /// Parallel readers, each with its own connection and delivery.
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+        /// Rows per chunk: the unit of parallelism, progress and resume.
+        #[arg(long, default_value_t = 20_000)]
+        chunk_rows: u64,
+        /// Publish to the log only (no enrichment, no sinks); the snapshot then counts as done.
+        #[arg(long)]
+        log_only: bool,
+        /// Drop an existing, inactive slot that no snapshot created (e.g. by `init`) and recreate it.
+        #[arg(long)]
+        recreate_slot: bool,
+    },
+    /// Re-read a time range of a table and re-deliver it to the log and every sink; safe while `run` streams and to repeat.
+    Backfill {
+        #[arg(long)]
+        table: String,
+        /// Start of the range, inclusive: a date (UTC midnight) or an RFC 3339 timestamp.
+        #[arg(long, value_parser = pgfanout::backfill::parse_bound)]
+        from: chrono::DateTime<chrono::Utc>,
+        /// End of the range, exclusive.
+        #[arg(long, value_parser = pgfanout::backfill::parse_bound)]
+        to: chrono::DateTime<chrono::Utc>,
+        /// Timestamp column the range applies to (default: event_ts, or publish_ts for content).
+        #[arg(long)]
+        column: Option<String>,
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+        #[arg(long, default_value_t = 20_000)]
+        chunk_rows: u64,
+        /// Publish to the log only (no enrichment, no sinks).
+        #[arg(long)]
+        log_only: bool,
+    },
     /// Write a generated workload to PostgreSQL.
     Generate {
         #[arg(long, default_value_t = 10_000)]
@@ -51,18 +99,43 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if let Command::Status { json } = cli.command {
+        std::process::exit(pgfanout::observe::status::main(cli.config.as_deref(), json).await);
+    }
     let cfg = pgfanout::config::Config::load(cli.config.as_deref()).context("loading configuration")?;
     match cli.command {
         Command::Init { no_source_schema } => pgfanout::init::run(&cfg, !no_source_schema).await?,
-        Command::Run => {
-            let (tx, rx) = tokio::sync::watch::channel(false);
-            tokio::spawn(async move {
-                wait_for_signal().await;
-                tracing::info!("signal received; draining and stopping");
-                let _ = tx.send(true);
-            });
-            pgfanout::pipeline::run(cfg, rx, Arc::default()).await?;
+        Command::Run => pgfanout::service::run(cfg).await?,
+        Command::Drain { until } => {
+            let until = pgfanout::source::Lsn::parse(&until).map_err(|e| anyhow::anyhow!("--until: {e:?}"))?;
+            let started = std::time::Instant::now();
+            let n = pgfanout::source::session::drain(&cfg.source, until.0).await?;
+            let secs = started.elapsed().as_secs_f64();
+            println!("{n} changes in {secs:.2} s ({:.0} changes/s)", n as f64 / secs);
         }
+        Command::Snapshot { workers, chunk_rows, log_only, recreate_slot } => {
+            let opts = pgfanout::source::snapshot::SnapshotOptions { workers, chunk_rows, log_only, recreate_slot };
+            match pgfanout::source::snapshot::run(&cfg, &opts).await? {
+                pgfanout::source::snapshot::SnapshotOutcome::Loaded { rows, chunks, resumed, seconds } => println!(
+                    "{}",
+                    serde_json::json!({"rows": rows, "chunks": chunks, "resumed": resumed, "seconds": seconds,
+                        "rows_per_sec": rows as f64 / seconds.max(1e-3)})
+                ),
+                pgfanout::source::snapshot::SnapshotOutcome::AlreadyComplete => {
+                    println!("{}", serde_json::json!({"already_complete": true}))
+                }
+            }
+        }
+        Command::Backfill { table, from, to, column, workers, chunk_rows, log_only } => {
+            let opts = pgfanout::backfill::BackfillOptions { table, column, from, to, workers, chunk_rows, log_only };
+            let r = pgfanout::backfill::run(&cfg, &opts).await?;
+            println!(
+                "{}",
+                serde_json::json!({"rows": r.rows, "chunks": r.chunks, "seconds": r.seconds,
+                    "consistent_point": pgfanout::source::Lsn(r.consistent_point).to_pg_string()})
+            );
+        }
+        Command::Status { .. } => unreachable!("handled before loading the configuration"),
         Command::Generate { events, contents, rate, seed } => {
             let client = pgfanout::source::slot::connect(cfg.source.url.expose()).await?;
             let w = pgfanout::generate::Workload { events, contents, rate, seed, ..Default::default() };
@@ -71,13 +144,4 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }

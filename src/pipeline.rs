@@ -8,7 +8,7 @@
 //! flush position advance, to the end of the last transaction the batch
 //! completed (see `ack`).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +18,7 @@ use crate::ack::{BatchAck, FlushedLsn};
 use crate::config::Config;
 use crate::enrich::{self, ContentDim};
 use crate::log::{producer, LogProducer};
+use crate::observe::{self, ReaderProgress};
 use crate::sinks::{clickhouse::ClickHouseSink, http::HttpSink, redis::RedisSink, SinkError};
 use crate::source::{self, session, slot, Change, SourceEvent};
 
@@ -44,6 +45,11 @@ pub struct Stats {
     pub batches: AtomicU64,
     pub rejected: AtomicU64,
     pub flushed_lsn: AtomicU64,
+    /// The replication reader's side: connected, server WAL end, buffered changes.
+    pub reader: Arc<ReaderProgress>,
+    /// Commit time (µs) the apply loop is behind by, 0 when caught up (see
+    /// `observe::health::Snapshot::lag_seconds`).
+    pub behind_commit_ts_us: AtomicI64,
 }
 
 /// The topics `run` writes to, for `init`.
@@ -72,9 +78,10 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>, stats: Arc<St
     let (events_tx, mut events) = mpsc::channel(cfg.pipeline.channel_capacity);
     let (ack_tx, ack_rx) = watch::channel(slot_state.confirmed_flush_lsn.unwrap_or(0));
     let (stop_reader_tx, stop_reader) = watch::channel(false);
-    let reader = tokio::spawn(session::read(cfg.source.clone(), events_tx, ack_rx, stop_reader));
+    let reader = tokio::spawn(session::read(cfg.source.clone(), events_tx, ack_rx, stop_reader, stats.reader.clone()));
 
     let mut flushed = FlushedLsn(slot_state.confirmed_flush_lsn.unwrap_or(0));
+    stats.flushed_lsn.store(flushed.0, Ordering::Relaxed);
     let mut open_tx = false;
     let linger = Duration::from_millis(cfg.pipeline.batch_linger_ms);
     let mut stopping = false;
@@ -88,6 +95,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>, stats: Arc<St
         let mut ack = BatchAck::default();
         let take = |ev: SourceEvent, batch: &mut Vec<Change>, ack: &mut BatchAck, open_tx: &mut bool| match ev {
             SourceEvent::Change(c) => {
+                stats.reader.took_one();
                 *open_tx = true;
                 batch.push(*c);
             }
@@ -115,9 +123,11 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>, stats: Arc<St
             }
         }
         ack.open_tx = open_tx;
-        if !batch.is_empty() {
+        if let Some(c) = batch.first() {
+            observe::health::batch_started(&stats, c.tx.commit_ts_us);
             delivery.deliver(&batch).await?;
         }
+        observe::health::batch_done(&stats, batch.last().map(|c| c.tx.commit_ts_us), events.is_empty());
         if let Some(lsn) = flushed.advance(&ack) {
             stats.flushed_lsn.store(lsn, Ordering::Relaxed);
             let _ = ack_tx.send(lsn);
@@ -125,11 +135,34 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>, stats: Arc<St
     }
     tracing::info!(flushed_lsn = %source::Lsn(flushed.0).to_pg_string(), "draining done; stopping replication");
     let _ = stop_reader_tx.send(true);
-    match reader.await {
+    // Discard what the reader still hands over (never acknowledged, so the
+    // next start replays it) so that it cannot block on a full channel
+    // instead of seeing the stop.
+    let discard = async { while events.recv().await.is_some() {} };
+    match tokio::join!(reader, discard).0 {
         Ok(r) => r?,
         Err(_) => return Err(PipelineError::ReaderGone),
     }
     Ok(())
+}
+
+/// How `Delivery::deliver_with` treats a batch that is not the live stream.
+#[derive(Debug, Clone, Default)]
+pub struct DeliverOptions {
+    /// Redis progress watermark `<prefix>progress:<scope>` instead of the
+    /// live `<prefix>progress`. Snapshot and backfill positions sit below
+    /// the live stream's, so under the live key they would be skipped (or
+    /// would move it past live changes not yet applied); each snapshot chunk
+    /// and backfill chunk has its own scope, so a replayed chunk skips what
+    /// it already applied without touching any other chunk.
+    pub progress_scope: Option<String>,
+    /// Publish to the log only: no enrichment, no sinks (benchmarks, or
+    /// re-seeding other consumers of the log).
+    pub log_only: bool,
+    /// The rows are re-read history (backfill): events get row-version
+    /// identities (see `sinks::change_id`), Redis appends each row version to
+    /// its stream once and leaves the live window alone.
+    pub replay: bool,
 }
 
 /// Everything downstream of the source: the log, the content dimension and
@@ -164,20 +197,47 @@ impl Delivery {
     /// enriches it, parks what cannot be enriched, and writes it to every
     /// sink concurrently. Returns once all of them have flushed it.
     pub async fn deliver(&mut self, batch: &[Change]) -> Result<(), PipelineError> {
+        self.deliver_with(batch, &DeliverOptions::default()).await
+    }
+
+    /// `deliver`, for batches that are not the live stream (snapshot chunks,
+    /// backfills): see `DeliverOptions`.
+    pub async fn deliver_with(&mut self, batch: &[Change], opts: &DeliverOptions) -> Result<(), PipelineError> {
         let mut backoff = crate::retry::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
-        while let Err(e) = self.log.publish(batch).await {
-            tracing::warn!(error = %e, attempt = backoff.attempts(), "publishing to the broker failed; retrying");
-            tokio::time::sleep(backoff.next_delay()).await;
+        observe::timed("broker", async {
+            while let Err(e) = self.log.publish(batch).await {
+                tracing::warn!(error = %e, attempt = backoff.attempts(), "publishing to the broker failed; retrying");
+                let wait = backoff.next_delay();
+                observe::sink_failed("broker", backoff.attempts(), &e, true);
+                tokio::time::sleep(wait).await;
+            }
+        })
+        .await;
+        observe::sink_flushed("broker", backoff.attempts());
+        observe::count_changes("published", batch);
+        if opts.log_only {
+            self.stats.changes.fetch_add(batch.len() as u64, Ordering::Relaxed);
+            return Ok(());
         }
-        let enriched = enrich::enrich(&mut self.dim, batch);
+        let mut enriched = enrich::enrich(&mut self.dim, batch);
+        if opts.replay {
+            crate::sinks::mark_replayed(&mut enriched);
+        }
         for (change, reason) in &enriched.rejected {
             tracing::error!(table = %change.table, position = %change.position, key = %change.key.to_json(), reason = %reason, "change cannot be enriched; parking it in the dead-letter topic");
+            observe::error("enrich");
             let payload =
                 serde_json::to_vec(&crate::log::envelope::value(change, "", chrono::Utc::now().timestamp_millis()))
                     .unwrap_or_default();
             self.log.dead_letter("enrich", &crate::sinks::event_id(&change.position), &payload, reason).await?;
         }
-        tokio::try_join!(self.clickhouse.write(&enriched), self.redis.write(&enriched), self.http.write(&enriched))?;
+        tokio::try_join!(
+            observe::timed("clickhouse", self.clickhouse.write(&enriched)),
+            observe::timed("redis", self.redis.write_scoped(&enriched, opts.progress_scope.as_deref())),
+            observe::timed("http", self.http.write(&enriched)),
+        )?;
+        observe::count_changes("delivered", batch);
+        observe::metrics::batch_size(batch.len());
         self.stats.changes.fetch_add(batch.len() as u64, Ordering::Relaxed);
         self.stats.batches.fetch_add(1, Ordering::Relaxed);
         self.stats.rejected.fetch_add(enriched.rejected.len() as u64, Ordering::Relaxed);

@@ -37,7 +37,8 @@ async fn workload(pg: &tokio_postgres::Client, contents: &[String], done: &Atomi
         let values: Vec<String> = (0..400)
             .map(|_| {
                 let content = &contents[rng.gen_range(0..contents.len())];
-                let duration = if rng.gen_ratio(1, 10) { "NULL".to_string() } else { rng.gen_range(0..900_000).to_string() };
+                let duration =
+                    if rng.gen_ratio(1, 10) { "NULL".to_string() } else { rng.gen_range(0..900_000).to_string() };
                 format!("('{content}', 'play', now(), {duration})")
             })
             .collect();
@@ -56,19 +57,30 @@ async fn workload(pg: &tokio_postgres::Client, contents: &[String], done: &Atomi
             (0..k).map(|_| rng.gen_range(1..=max_id).to_string()).collect::<Vec<_>>().join(",")
         };
         let updated = pg
-            .execute(&format!("UPDATE engagement_events SET duration_ms = coalesce(duration_ms, 0) + 1000 WHERE id IN ({})", ids(&mut rng, 150)), &[])
+            .execute(
+                &format!(
+                    "UPDATE engagement_events SET duration_ms = coalesce(duration_ms, 0) + 1000 WHERE id IN ({})",
+                    ids(&mut rng, 150)
+                ),
+                &[],
+            )
             .await
             .unwrap();
         let moved_to = &contents[rng.gen_range(0..contents.len())];
         let moved = pg
             .execute(
-                &format!("UPDATE engagement_events SET content_id = '{moved_to}', event_ts = now() WHERE id IN ({})", ids(&mut rng, 20)),
+                &format!(
+                    "UPDATE engagement_events SET content_id = '{moved_to}', event_ts = now() WHERE id IN ({})",
+                    ids(&mut rng, 20)
+                ),
                 &[],
             )
             .await
             .unwrap();
-        let deleted =
-            pg.execute(&format!("DELETE FROM engagement_events WHERE id IN ({})", ids(&mut rng, 50)), &[]).await.unwrap();
+        let deleted = pg
+            .execute(&format!("DELETE FROM engagement_events WHERE id IN ({})", ids(&mut rng, 50)), &[])
+            .await
+            .unwrap();
         changes.fetch_add(n + updated + moved + deleted, Ordering::Relaxed);
         // Paced so the kills land while changes are still being written.
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -123,8 +135,10 @@ async fn sigkill_at_random_moments_and_every_sink_ends_exact() {
     eprintln!("workload done: {total} changes");
 
     let pg_count: i64 = t.pg.query_one("SELECT count(*) FROM engagement_events", &[]).await.unwrap().get(0);
-    let redis_keys: Vec<String> =
-        ["podcast", "newsletter", "video", "unknown"].iter().map(|k| format!("{}stream:{k}", t.cfg.redis.key_prefix)).collect();
+    let redis_keys: Vec<String> = ["podcast", "newsletter", "video", "unknown"]
+        .iter()
+        .map(|k| format!("{}stream:{k}", t.cfg.redis.key_prefix))
+        .collect();
     let redis = t.redis.clone();
     wait_until("every sink caught up", Duration::from_secs(300), || {
         let (t, redis, keys) = (&t, redis.clone(), redis_keys.clone());
@@ -159,9 +173,8 @@ async fn sigkill_at_random_moments_and_every_sink_ends_exact() {
     assert_eq!(ids.len() as u64, total, "HTTP distinct event ids");
 
     // Redis: the window's scores equal what PostgreSQL's current rows give.
-    let expected: Vec<(String, f64)> = t
-        .pg
-        .query(
+    let expected: Vec<(String, f64)> =
+        t.pg.query(
             "SELECT e.content_id::text, sum(round(e.duration_ms / 1000.0 / c.length_seconds * 100, 2))::float8
              FROM engagement_events e JOIN content c ON c.id = e.content_id
              WHERE e.duration_ms IS NOT NULL GROUP BY 1",
@@ -173,11 +186,18 @@ async fn sigkill_at_random_moments_and_every_sink_ends_exact() {
         .map(|r| (r.get(0), r.get(1)))
         .collect();
     let mut r = t.redis.clone();
-    let top: HashMap<String, f64> =
-        r.zrange_withscores::<_, Vec<(String, f64)>>(format!("{}top:window", t.cfg.redis.key_prefix), 0, -1).await.unwrap().into_iter().collect();
+    let top: HashMap<String, f64> = r
+        .zrange_withscores::<_, Vec<(String, f64)>>(format!("{}top:window", t.cfg.redis.key_prefix), 0, -1)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
     for (content, score) in expected {
         let got = top.get(&content).copied().unwrap_or(0.0);
-        assert!((got - score).abs() < 1e-6 * score.abs().max(1.0), "top score of {content}: redis {got}, postgres {score}");
+        assert!(
+            (got - score).abs() < 1e-6 * score.abs().max(1.0),
+            "top score of {content}: redis {got}, postgres {score}"
+        );
     }
 
     // A clean stop after all that exits 0.

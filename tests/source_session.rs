@@ -12,9 +12,11 @@ const WAIT: Duration = Duration::from_secs(60);
 async fn terminated_walsender(v: &str) {
     let mut t = TestEnv::new(v).await;
     t.start();
-    t.pg.batch_execute("INSERT INTO content VALUES ('00000000-0000-0000-0000-000000000001', 'a', 'A', 'podcast', 600, now())")
-        .await
-        .unwrap();
+    t.pg.batch_execute(
+        "INSERT INTO content VALUES ('00000000-0000-0000-0000-000000000001', 'a', 'A', 'podcast', 600, now())",
+    )
+    .await
+    .unwrap();
     let mut written = 0i64;
     for round in 0..20 {
         t.pg.batch_execute(
@@ -71,7 +73,9 @@ async fn idle_slot_advances(v: &str) {
     let mut last = t.confirmed_flush_lsn().await;
     let mut moves = 0;
     for _ in 0..15 {
-        t.pg.batch_execute("INSERT INTO unpublished (note) SELECT repeat('x', 1000) FROM generate_series(1, 100)").await.unwrap();
+        t.pg.batch_execute("INSERT INTO unpublished (note) SELECT repeat('x', 1000) FROM generate_series(1, 100)")
+            .await
+            .unwrap();
         tokio::time::sleep(Duration::from_secs(1)).await;
         let now = t.confirmed_flush_lsn().await;
         if now > last {
@@ -82,8 +86,10 @@ async fn idle_slot_advances(v: &str) {
     assert!(moves >= 5, "PG {v}: confirmed_flush_lsn moved only {moves} times in 15 s of unpublished writes");
     let written = t.wal_insert_lsn().await;
     // Nothing of ours is in flight: the slot may go to the server's position.
-    wait_until("slot follows the server while idle", WAIT, || async { t.confirmed_flush_lsn().await + 64 * 1024 >= written })
-        .await;
+    wait_until("slot follows the server while idle", WAIT, || async {
+        t.confirmed_flush_lsn().await + 64 * 1024 >= written
+    })
+    .await;
     t.stop().await;
 }
 

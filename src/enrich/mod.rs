@@ -65,6 +65,10 @@ pub struct EngagementChange {
     pub position: Position,
     /// Commit time, ms since the Unix epoch.
     pub commit_ts: i64,
+    /// Set on re-read rows (backfill): a digest of `current`, which gives the
+    /// event an identity that is the same on every re-read of the same row
+    /// version (see `sinks::change_id`). None: the position identifies it.
+    pub replay_digest: Option<u64>,
 }
 
 /// A content change, for ClickHouse's `content_dim`.
@@ -114,13 +118,23 @@ pub fn enrich(dim: &mut ContentDim, changes: &[Change]) -> Enriched {
                 continue;
             }
             let row = |r: &Option<Row>| r.as_ref().map(|r| engagement_row(dim, r, c.position)).transpose();
-            match (row(&c.after), row(&c.before)) {
+            let previous = match row(&c.before) {
+                // An old row that cannot be enriched was parked, never
+                // delivered: nothing to retract, and its fix must go through.
+                Err(e) if c.after.is_some() => {
+                    tracing::warn!(table = %c.table, position = %c.position, reason = %e, "the row before this update could not be enriched (it was parked); delivering the update as a new row");
+                    Ok(None)
+                }
+                p => p,
+            };
+            match (row(&c.after), previous) {
                 (Ok(current), Ok(previous)) => out.engagements.push(EngagementChange {
                     op: c.op,
                     current,
                     previous,
                     position: c.position,
                     commit_ts,
+                    replay_digest: None,
                 }),
                 (Err(e), _) | (_, Err(e)) => out.rejected.push((c.clone(), e.to_string())),
             }

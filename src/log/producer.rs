@@ -32,7 +32,7 @@ pub struct LogProducer {
     database: String,
 }
 
-fn client_config(cfg: &LogConfig) -> ClientConfig {
+pub(crate) fn client_config(cfg: &LogConfig) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &cfg.brokers);
     for (k, v) in &cfg.properties {
@@ -67,15 +67,40 @@ impl LogProducer {
             let payload = serde_json::to_vec(&envelope::value(c, &self.database, now_ms)).unwrap_or_default();
             async move {
                 let record = FutureRecord::to(&topic).key(&key).payload(&payload);
-                self.producer
-                    .send(record, Duration::from_secs(300))
-                    .await
-                    .map(|_| ())
-                    .map_err(|(source, _)| LogError::Produce { topic: topic.clone(), source })
+                match self.producer.send(record, Duration::from_secs(300)).await {
+                    Ok(_) => Ok(()),
+                    // No retry can make it fit, and retrying would stop the stream for good.
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge), _)) => {
+                        self.park_oversized(c, &topic, key.len() + payload.len(), now_ms).await
+                    }
+                    Err((source, _)) => Err(LogError::Produce { topic: topic.clone(), source }),
+                }
             }
         });
         try_join_all(sends).await?;
         Ok(())
+    }
+
+    /// A change whose envelope is larger than the broker takes: logged, and
+    /// parked in the dead-letter topic with its large values left out (so the
+    /// record identifies the row and its position, to re-read from
+    /// PostgreSQL). The sinks still get the whole change.
+    async fn park_oversized(&self, c: &Change, topic: &str, bytes: usize, now_ms: i64) -> Result<(), LogError> {
+        let reason = format!("envelope for {topic} is {bytes} bytes (key + value), more than the broker takes");
+        tracing::error!(table = %c.table, position = %c.position, bytes, "change too large for the log; parking a summary in the dead-letter topic, the sinks still get it");
+        let mut value = envelope::value(c, &self.database, now_ms);
+        for side in ["before", "after"] {
+            if let Some(row) = value[side].as_object_mut() {
+                for v in row.values_mut() {
+                    let n = v.to_string().len();
+                    if n > 1024 {
+                        *v = serde_json::json!({ "omitted_bytes": n });
+                    }
+                }
+            }
+        }
+        let payload = serde_json::to_vec(&value).unwrap_or_default();
+        self.dead_letter("log", &crate::sinks::event_id(&c.position), &payload, &reason).await
     }
 
     /// Parks a payload that a sink could never deliver, with the reason, in
@@ -89,7 +114,7 @@ impl LogProducer {
         self.producer
             .send(record, Duration::from_secs(300))
             .await
-            .map(|_| ())
+            .map(|_| crate::observe::metrics::dead_letter(sink))
             .map_err(|(source, _)| LogError::Produce { topic, source })
     }
 }

@@ -79,6 +79,13 @@ struct ContentRecord {
     _is_deleted: u8,
 }
 
+/// How long one write (all its requests) may take. The client has no
+/// timeout of its own: a hung server (or a dead connection without a reset)
+/// would stall the pipeline silently forever. A write abandoned here may
+/// still land later; the retry writes the same rows and versions, which
+/// collapse into them.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
+
 pub struct ClickHouseSink {
     client: Client,
 }
@@ -104,11 +111,16 @@ impl ClickHouseSink {
         let contents = content_records(&batch.contents);
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
-            match self.write_once(batch, &events, &contents).await {
-                Ok(()) => return Ok(()),
+            let attempt = tokio::time::timeout(REQUEST_TIMEOUT, self.write_once(batch, &events, &contents));
+            match attempt.await.unwrap_or(Err(SinkError::ClickHouse(clickhouse::error::Error::TimedOut))) {
+                Ok(()) => {
+                    crate::observe::sink_flushed("clickhouse", backoff.attempts());
+                    return Ok(());
+                }
                 Err(e) => {
                     let wait = backoff.next_delay();
                     tracing::warn!(sink = "clickhouse", error = %e, attempt = backoff.attempts(), "write failed; retrying");
+                    crate::observe::sink_failed("clickhouse", backoff.attempts(), &e, true);
                     tokio::time::sleep(wait).await;
                 }
             }

@@ -51,7 +51,7 @@ impl HttpSink {
         let (Some(first), Some(last)) = (batch.engagements.first(), batch.engagements.last()) else {
             return Ok(());
         };
-        let key = format!("{}-{}", super::event_id(&first.position), super::event_id(&last.position));
+        let key = format!("{}-{}", super::change_id(first), super::change_id(last));
         let events: Vec<EventJson> = batch.engagements.iter().map(EventJson::new).collect();
         let body = serde_json::to_vec(&serde_json::json!({ "idempotency_key": key, "events": events }))
             .map_err(|e| SinkError::Http(e.to_string()))?;
@@ -61,16 +61,21 @@ impl HttpSink {
         );
         loop {
             let err = match self.post(&key, &body).await {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    crate::observe::sink_flushed("http", backoff.attempts());
+                    return Ok(());
+                }
                 Err(e) => e,
             };
             if backoff.attempts() + 1 >= self.cfg.max_attempts {
+                crate::observe::sink_failed("http", backoff.attempts() + 1, &err, false);
                 tracing::error!(sink = "http", idempotency_key = %key, error = %err, attempts = self.cfg.max_attempts, "batch undeliverable; parking it in the dead-letter topic");
                 self.log.dead_letter("http", &key, &body, &err).await?;
                 return Ok(());
             }
             let wait = backoff.next_delay();
             tracing::warn!(sink = "http", idempotency_key = %key, error = %err, attempt = backoff.attempts(), "post failed; retrying");
+            crate::observe::sink_failed("http", backoff.attempts(), &err, true);
             tokio::time::sleep(wait).await;
         }
     }

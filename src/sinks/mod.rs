@@ -12,7 +12,7 @@ pub mod redis;
 
 use serde::Serialize;
 
-use crate::enrich::{EngagementChange, EngagementRow};
+use crate::enrich::{EngagementChange, EngagementRow, Enriched};
 use crate::source::{Op, Position};
 
 #[derive(Debug, thiserror::Error)]
@@ -31,8 +31,12 @@ pub enum SinkError {
 /// and the HTTP batches so consumers see one shape.
 #[derive(Debug, Serialize)]
 pub struct EventJson<'a> {
-    /// Stable across replays: `<commit LSN>/<ordinal>`.
+    /// Stable across replays: `<commit LSN>/<ordinal>` (see `change_id`).
     pub id: String,
+    /// Orders every event of one row (`Position::version`): a receiver that
+    /// applies an event only over a lower version ends with the latest row,
+    /// whatever order snapshot, backfill and live events arrive in.
+    pub version: u64,
     pub op: Op,
     pub commit_ts: i64,
     pub event: Option<&'a EngagementRow>,
@@ -42,7 +46,8 @@ pub struct EventJson<'a> {
 impl<'a> EventJson<'a> {
     pub fn new(c: &'a EngagementChange) -> Self {
         EventJson {
-            id: event_id(&c.position),
+            id: change_id(c),
+            version: c.position.version(),
             op: c.op,
             commit_ts: c.commit_ts,
             event: c.current.as_ref(),
@@ -53,4 +58,27 @@ impl<'a> EventJson<'a> {
 
 pub fn event_id(p: &Position) -> String {
     format!("{}/{}", crate::source::Lsn(p.commit_lsn).to_pg_string(), p.ordinal)
+}
+
+/// The id of an engagement event in Redis streams and HTTP batches: its
+/// position, or for a re-read row (backfill) `bf:<event_id>:<digest>`, the
+/// row and a digest of its enriched content, so re-reading an unchanged row
+/// yields the same id (a receiver de-duplicates it) and a changed one a new id.
+pub fn change_id(c: &EngagementChange) -> String {
+    match (c.replay_digest, &c.current) {
+        (Some(digest), Some(row)) => format!("bf:{}:{digest:016x}", row.event_id),
+        _ => event_id(&c.position),
+    }
+}
+
+/// Marks a batch as re-read history: each event gets its row-version digest.
+pub fn mark_replayed(batch: &mut Enriched) {
+    use sha2::{Digest, Sha256};
+    for c in &mut batch.engagements {
+        if let Some(row) = &c.current {
+            let json = serde_json::to_vec(row).unwrap_or_default();
+            let d = Sha256::digest(&json);
+            c.replay_digest = Some(u64::from_be_bytes(d[..8].try_into().expect("8 bytes")));
+        }
+    }
 }

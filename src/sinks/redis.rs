@@ -4,6 +4,14 @@
 //! `<prefix>top:window` after every batch. A batch is one Lua script, so
 //! its data and the progress watermark change together: a replayed change
 //! (position at or below the watermark) is skipped.
+//!
+//! The live stream uses `<prefix>progress`; a caller may name its own scope
+//! (`<prefix>progress:<scope>`, see `DeliverOptions::progress_scope`) for
+//! positions that are not the live stream's (snapshot and backfill chunks).
+//! Re-read rows (backfill) carry a row-version digest: their stream entry is
+//! appended only if `<prefix>backfill:seen:<event_id / 128>` does not hold
+//! that digest for the row already (kept `SEEN_TTL_SECS`), and they never
+//! touch the window, which counts each live change once when it streams.
 
 use std::time::Duration;
 
@@ -16,9 +24,14 @@ use crate::enrich::{EngagementChange, EngagementRow, Enriched};
 use crate::retry::Backoff;
 
 const BUCKET_SECS: i64 = 60;
+/// How long Redis remembers which row versions a backfill appended: a
+/// re-run within this time appends nothing for unchanged rows.
+pub const SEEN_TTL_SECS: u64 = 7 * 24 * 3600;
 
 /// ARGV: now_ms, stream maxlen, window ttl secs, union key count N, N bucket
-/// keys, then ops of 6 args: position, kind (X|Z), key, a, b, c.
+/// keys, then ops of 6 args: position, kind (X|Z|D), key, a, b, c. A D op
+/// (hash key, field, digest, ttl) skips the ops of its position that follow
+/// it when the hash already holds the digest, and records it otherwise.
 const APPLY: &str = r#"
 local progress = redis.call('GET', KEYS[1]) or ''
 local maxlen = ARGV[2]
@@ -26,11 +39,19 @@ local ttl = tonumber(ARGV[3])
 local n = tonumber(ARGV[4])
 local i = 5 + n
 local newest = progress
+local seen = nil
 while i <= #ARGV do
   local pos, kind, key, a, b, c = ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3], ARGV[i+4], ARGV[i+5]
-  if pos > progress then
+  if pos > progress and pos ~= seen then
     if kind == 'X' then
       redis.call('XADD', key, 'MAXLEN', '~', maxlen, '*', 'id', a, 'op', b, 'data', c)
+    elseif kind == 'D' then
+      if redis.call('HGET', key, a) == b then
+        seen = pos
+      else
+        redis.call('HSET', key, a, b)
+        redis.call('EXPIRE', key, c)
+      end
     else
       redis.call('ZINCRBY', key, a, b)
       redis.call('EXPIREAT', key, c)
@@ -58,7 +79,11 @@ pub struct RedisSink {
 impl RedisSink {
     pub async fn connect(cfg: &RedisConfig) -> Result<Self, SinkError> {
         let client = redis::Client::open(cfg.url.expose())?;
-        let conn = ConnectionManager::new(client).await?;
+        // A batch is one script of thousands of commands, which can take a
+        // few hundred ms; the default 500 ms response timeout would abandon
+        // (and re-send) big batches whenever Redis is busy.
+        let config = redis::aio::ConnectionManagerConfig::new().set_response_timeout(Some(Duration::from_secs(30)));
+        let conn = ConnectionManager::new_with_config(client, config).await?;
         Ok(RedisSink { conn, cfg: cfg.clone(), script: Script::new(APPLY) })
     }
 
@@ -78,26 +103,52 @@ impl RedisSink {
         format!("{}top:{}", self.cfg.key_prefix, bucket)
     }
 
+    /// `<prefix>progress:<scope>`: a progress watermark of its own.
+    pub fn scoped_progress_key(&self, scope: &str) -> String {
+        format!("{}progress:{scope}", self.cfg.key_prefix)
+    }
+
+    /// Forgets a scope's watermark (its chunk is done for good).
+    pub async fn forget_progress(&self, scope: &str) -> Result<(), SinkError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("DEL").arg(self.scoped_progress_key(scope)).query_async::<()>(&mut conn).await?;
+        Ok(())
+    }
+
+    fn seen_key(&self, event_id: i64) -> String {
+        format!("{}backfill:seen:{}", self.cfg.key_prefix, event_id.div_euclid(128))
+    }
+
     /// Applies a batch, retrying (with backoff) until Redis takes it.
     pub async fn write(&self, batch: &Enriched) -> Result<(), SinkError> {
+        self.write_scoped(batch, None).await
+    }
+
+    /// `write` with the progress watermark of `scope` (None: the live one).
+    pub async fn write_scoped(&self, batch: &Enriched, scope: Option<&str>) -> Result<(), SinkError> {
         if batch.engagements.is_empty() {
             return Ok(());
         }
         let now_ms = chrono::Utc::now().timestamp_millis();
         let args = self.script_args(&batch.engagements, now_ms);
+        let progress = scope.map_or_else(|| self.progress_key(), |s| self.scoped_progress_key(s));
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
             let mut inv = self.script.prepare_invoke();
-            inv.key(self.progress_key()).key(self.top_key());
+            inv.key(&progress).key(self.top_key());
             for a in &args {
                 inv.arg(a);
             }
             let mut conn = self.conn.clone();
             match inv.invoke_async::<String>(&mut conn).await {
-                Ok(_) => return Ok(()),
+                Ok(_) => {
+                    crate::observe::sink_flushed("redis", backoff.attempts());
+                    return Ok(());
+                }
                 Err(e) => {
                     let wait = backoff.next_delay();
                     tracing::warn!(sink = "redis", error = %e, attempt = backoff.attempts(), "write failed; retrying");
+                    crate::observe::sink_failed("redis", backoff.attempts(), &e, true);
                     tokio::time::sleep(wait).await;
                 }
             }
@@ -119,14 +170,20 @@ impl RedisSink {
             let content_type =
                 c.current.as_ref().or(c.previous.as_ref()).and_then(|r| r.content_type.as_deref()).unwrap_or("unknown");
             let op = serde_json::to_value(c.op).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
-            args.extend([
-                pos.clone(),
-                "X".into(),
-                self.stream_key(content_type),
-                super::event_id(&c.position),
-                op,
-                json,
-            ]);
+            if let (Some(digest), Some(row)) = (c.replay_digest, &c.current) {
+                args.extend([
+                    pos.clone(),
+                    "D".into(),
+                    self.seen_key(row.event_id),
+                    row.event_id.rem_euclid(128).to_string(),
+                    format!("{digest:016x}"),
+                    SEEN_TTL_SECS.to_string(),
+                ]);
+            }
+            args.extend([pos.clone(), "X".into(), self.stream_key(content_type), super::change_id(c), op, json]);
+            if c.replay_digest.is_some() {
+                continue;
+            }
             // The window score: retract what the previous row counted, add the current row.
             let mut score = |row: &EngagementRow, sign: f64| {
                 let Some(pct) = row.engagement_percent else { return };

@@ -2,11 +2,16 @@
 //! pgoutput decoder. `session` runs the replication connection, `pgoutput`
 //! and `values` are the pure wire-format decoder, `relations` turns decoded
 //! tuples into named rows, and `slot` manages the publication and slot.
+//! `snapshot` is the initial load (and `scan` the chunked table reads it
+//! shares with backfill; `copy` decodes their binary COPY data).
 
+pub mod copy;
 pub mod pgoutput;
 pub mod relations;
+pub mod scan;
 pub mod session;
 pub mod slot;
+pub mod snapshot;
 pub mod values;
 
 use std::fmt;

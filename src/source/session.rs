@@ -89,8 +89,14 @@ pub async fn read(
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     let started = std::time::Instant::now();
     loop {
+        let attempt = std::time::Instant::now();
         let streamed = stream_once(&cfg, &out, &mut acks, &mut shutdown, &progress).await;
         progress.set_connected(false);
+        // A session that streamed for a while was healthy: the next
+        // reconnect starts from the shortest delay again.
+        if attempt.elapsed() > Duration::from_secs(10) {
+            backoff.reset();
+        }
         match streamed {
             Ok(()) => return Ok(()),
             // After a crash the server may hold the slot for the dead
@@ -267,4 +273,32 @@ fn changes(
         }
     }
     Ok(out)
+}
+
+/// Reads the slot through the decoder up to `until` (a commit end LSN),
+/// acknowledging as it goes, with no log and no sinks: the source path
+/// alone, for benchmarks against `pg_recvlogical`. Returns the changes read.
+pub async fn drain(cfg: &SourceConfig, until: u64) -> Result<u64, SessionError> {
+    let (tx, mut rx) = mpsc::channel(20_000);
+    let (ack_tx, ack_rx) = watch::channel(0u64);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let reader = tokio::spawn(read(cfg.clone(), tx, ack_rx, stop_rx, Arc::default()));
+    let mut changes = 0u64;
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            SourceEvent::Change(_) => changes += 1,
+            SourceEvent::Commit { end_lsn, .. } | SourceEvent::Idle { wal_end: end_lsn } => {
+                let _ = ack_tx.send(end_lsn);
+                if end_lsn >= until {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = stop_tx.send(true);
+    drop(rx);
+    match reader.await {
+        Ok(r) => r.map(|()| changes),
+        Err(_) => Ok(changes),
+    }
 }

@@ -52,6 +52,13 @@ fn query_err(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> SlotEr
 /// Creates the publication (for the configured tables) and the slot when
 /// they are missing, and refuses a slot that can no longer be trusted.
 pub async fn ensure(client: &Client, cfg: &SourceConfig) -> Result<SlotState, SlotError> {
+    ensure_publication(client, cfg).await?;
+    ensure_slot(client, cfg).await
+}
+
+/// Checks `wal_level` and creates the publication when it is missing (the
+/// snapshot creates its slot itself, with an exported snapshot).
+pub async fn ensure_publication(client: &Client, cfg: &SourceConfig) -> Result<(), SlotError> {
     let wal_level: String = client.query_one("SHOW wal_level", &[]).await.map_err(query_err("SHOW wal_level"))?.get(0);
     if wal_level != "logical" {
         return Err(SlotError::WalLevel(wal_level));
@@ -73,6 +80,10 @@ pub async fn ensure(client: &Client, cfg: &SourceConfig) -> Result<SlotState, Sl
         client.batch_execute(&sql).await.map_err(query_err("create publication"))?;
         tracing::info!(publication = %cfg.publication, tables = ?cfg.tables, "created publication");
     }
+    Ok(())
+}
+
+async fn ensure_slot(client: &Client, cfg: &SourceConfig) -> Result<SlotState, SlotError> {
     let slot = client
         .query_opt("SELECT plugin, confirmed_flush_lsn::text, active_pid, wal_status FROM pg_replication_slots WHERE slot_name = $1", &[&cfg.slot])
         .await

@@ -5,12 +5,15 @@
 
 #![allow(dead_code)]
 
+pub mod logs;
+pub mod private;
+
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pgfanout::config::{
-    ClickHouseConfig, Config, HttpConfig, LogConfig, PipelineConfig, RedisConfig, Secret, SourceConfig,
+    ClickHouseConfig, Config, HttpConfig, LogConfig, MetricsConfig, PipelineConfig, RedisConfig, Secret, SourceConfig,
 };
 use pgfanout::pipeline::{self, Stats};
 use tokio::sync::watch;
@@ -93,7 +96,14 @@ impl TestEnv {
                 backoff_initial_ms: 50,
                 backoff_max_ms: 500,
             },
-            pipeline: PipelineConfig { batch_max_changes: 2_000, batch_linger_ms: 20, channel_capacity: 10_000 },
+            pipeline: PipelineConfig {
+                batch_max_changes: 2_000,
+                batch_linger_ms: 20,
+                channel_capacity: 10_000,
+                shutdown_timeout_ms: 10_000,
+            },
+            // Any free port: sidecars started from tests run side by side.
+            metrics: MetricsConfig { listen: "127.0.0.1:0".into(), ..Default::default() },
         };
         pgfanout::init::run(&cfg, true).await.expect("pgfanout init");
         let pg = pgfanout::source::slot::connect(&url).await.expect("connect to test database");
@@ -128,6 +138,12 @@ impl TestEnv {
             let _ = tx.send(true);
             handle.await.expect("pipeline task").expect("pipeline ended with an error");
         }
+    }
+
+    /// Whether the in-process sidecar started by `start` is still running
+    /// (it has not stopped on an error).
+    pub fn pipeline_is_running(&self) -> bool {
+        self.pipeline.as_ref().is_some_and(|(_, handle)| !handle.is_finished())
     }
 
     pub async fn ch_count(&self, sql: &str) -> u64 {

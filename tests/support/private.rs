@@ -1,0 +1,252 @@
+//! Private service instances for tests that break a service: a Redis, a
+//! Tansu broker or a ClickHouse adapter of the test's own, on a free port,
+//! so stopping it disturbs no test running in parallel. Killed on drop.
+//!
+//! An outage is either `stop` (SIGSTOP: the process hangs with its sockets
+//! open, the kernel still accepts connections, nothing answers — the
+//! hardest case for a client) followed by `resume` (SIGCONT), or `kill`
+//! followed by `start` on the same port (connection refused, then a fresh
+//! server; ClickHouse keeps its data dir, Redis runs without persistence
+//! and comes back empty, Tansu's memory storage too).
+
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+
+use super::TestEnv;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Redis,
+    Tansu,
+    ClickHouse,
+}
+
+pub struct PrivateService {
+    pub kind: Kind,
+    pub port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+/// A TCP port that is free on 127.0.0.1, picked below the kernel's
+/// ephemeral range so outgoing connections do not take it before the
+/// server binds it (as `free_ports` in scripts/lib/common.sh does).
+pub fn free_port() -> u16 {
+    let mut rng = rand::thread_rng();
+    loop {
+        let port = rng.gen_range(20_000..32_000);
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// `PGFANOUT_<NAME>` if set, else `<PGFANOUT_CACHE>/<rel>` (the cache
+/// scripts/services installs into; it exports both).
+fn cached_tool(var: &str, rel: &str) -> PathBuf {
+    if let Ok(p) = std::env::var(var) {
+        return PathBuf::from(p);
+    }
+    let cache = std::env::var("PGFANOUT_CACHE").map(PathBuf::from).unwrap_or_else(|_| {
+        let home = std::env::var("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache"));
+        home.join("pgfanout")
+    });
+    cache.join(rel)
+}
+
+fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill").args([sig, &pid.to_string()]).status().map(|s| s.success()).unwrap_or(false);
+    assert!(ok, "kill {sig} {pid} failed");
+}
+
+impl PrivateService {
+    pub async fn redis() -> Self {
+        Self::launch(Kind::Redis).await
+    }
+
+    pub async fn tansu() -> Self {
+        Self::launch(Kind::Tansu).await
+    }
+
+    pub async fn clickhouse() -> Self {
+        Self::launch(Kind::ClickHouse).await
+    }
+
+    async fn launch(kind: Kind) -> Self {
+        let dir = std::env::temp_dir().join(format!("pgfanout-private-{}", super::unique_name()));
+        std::fs::create_dir_all(&dir).expect("create private service dir");
+        let mut s = PrivateService { kind, port: free_port(), dir, child: None };
+        s.start().await;
+        s
+    }
+
+    /// The address a client is configured with.
+    pub fn url(&self) -> String {
+        match self.kind {
+            Kind::Redis => format!("redis://127.0.0.1:{}", self.port),
+            Kind::Tansu => format!("127.0.0.1:{}", self.port),
+            Kind::ClickHouse => format!("http://127.0.0.1:{}", self.port),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("service is running").id()
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.join("service.log")
+    }
+
+    fn command(&self) -> Command {
+        let port = self.port.to_string();
+        match self.kind {
+            Kind::Redis => {
+                let mut c = Command::new("redis-server");
+                c.args(["--port", &port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                    .args(["--daemonize", "no", "--dir"])
+                    .arg(&self.dir);
+                c
+            }
+            Kind::Tansu => {
+                let url = format!("tcp://127.0.0.1:{port}");
+                let mut c = Command::new(cached_tool("PGFANOUT_TANSU_BIN", "bin/tansu"));
+                c.args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+                    .args(["--storage-engine", "memory://tansu/"]);
+                c
+            }
+            Kind::ClickHouse => {
+                let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/support/clickhouse_http.py");
+                let data = self.dir.join("clickhouse");
+                std::fs::create_dir_all(&data).expect("create ClickHouse data dir");
+                let mut c = Command::new(cached_tool("PGFANOUT_PYTHON", "venv/bin/python"));
+                c.arg(script).args(["--host", "127.0.0.1", "--port", &port, "--data"]).arg(data);
+                c
+            }
+        }
+    }
+
+    /// Starts the service (again) on its port and waits until it answers.
+    pub async fn start(&mut self) {
+        assert!(self.child.is_none(), "{:?} is already running", self.kind);
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).expect("service log");
+        let child = self
+            .command()
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("service log"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting private {:?}: {e}", self.kind));
+        self.child = Some(child);
+        self.wait_ready().await;
+    }
+
+    async fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            if self.answers().await {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("private {:?} exited ({status}) at start: {}", self.kind, self.log_tail());
+            }
+            if Instant::now() > deadline {
+                panic!("private {:?} did not answer on port {} in 90 s: {}", self.kind, self.port, self.log_tail());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn answers(&self) -> bool {
+        match self.kind {
+            Kind::Tansu => TcpStream::connect(("127.0.0.1", self.port)).is_ok(),
+            Kind::Redis => {
+                let Ok(client) = redis::Client::open(self.url()) else { return false };
+                let Ok(mut conn) = client.get_multiplexed_async_connection().await else { return false };
+                redis::cmd("PING").query_async::<String>(&mut conn).await.is_ok()
+            }
+            Kind::ClickHouse => {
+                let url = format!("{}/ping", self.url());
+                let client = reqwest::Client::builder().timeout(Duration::from_secs(2)).build().unwrap();
+                match client.get(&url).send().await {
+                    Ok(r) => r.text().await.map(|t| t.trim() == "Ok.").unwrap_or(false),
+                    Err(_) => false,
+                }
+            }
+        }
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    /// SIGSTOP: the service hangs (connections are accepted by the kernel,
+    /// requests are never answered) until `resume`.
+    pub fn stop(&self) {
+        signal(self.pid(), "-STOP");
+    }
+
+    /// SIGCONT after `stop`.
+    pub fn resume(&self) {
+        signal(self.pid(), "-CONT");
+    }
+
+    /// SIGKILL (works on a stopped process too) and reap it; the port is
+    /// free again afterwards.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Kill, then start again on the same port.
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.start().await;
+    }
+}
+
+impl Drop for PrivateService {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl TestEnv {
+    /// Points the sidecar's ClickHouse sink (and `self.ch`) at `ch` and
+    /// creates the test's database and tables there. Call before `start`.
+    pub async fn use_private_clickhouse(&mut self, ch: &PrivateService) {
+        assert_eq!(ch.kind, Kind::ClickHouse);
+        self.cfg.clickhouse.url = ch.url();
+        self.ch = clickhouse::Client::default().with_url(ch.url()).with_database(&self.name);
+        pgfanout::init::run(&self.cfg, false).await.expect("init on the private ClickHouse");
+    }
+
+    /// Points the Redis sink (and `self.redis`) at `redis`. Call before `start`.
+    pub async fn use_private_redis(&mut self, redis: &PrivateService) {
+        assert_eq!(redis.kind, Kind::Redis);
+        self.cfg.redis.url = pgfanout::config::Secret(redis.url());
+        self.redis = redis::Client::open(redis.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to the private Redis");
+    }
+
+    /// Points the log at the private broker `tansu` and creates the topics
+    /// there. Call before `start`.
+    pub async fn use_private_broker(&mut self, tansu: &PrivateService) {
+        assert_eq!(tansu.kind, Kind::Tansu);
+        self.cfg.log.brokers = tansu.url();
+        pgfanout::init::run(&self.cfg, false).await.expect("init on the private broker");
+    }
+}
