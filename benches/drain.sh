@@ -9,13 +9,15 @@
 #   benches/drain.sh                      1,000,000 rows in one transaction
 #   ROWS=200000 TX_ROWS=100 benches/drain.sh   200k rows in 100-row transactions
 set -euo pipefail
+# Own run directory, so a bench can run beside a test run (set before
+# common.sh, which defaults it).
+export PGFANOUT_RUN_DIR="${PGFANOUT_RUN_DIR:-/tmp/pgfanout-bench}"
 source "$(dirname "${BASH_SOURCE[0]}")/../scripts/lib/common.sh"
 cd "$PGFANOUT_ROOT"
 
 ROWS="${ROWS:-1000000}"
 TX_ROWS="${TX_ROWS:-$ROWS}"
 export PGFANOUT_PG_VERSIONS="${PGFANOUT_PG_VERSIONS:-17}"
-export PGFANOUT_RUN_DIR="${PGFANOUT_RUN_DIR:-/tmp/pgfanout-bench}"
 ensure_rust
 scripts/services install
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PGFANOUT_CACHE/target}"

@@ -10,13 +10,15 @@
 #   benches/snapshot.sh                          1,000,000 rows, 2 workers
 #   ROWS=200000 WORKERS=4 benches/snapshot.sh
 set -euo pipefail
+# Own run directory, so a bench can run beside a test run (set before
+# common.sh, which defaults it).
+export PGFANOUT_RUN_DIR="${PGFANOUT_RUN_DIR:-/tmp/pgfanout-bench}"
 source "$(dirname "${BASH_SOURCE[0]}")/../scripts/lib/common.sh"
 cd "$PGFANOUT_ROOT"
 
 ROWS="${ROWS:-1000000}"
 WORKERS="${WORKERS:-2}"
 export PGFANOUT_PG_VERSIONS="${PGFANOUT_PG_VERSIONS:-17}"
-export PGFANOUT_RUN_DIR="${PGFANOUT_RUN_DIR:-/tmp/pgfanout-bench}"
 ensure_rust
 scripts/services install
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PGFANOUT_CACHE/target}"
