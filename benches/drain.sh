@@ -24,13 +24,21 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PGFANOUT_CACHE/target}"
 cargo build --release --locked --bin pgfanout
 BIN="$CARGO_TARGET_DIR/release/pgfanout"
 
+# Cumulative CPU ticks per program name (all processes of the same name summed).
+cpu_snapshot() {
+  for f in /proc/[0-9]*/stat; do
+    awk '{sub(/^[0-9]+ \(/, ""); name = $0; sub(/\).*/, "", name); gsub(/ /, "_", name); n = split($0, a, ") "); split(a[n], b, " "); print name, b[12] + b[13]}' "$f" 2>/dev/null
+  done | awk '{t[$1] += $2} END {for (k in t) print k, t[k]}'
+}
+
 bench() {
   local v="${PGFANOUT_PG_VERSIONS%% *}"
   local url_var="PGFANOUT_PG${v}_URL" bin_var="PGFANOUT_PG${v}_BIN"
   local admin="${!url_var}" pgbin="${!bin_var}"
   local db="${admin%/*}/bench"
   "$pgbin/psql" -qX "$admin" -c "CREATE DATABASE bench" >/dev/null
-  local conf="$PGFANOUT_RUN_DIR/bench.toml"
+  local conf="$PGFANOUT_RUN_DIR/bench.toml" metrics_port
+  metrics_port=$(free_ports 1)
   cat >"$conf" <<TOML
 [source]
 url = "$db"
@@ -48,6 +56,8 @@ key_prefix = "bench:"
 [http]
 url = "$PGFANOUT_HTTP_URL/bench"
 secret = "$PGFANOUT_HTTP_SECRET"
+[metrics]
+listen = "127.0.0.1:$metrics_port"
 TOML
   RUST_LOG=warn "$BIN" -c "$conf" init
   local psql=("$pgbin/psql" -qXAt "$db")
@@ -77,6 +87,7 @@ TOML
   RUST_LOG=warn PGFANOUT_SOURCE__SLOT=drain "$BIN" -c "$conf" drain --until "$end" >&2
   t1=$(now_ms); drain_ms=$(( t1 - t0 ))
 
+  cpu_snapshot >"$PGFANOUT_RUN_DIR/cpu-before"
   t0=$(now_ms)
   RUST_LOG=warn "$BIN" -c "$conf" run 2>"$PGFANOUT_RUN_DIR/logs/bench-run.log" &
   local pid=$! hwm=0 rss=0
@@ -90,7 +101,15 @@ TOML
   t1=$(now_ms); full_ms=$(( t1 - t0 ))
   hwm=$(awk '/VmHWM/ {print $2}' "/proc/$pid/status")
   rss=$(awk '/VmRSS/ {print $2}' "/proc/$pid/status")
+  # Where the time went: seconds each sink spent flushing (they run
+  # concurrently after the broker, so the slowest one bounds the rate).
+  curl -fsS "http://127.0.0.1:$metrics_port/metrics" \
+    | awk '/^pgfanout_sink_flush_seconds_(sum|count)/ {print "  " $0}' >&2 || true
+  cpu_snapshot >"$PGFANOUT_RUN_DIR/cpu-after"
   kill -TERM "$pid"; wait "$pid" || true
+  log "CPU seconds per program during the run (2 cores: the machine's whole budget is $(( 2 * full_ms / 1000 )) s):"
+  join -a2 -e0 -o 0,1.2,2.2 <(sort "$PGFANOUT_RUN_DIR/cpu-before") <(sort "$PGFANOUT_RUN_DIR/cpu-after") \
+    | awk '{d = ($3 - $2) / 100; if (d >= 0.5) printf "  %-24s %6.1f\n", $1, d}' | sort -k2 -nr >&2
 
   python3 - "$ROWS" "$TX_ROWS" "$recv_ms" "$drain_ms" "$full_ms" "$hwm" "$rss" "$v" <<'PY'
 import sys

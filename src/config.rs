@@ -150,6 +150,10 @@ pub struct PipelineConfig {
     pub batch_linger_ms: u64,
     /// Changes buffered between the replication reader and the pipeline.
     pub channel_capacity: usize,
+    /// Batches each sink lane may queue while it writes the one before: a
+    /// slow sink holds at most this many batches before it slows the source.
+    #[serde(default = "default_sink_queue_batches")]
+    pub sink_queue_batches: usize,
     /// How long SIGTERM/SIGINT may take to drain: past it the process exits
     /// non-zero without acknowledging anything more (the slot replays the rest).
     #[serde(default = "default_shutdown_timeout_ms")]
@@ -162,6 +166,7 @@ impl Default for PipelineConfig {
             batch_max_changes: 5_000,
             batch_linger_ms: 50,
             channel_capacity: 20_000,
+            sink_queue_batches: default_sink_queue_batches(),
             shutdown_timeout_ms: default_shutdown_timeout_ms(),
         }
     }
@@ -239,6 +244,10 @@ fn default_backoff_max_ms() -> u64 {
 fn default_shutdown_timeout_ms() -> u64 {
     10_000
 }
+fn default_sink_queue_batches() -> usize {
+    2
+}
+
 fn default_metrics_listen() -> String {
     "127.0.0.1:9187".into()
 }

@@ -3,23 +3,27 @@
 //! Changes arrive from the replication reader in commit order and are cut
 //! into batches (by count and by a short linger), so a huge transaction
 //! flows through in bounded memory. A batch is published to the broker and
-//! acknowledged there before enrichment; the three sinks then write it
-//! concurrently, and only when all three have returned does the slot's
-//! flush position advance, to the end of the last transaction the batch
-//! completed (see `ack`).
+//! acknowledged there before enrichment. Each sink then writes it in its own
+//! lane (a task with a short bounded queue), in batch order, while the loop
+//! already reads, publishes and enriches the next batches: the stages
+//! overlap, and the slowest stage, not the sum of all of them, sets the
+//! rate. A full lane stops the loop, which stops the reader (backpressure).
+//! The slot's flush position advances only past batches that every lane has
+//! flushed, to the end of the last transaction they completed (see `ack`).
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 
 use crate::ack::{BatchAck, FlushedLsn};
 use crate::config::Config;
-use crate::enrich::{self, ContentDim};
+use crate::enrich::{self, ContentDim, Enriched};
 use crate::log::{producer, LogProducer};
 use crate::observe::{self, ReaderProgress};
-use crate::sinks::{clickhouse::ClickHouseSink, http::HttpSink, redis::RedisSink, SinkError};
+use crate::sinks::{clickhouse::ClickHouseSink, http::HttpSink, redis::RedisSink, SinkError, Sinks};
 use crate::source::{self, session, slot, Change, SourceEvent};
 
 #[derive(Debug, thiserror::Error)]
@@ -80,16 +84,20 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>, stats: Arc<St
     let (stop_reader_tx, stop_reader) = watch::channel(false);
     let reader = tokio::spawn(session::read(cfg.source.clone(), events_tx, ack_rx, stop_reader, stats.reader.clone()));
 
-    let mut flushed = FlushedLsn(slot_state.confirmed_flush_lsn.unwrap_or(0));
+    let flushed = FlushedLsn(slot_state.confirmed_flush_lsn.unwrap_or(0));
     stats.flushed_lsn.store(flushed.0, Ordering::Relaxed);
+    let mut fanout =
+        Fanout::start(delivery.sinks.clone(), cfg.pipeline.sink_queue_batches, flushed, ack_tx, stats.clone());
     let mut open_tx = false;
     let linger = Duration::from_millis(cfg.pipeline.batch_linger_ms);
     let mut stopping = false;
     loop {
-        // Wait for the first event of a batch, or for shutdown.
+        // Wait for the first event of a batch, or for shutdown, or for a
+        // lane that gave up.
         let first = tokio::select! {
             ev = events.recv() => ev,
             _ = shutdown.changed(), if !stopping => { stopping = true; None }
+            e = fanout.failure() => return Err(e),
         };
         let mut batch: Vec<Change> = Vec::new();
         let mut ack = BatchAck::default();
@@ -123,17 +131,17 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>, stats: Arc<St
             }
         }
         ack.open_tx = open_tx;
-        if let Some(c) = batch.first() {
-            observe::health::batch_started(&stats, c.tx.commit_ts_us);
-            delivery.deliver(&batch).await?;
-        }
-        observe::health::batch_done(&stats, batch.last().map(|c| c.tx.commit_ts_us), events.is_empty());
-        if let Some(lsn) = flushed.advance(&ack) {
-            stats.flushed_lsn.store(lsn, Ordering::Relaxed);
-            let _ = ack_tx.send(lsn);
-        }
+        let enriched = match batch.first() {
+            Some(c) => {
+                observe::health::batch_started(&stats, c.tx.commit_ts_us);
+                delivery.publish_and_enrich(&batch, &DeliverOptions::default()).await?.unwrap_or_default()
+            }
+            None => Enriched::default(),
+        };
+        fanout.push(batch, enriched, ack).await?;
     }
-    tracing::info!(flushed_lsn = %source::Lsn(flushed.0).to_pg_string(), "draining done; stopping replication");
+    fanout.finish().await?;
+    tracing::info!(flushed_lsn = %source::Lsn(stats.flushed_lsn.load(Ordering::Relaxed)).to_pg_string(), "draining done; stopping replication");
     let _ = stop_reader_tx.send(true);
     // Discard what the reader still hands over (never acknowledged, so the
     // next start replays it) so that it cannot block on a full channel
@@ -144,6 +152,132 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>, stats: Arc<St
         Err(_) => return Err(PipelineError::ReaderGone),
     }
     Ok(())
+}
+
+/// One batch on its way through the sink lanes.
+struct Job {
+    seq: u64,
+    changes: Vec<Change>,
+    enriched: Enriched,
+    ack: BatchAck,
+}
+
+/// What the lanes and the loop tell the acknowledgement task.
+enum AckMsg {
+    /// The loop handed batch `seq` to every lane.
+    Pushed(Arc<Job>),
+    /// Lane `lane` has flushed every batch up to `seq`.
+    Flushed { lane: usize, seq: u64 },
+}
+
+/// The sink lanes of the live stream and the task that turns their progress
+/// into the slot's flush position.
+struct Fanout {
+    lanes: Vec<mpsc::Sender<Arc<Job>>>,
+    tasks: Vec<JoinHandle<()>>,
+    acks: mpsc::UnboundedSender<AckMsg>,
+    ack_task: JoinHandle<()>,
+    failures: mpsc::UnboundedReceiver<PipelineError>,
+    seq: u64,
+}
+
+impl Fanout {
+    fn start(sinks: Sinks, queue: usize, flushed: FlushedLsn, ack_tx: watch::Sender<u64>, stats: Arc<Stats>) -> Self {
+        let (acks, ack_rx) = mpsc::unbounded_channel();
+        let (fail_tx, failures) = mpsc::unbounded_channel();
+        let mut lanes = Vec::new();
+        let mut tasks = Vec::new();
+        for (lane, sink) in Sinks::ALL.into_iter().enumerate() {
+            let (tx, mut rx) = mpsc::channel::<Arc<Job>>(queue.max(1));
+            let (sinks, acks, fail_tx) = (sinks.clone(), acks.clone(), fail_tx.clone());
+            tasks.push(tokio::spawn(async move {
+                while let Some(job) = rx.recv().await {
+                    if let Err(e) = sinks.write(sink, &job.enriched, None).await {
+                        let _ = fail_tx.send(e.into());
+                        return;
+                    }
+                    let _ = acks.send(AckMsg::Flushed { lane, seq: job.seq });
+                }
+            }));
+            lanes.push(tx);
+        }
+        let ack_task = tokio::spawn(acknowledge(ack_rx, lanes.len(), flushed, ack_tx, stats));
+        Fanout { lanes, tasks, acks, ack_task, failures, seq: 0 }
+    }
+
+    /// Hands a published, enriched batch to every lane; waits while a lane's
+    /// queue is full.
+    async fn push(&mut self, changes: Vec<Change>, enriched: Enriched, ack: BatchAck) -> Result<(), PipelineError> {
+        self.seq += 1;
+        let job = Arc::new(Job { seq: self.seq, changes, enriched, ack });
+        let _ = self.acks.send(AckMsg::Pushed(job.clone()));
+        for lane in &self.lanes {
+            if lane.send(job.clone()).await.is_err() {
+                return Err(self.failure().await);
+            }
+        }
+        Ok(())
+    }
+
+    /// The first error of a lane that stopped (pending forever while all run).
+    async fn failure(&mut self) -> PipelineError {
+        match self.failures.recv().await {
+            Some(e) => e,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Lets every lane flush what it holds, then waits for the final
+    /// acknowledgement.
+    async fn finish(mut self) -> Result<(), PipelineError> {
+        self.lanes.clear();
+        drop(self.acks);
+        for t in self.tasks.drain(..) {
+            let _ = t.await;
+        }
+        let _ = self.ack_task.await;
+        match self.failures.try_recv() {
+            Ok(e) => Err(e),
+            Err(_) => Ok(()),
+        }
+    }
+}
+
+/// The acknowledgement task: a batch is done when every lane has flushed it
+/// (lanes flush in order, so a lane's last flushed sequence covers all
+/// before it); the flush LSN then moves past it.
+async fn acknowledge(
+    mut rx: mpsc::UnboundedReceiver<AckMsg>,
+    lanes: usize,
+    mut flushed: FlushedLsn,
+    ack_tx: watch::Sender<u64>,
+    stats: Arc<Stats>,
+) {
+    let mut lane_seq = vec![0u64; lanes];
+    let mut pending = std::collections::VecDeque::<Arc<Job>>::new();
+    while let Some(msg) = rx.recv().await {
+        match msg {
+            AckMsg::Pushed(job) => pending.push_back(job),
+            AckMsg::Flushed { lane, seq } => lane_seq[lane] = seq,
+        }
+        let done = lane_seq.iter().copied().min().unwrap_or(0);
+        while pending.front().is_some_and(|j| j.seq <= done) {
+            let job = pending.pop_front().expect("front");
+            if !job.changes.is_empty() {
+                observe::count_changes("delivered", &job.changes);
+                observe::metrics::batch_size(job.changes.len());
+                stats.changes.fetch_add(job.changes.len() as u64, Ordering::Relaxed);
+                stats.batches.fetch_add(1, Ordering::Relaxed);
+                stats.rejected.fetch_add(job.enriched.rejected.len() as u64, Ordering::Relaxed);
+            }
+            let caught_up = pending.is_empty() && stats.reader.buffered() == 0;
+            observe::health::batch_done(&stats, job.changes.last().map(|c| c.tx.commit_ts_us), caught_up);
+            if let Some(lsn) = flushed.advance(&job.ack) {
+                stats.flushed_lsn.store(lsn, Ordering::Relaxed);
+                let _ = ack_tx.send(lsn);
+            }
+        }
+    }
 }
 
 /// How `Delivery::deliver_with` treats a batch that is not the live stream.
@@ -171,9 +305,7 @@ pub struct DeliverOptions {
 pub struct Delivery {
     pub log: Arc<LogProducer>,
     pub dim: ContentDim,
-    pub clickhouse: ClickHouseSink,
-    pub redis: RedisSink,
-    pub http: HttpSink,
+    pub sinks: Sinks,
     pub stats: Arc<Stats>,
 }
 
@@ -187,10 +319,12 @@ impl Delivery {
     ) -> Result<Self, PipelineError> {
         producer::ensure_topics(&cfg.log, &topics(cfg)).await?;
         let log = Arc::new(LogProducer::new(&cfg.log, database)?);
-        let clickhouse = ClickHouseSink::new(&cfg.clickhouse);
-        let redis = RedisSink::connect(&cfg.redis).await?;
-        let http = HttpSink::new(&cfg.http, log.clone())?;
-        Ok(Delivery { log, dim, clickhouse, redis, http, stats })
+        let sinks = Sinks {
+            clickhouse: Arc::new(ClickHouseSink::new(&cfg.clickhouse)),
+            redis: Arc::new(RedisSink::connect(&cfg.redis).await?),
+            http: Arc::new(HttpSink::new(&cfg.http, log.clone())?),
+        };
+        Ok(Delivery { log, dim, sinks, stats })
     }
 
     /// Publishes a batch to the log (retrying until the broker takes it),
@@ -203,6 +337,24 @@ impl Delivery {
     /// `deliver`, for batches that are not the live stream (snapshot chunks,
     /// backfills): see `DeliverOptions`.
     pub async fn deliver_with(&mut self, batch: &[Change], opts: &DeliverOptions) -> Result<(), PipelineError> {
+        let Some(enriched) = self.publish_and_enrich(batch, opts).await? else { return Ok(()) };
+        self.sinks.write_all(&enriched, opts.progress_scope.as_deref()).await?;
+        observe::count_changes("delivered", batch);
+        observe::metrics::batch_size(batch.len());
+        self.stats.changes.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        self.stats.batches.fetch_add(1, Ordering::Relaxed);
+        self.stats.rejected.fetch_add(enriched.rejected.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The first half of a delivery: publishes the batch to the log (retrying
+    /// until the broker takes it), enriches it and parks what cannot be
+    /// enriched. `None` for a log-only delivery (nothing more to do).
+    pub async fn publish_and_enrich(
+        &mut self,
+        batch: &[Change],
+        opts: &DeliverOptions,
+    ) -> Result<Option<Enriched>, PipelineError> {
         let mut backoff = crate::retry::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         observe::timed("broker", async {
             while let Err(e) = self.log.publish(batch).await {
@@ -217,7 +369,7 @@ impl Delivery {
         observe::count_changes("published", batch);
         if opts.log_only {
             self.stats.changes.fetch_add(batch.len() as u64, Ordering::Relaxed);
-            return Ok(());
+            return Ok(None);
         }
         let mut enriched = enrich::enrich(&mut self.dim, batch);
         if opts.replay {
@@ -226,21 +378,9 @@ impl Delivery {
         for (change, reason) in &enriched.rejected {
             tracing::error!(table = %change.table, position = %change.position, key = %change.key.to_json(), reason = %reason, "change cannot be enriched; parking it in the dead-letter topic");
             observe::error("enrich");
-            let payload =
-                serde_json::to_vec(&crate::log::envelope::value(change, "", chrono::Utc::now().timestamp_millis()))
-                    .unwrap_or_default();
+            let payload = crate::log::envelope::to_vec(change, "", chrono::Utc::now().timestamp_millis());
             self.log.dead_letter("enrich", &crate::sinks::event_id(&change.position), &payload, reason).await?;
         }
-        tokio::try_join!(
-            observe::timed("clickhouse", self.clickhouse.write(&enriched)),
-            observe::timed("redis", self.redis.write_scoped(&enriched, opts.progress_scope.as_deref())),
-            observe::timed("http", self.http.write(&enriched)),
-        )?;
-        observe::count_changes("delivered", batch);
-        observe::metrics::batch_size(batch.len());
-        self.stats.changes.fetch_add(batch.len() as u64, Ordering::Relaxed);
-        self.stats.batches.fetch_add(1, Ordering::Relaxed);
-        self.stats.rejected.fetch_add(enriched.rejected.len() as u64, Ordering::Relaxed);
-        Ok(())
+        Ok(Some(enriched))
     }
 }

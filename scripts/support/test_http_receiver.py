@@ -20,16 +20,20 @@ from http_receiver import sign  # noqa: E402
 SECRET = "test-secret"
 
 
-@pytest.fixture(scope="module")
-def port(tmp_path_factory):
-    state = tmp_path_factory.mktemp("recv") / "state.json"
+def start(state):
     proc = subprocess.Popen(
         [sys.executable, os.path.join(os.path.dirname(__file__), "http_receiver.py"),
          "--port", "0", "--secret", SECRET, "--state", str(state)],
         stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     assert "listening" in line, line
-    yield int(line.rsplit(":", 1)[1])
+    return proc, int(line.rsplit(":", 1)[1])
+
+
+@pytest.fixture(scope="module")
+def port(tmp_path_factory):
+    proc, port = start(tmp_path_factory.mktemp("recv") / "state.jsonl")
+    yield port
     proc.terminate()
     proc.wait(timeout=10)
 
@@ -109,3 +113,26 @@ def test_fail_next_and_hold(port, path):
     call(port, "POST", "/_control" + path, b'{"reset": true}')
     assert stats(port, path)["batches"] == 0
     assert post_batch(port, path, [{"id": 1}], key="k1") == (200, {"accepted": 1})
+
+
+def test_state_survives_a_kill(tmp_path, path):
+    """A receiver killed and restarted keeps every batch it acknowledged (the outage tests stop it)."""
+    state = tmp_path / "state.jsonl"
+    proc, port = start(state)
+    try:
+        assert post_batch(port, path, [{"id": 1}, {"id": 2}], key="k1")[0] == 200
+        assert post_batch(port, path, [{"id": 1}], key="k1")[0] == 200  # duplicate
+        call(port, "POST", "/_control" + path, b'{"fail_next": 1}')
+        assert post_batch(port, path, [{"id": 3}], key="k2")[0] == 503
+        before = stats(port, path)
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+    proc, port = start(state)
+    try:
+        assert stats(port, path) == before
+        assert post_batch(port, path, [{"id": 1}], key="k1") == (200, {"duplicate": True})
+        assert [e["id"] for e in call(port, "GET", "/_events" + path)[1]] == [1, 2]
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)

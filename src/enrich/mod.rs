@@ -90,6 +90,9 @@ pub struct Enriched {
     /// Changes that could not be enriched, with the reason; they are parked
     /// by the pipeline, never dropped.
     pub rejected: Vec<(Change, String)>,
+    /// Each engagement's JSON as the Redis stream and the HTTP batch carry
+    /// it, serialized once for both (`sinks::events_json`).
+    pub events_json: std::sync::OnceLock<Vec<String>>,
 }
 
 #[derive(Debug, thiserror::Error)]

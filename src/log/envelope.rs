@@ -2,36 +2,79 @@
 //! recognise it: `op`, `before`, `after`, `source`, `ts_ms`, plus pgfanout's
 //! `position`, which only grows and identifies a change across replays.
 
-use serde_json::{json, Value as Json};
+use serde::Serialize;
+use serde_json::Value as Json;
 
-use crate::source::{Change, Lsn};
+use crate::source::{Change, Lsn, Op, Row};
 
 /// The message key: the row's primary key as a JSON object (so every change
 /// of one row lands in one partition, in order).
 pub fn key(change: &Change) -> Vec<u8> {
-    serde_json::to_vec(&change.key.to_json()).unwrap_or_default()
+    serde_json::to_vec(&change.key).unwrap_or_default()
 }
 
-pub fn value(change: &Change, database: &str, now_ms: i64) -> Json {
-    json!({
-        "op": change.op,
-        "before": change.before.as_ref().map(|r| r.to_json()),
-        "after": change.after.as_ref().map(|r| r.to_json()),
-        "source": {
-            "connector": "pgfanout",
-            "version": env!("CARGO_PKG_VERSION"),
-            "db": database,
-            "schema": &*change.table.schema,
-            "table": &*change.table.name,
-            "lsn": change.lsn,
-            "commit_lsn": Lsn(change.tx.commit_lsn).to_pg_string(),
-            "txid": change.tx.xid,
-            "commit_ts": change.tx.commit_ts_us.div_euclid(1000),
-            "snapshot": matches!(change.op, crate::source::Op::Read),
+/// The envelope as it is written: serialized straight from the change (no
+/// intermediate JSON tree, this runs for every change).
+#[derive(Serialize)]
+pub struct Envelope<'a> {
+    op: Op,
+    before: Option<&'a Row>,
+    after: Option<&'a Row>,
+    source: Source<'a>,
+    position: PositionJson,
+    ts_ms: i64,
+}
+
+#[derive(Serialize)]
+struct Source<'a> {
+    connector: &'static str,
+    version: &'static str,
+    db: &'a str,
+    schema: &'a str,
+    table: &'a str,
+    lsn: u64,
+    commit_lsn: String,
+    txid: u32,
+    commit_ts: i64,
+    snapshot: bool,
+}
+
+#[derive(Serialize)]
+struct PositionJson {
+    commit_lsn: u64,
+    ordinal: u32,
+}
+
+pub fn envelope<'a>(change: &'a Change, database: &'a str, now_ms: i64) -> Envelope<'a> {
+    Envelope {
+        op: change.op,
+        before: change.before.as_ref(),
+        after: change.after.as_ref(),
+        source: Source {
+            connector: "pgfanout",
+            version: env!("CARGO_PKG_VERSION"),
+            db: database,
+            schema: &change.table.schema,
+            table: &change.table.name,
+            lsn: change.lsn,
+            commit_lsn: Lsn(change.tx.commit_lsn).to_pg_string(),
+            txid: change.tx.xid,
+            commit_ts: change.tx.commit_ts_us.div_euclid(1000),
+            snapshot: matches!(change.op, Op::Read),
         },
-        "position": { "commit_lsn": change.position.commit_lsn, "ordinal": change.position.ordinal },
-        "ts_ms": now_ms,
-    })
+        position: PositionJson { commit_lsn: change.position.commit_lsn, ordinal: change.position.ordinal },
+        ts_ms: now_ms,
+    }
+}
+
+/// The envelope's bytes, as published.
+pub fn to_vec(change: &Change, database: &str, now_ms: i64) -> Vec<u8> {
+    serde_json::to_vec(&envelope(change, database, now_ms)).unwrap_or_default()
+}
+
+/// The envelope as a JSON tree, for the rare paths that edit it.
+pub fn value(change: &Change, database: &str, now_ms: i64) -> Json {
+    serde_json::to_value(envelope(change, database, now_ms)).unwrap_or_default()
 }
 
 /// The topic a table's changes go to.
@@ -68,5 +111,7 @@ mod tests {
         assert_eq!(v["position"]["ordinal"], 3);
         assert_eq!(key(&c), br#"{"id":7}"#);
         assert_eq!(topic("pgfanout.", &c), "pgfanout.public.engagement_events");
+        let bytes: Json = serde_json::from_slice(&to_vec(&c, "app", 5)).unwrap();
+        assert_eq!(bytes, v, "the published bytes are the envelope");
     }
 }

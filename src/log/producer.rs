@@ -64,7 +64,7 @@ impl LogProducer {
         let sends = changes.iter().map(|c| {
             let topic = envelope::topic(&self.cfg.topic_prefix, c);
             let key = envelope::key(c);
-            let payload = serde_json::to_vec(&envelope::value(c, &self.database, now_ms)).unwrap_or_default();
+            let payload = envelope::to_vec(c, &self.database, now_ms);
             async move {
                 let record = FutureRecord::to(&topic).key(&key).payload(&payload);
                 match self.producer.send(record, Duration::from_secs(300)).await {

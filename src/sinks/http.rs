@@ -14,7 +14,7 @@ use base64::Engine;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use super::{EventJson, SinkError};
+use super::SinkError;
 use crate::config::HttpConfig;
 use crate::enrich::Enriched;
 use crate::log::LogProducer;
@@ -37,6 +37,23 @@ pub fn sign(secret: &[u8], id: &str, timestamp: i64, body: &[u8]) -> String {
     format!("v1,{}", base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes()))
 }
 
+/// A batch as posted: `{"idempotency_key": …, "events": [EventJson…]}`,
+/// from the events' shared JSON text.
+fn body(key: &str, events: &[String]) -> Vec<u8> {
+    let mut body = Vec::with_capacity(events.iter().map(|e| e.len() + 1).sum::<usize>() + key.len() + 40);
+    body.extend_from_slice(b"{\"idempotency_key\":");
+    serde_json::to_writer(&mut body, key).expect("a string serializes");
+    body.extend_from_slice(b",\"events\":[");
+    for (i, e) in events.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(e.as_bytes());
+    }
+    body.extend_from_slice(b"]}");
+    body
+}
+
 impl HttpSink {
     pub fn new(cfg: &HttpConfig, log: Arc<LogProducer>) -> Result<Self, SinkError> {
         let client = reqwest::Client::builder()
@@ -52,9 +69,7 @@ impl HttpSink {
             return Ok(());
         };
         let key = format!("{}-{}", super::change_id(first), super::change_id(last));
-        let events: Vec<EventJson> = batch.engagements.iter().map(EventJson::new).collect();
-        let body = serde_json::to_vec(&serde_json::json!({ "idempotency_key": key, "events": events }))
-            .map_err(|e| SinkError::Http(e.to_string()))?;
+        let body = body(&key, super::events_json(batch));
         let mut backoff = Backoff::new(
             Duration::from_millis(self.cfg.backoff_initial_ms),
             Duration::from_millis(self.cfg.backoff_max_ms),
@@ -108,6 +123,15 @@ impl HttpSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn body_is_the_batch_json() {
+        let events = vec![r#"{"id":"0/1"}"#.to_string(), r#"{"id":"0/2"}"#.to_string()];
+        let v: serde_json::Value = serde_json::from_slice(&body("a\"b", &events)).unwrap();
+        assert_eq!(v, serde_json::json!({ "idempotency_key": "a\"b", "events": [{ "id": "0/1" }, { "id": "0/2" }] }));
+        let empty: serde_json::Value = serde_json::from_slice(&body("k", &[])).unwrap();
+        assert_eq!(empty["events"], serde_json::json!([]));
+    }
 
     #[test]
     fn standard_webhooks_signature() {

@@ -10,6 +10,8 @@ pub mod clickhouse;
 pub mod http;
 pub mod redis;
 
+use std::sync::Arc;
+
 use serde::Serialize;
 
 use crate::enrich::{EngagementChange, EngagementRow, Enriched};
@@ -25,6 +27,46 @@ pub enum SinkError {
     Http(String),
     #[error("dead-letter topic: {0}")]
     DeadLetter(#[from] crate::log::LogError),
+}
+
+/// One of the sinks, as a lane of the pipeline and a metrics label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sink {
+    ClickHouse,
+    Redis,
+    Http,
+}
+
+/// The three sinks, shared by the live lanes, snapshot and backfill.
+#[derive(Clone)]
+pub struct Sinks {
+    pub clickhouse: Arc<clickhouse::ClickHouseSink>,
+    pub redis: Arc<redis::RedisSink>,
+    pub http: Arc<http::HttpSink>,
+}
+
+impl Sinks {
+    pub const ALL: [Sink; 3] = [Sink::ClickHouse, Sink::Redis, Sink::Http];
+
+    /// Writes a batch to one sink; returns once it is flushed there.
+    /// `scope`: the Redis progress scope (see `pipeline::DeliverOptions`).
+    pub async fn write(&self, sink: Sink, batch: &Enriched, scope: Option<&str>) -> Result<(), SinkError> {
+        match sink {
+            Sink::ClickHouse => crate::observe::timed("clickhouse", self.clickhouse.write(batch)).await,
+            Sink::Redis => crate::observe::timed("redis", self.redis.write_scoped(batch, scope)).await,
+            Sink::Http => crate::observe::timed("http", self.http.write(batch)).await,
+        }
+    }
+
+    /// Writes a batch to every sink concurrently.
+    pub async fn write_all(&self, batch: &Enriched, scope: Option<&str>) -> Result<(), SinkError> {
+        tokio::try_join!(
+            self.write(Sink::ClickHouse, batch, scope),
+            self.write(Sink::Redis, batch, scope),
+            self.write(Sink::Http, batch, scope),
+        )?;
+        Ok(())
+    }
 }
 
 /// The JSON form of an enriched change, shared by the Redis stream entries
@@ -54,6 +96,14 @@ impl<'a> EventJson<'a> {
             previous: c.previous.as_ref(),
         }
     }
+}
+
+/// Every engagement of a batch as `EventJson` text, computed by the first
+/// sink that asks and shared with the other.
+pub fn events_json(batch: &Enriched) -> &[String] {
+    batch.events_json.get_or_init(|| {
+        batch.engagements.iter().map(|c| serde_json::to_string(&EventJson::new(c)).unwrap_or_default()).collect()
+    })
 }
 
 pub fn event_id(p: &Position) -> String {

@@ -18,7 +18,7 @@ use std::time::Duration;
 use redis::aio::ConnectionManager;
 use redis::Script;
 
-use super::{EventJson, SinkError};
+use super::SinkError;
 use crate::config::RedisConfig;
 use crate::enrich::{EngagementChange, EngagementRow, Enriched};
 use crate::retry::Backoff;
@@ -32,6 +32,9 @@ pub const SEEN_TTL_SECS: u64 = 7 * 24 * 3600;
 /// keys, then ops of 6 args: position, kind (X|Z|D), key, a, b, c. A D op
 /// (hash key, field, digest, ttl) skips the ops of its position that follow
 /// it when the hash already holds the digest, and records it otherwise.
+/// Z ops (bucket key, increment, member, expire-at) of the positions not yet
+/// applied are summed per bucket and member and written once each at the
+/// end: a batch touches a few buckets and contents but thousands of events.
 const APPLY: &str = r#"
 local progress = redis.call('GET', KEYS[1]) or ''
 local maxlen = ARGV[2]
@@ -40,6 +43,8 @@ local n = tonumber(ARGV[4])
 local i = 5 + n
 local newest = progress
 local seen = nil
+local scores = {}
+local expire = {}
 while i <= #ARGV do
   local pos, kind, key, a, b, c = ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3], ARGV[i+4], ARGV[i+5]
   if pos > progress and pos ~= seen then
@@ -53,12 +58,23 @@ while i <= #ARGV do
         redis.call('EXPIRE', key, c)
       end
     else
-      redis.call('ZINCRBY', key, a, b)
-      redis.call('EXPIREAT', key, c)
+      local members = scores[key]
+      if members == nil then
+        members = {}
+        scores[key] = members
+        expire[key] = c
+      end
+      members[b] = (members[b] or 0) + tonumber(a)
     end
     if pos > newest then newest = pos end
   end
   i = i + 6
+end
+for key, members in pairs(scores) do
+  for member, delta in pairs(members) do
+    redis.call('ZINCRBY', key, string.format('%.17g', delta), member)
+  end
+  redis.call('EXPIREAT', key, expire[key])
 end
 if newest ~= progress then redis.call('SET', KEYS[1], newest) end
 if n > 0 then
@@ -130,7 +146,7 @@ impl RedisSink {
             return Ok(());
         }
         let now_ms = chrono::Utc::now().timestamp_millis();
-        let args = self.script_args(&batch.engagements, now_ms);
+        let args = self.script_args(&batch.engagements, super::events_json(batch), now_ms);
         let progress = scope.map_or_else(|| self.progress_key(), |s| self.scoped_progress_key(s));
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
@@ -155,7 +171,7 @@ impl RedisSink {
         }
     }
 
-    fn script_args(&self, changes: &[EngagementChange], now_ms: i64) -> Vec<String> {
+    fn script_args(&self, changes: &[EngagementChange], events_json: &[String], now_ms: i64) -> Vec<String> {
         let window = self.cfg.top_window_secs as i64;
         let now_bucket = now_ms.div_euclid(1000 * BUCKET_SECS);
         let first_bucket = (now_ms - window * 1000).div_euclid(1000 * BUCKET_SECS);
@@ -163,10 +179,9 @@ impl RedisSink {
         let buckets: Vec<String> = (first_bucket..=now_bucket).map(|b| self.bucket_key(b)).collect();
         args.push(buckets.len().to_string());
         args.extend(buckets);
-        for c in changes {
+        for (c, json) in changes.iter().zip(events_json) {
             // Zero-padded so Lua's string comparison orders positions.
             let pos = format!("{:020}", c.position.version());
-            let json = serde_json::to_string(&EventJson::new(c)).unwrap_or_default();
             let content_type =
                 c.current.as_ref().or(c.previous.as_ref()).and_then(|r| r.content_type.as_deref()).unwrap_or("unknown");
             let op = serde_json::to_value(c.op).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
@@ -180,7 +195,14 @@ impl RedisSink {
                     SEEN_TTL_SECS.to_string(),
                 ]);
             }
-            args.extend([pos.clone(), "X".into(), self.stream_key(content_type), super::change_id(c), op, json]);
+            args.extend([
+                pos.clone(),
+                "X".into(),
+                self.stream_key(content_type),
+                super::change_id(c),
+                op,
+                json.clone(),
+            ]);
             if c.replay_digest.is_some() {
                 continue;
             }

@@ -95,7 +95,14 @@ impl Row {
     }
 
     pub fn to_json(&self) -> serde_json::Value {
-        serde_json::Value::Object(self.0.iter().map(|(n, v)| (n.to_string(), v.to_json())).collect())
+        serde_json::to_value(self).unwrap_or_default()
+    }
+}
+
+/// A JSON object of the columns, in column order.
+impl Serialize for Row {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.0.iter().map(|(n, v)| (&**n, v)))
     }
 }
 

@@ -9,6 +9,7 @@
 //! resolve a domain to its base type's OID before calling.
 
 use chrono::{DateTime, Duration, NaiveDate, NaiveDateTime, NaiveTime, Utc};
+use serde::ser::{Serialize, SerializeSeq, Serializer};
 use serde_json::Value as Json;
 use uuid::Uuid;
 
@@ -353,35 +354,10 @@ impl Value {
     /// - bytea: PostgreSQL hex text, `"\\x00ff"`;
     /// - uuid, inet, cidr, unknown types: string; json/jsonb: embedded JSON;
     /// - arrays: nested JSON arrays following the dimensions.
+    ///
+    /// (`Serialize for Value` writes that shape; this is it as a tree.)
     pub fn to_json(&self) -> Json {
-        match self {
-            Value::Null => Json::Null,
-            Value::Bool(b) => Json::Bool(*b),
-            Value::Int2(i) => Json::from(*i),
-            Value::Int4(i) => Json::from(*i),
-            Value::Int8(i) => Json::from(*i),
-            // Through the shortest decimal form, so 1.23456f32 stays 1.23456.
-            Value::Float4(f) => float_json(f.to_string().parse().unwrap_or(f64::NAN), f.is_nan()),
-            Value::Float8(f) => float_json(*f, f.is_nan()),
-            Value::Numeric(s) | Value::Text(s) | Value::Inet(s) | Value::Cidr(s) => Json::String(s.clone()),
-            Value::Unknown { text, .. } => Json::String(text.clone()),
-            Value::Uuid(u) => Json::String(u.to_string()),
-            Value::Date(d) => Json::String(d.format("%Y-%m-%d").to_string()),
-            Value::Time(us) => Json::String(format_time(*us)),
-            Value::TimeTz { micros, offset_secs } => {
-                Json::String(format!("{}{}", format_time(*micros), format_offset(*offset_secs)))
-            }
-            Value::Timestamp(t) => Json::String(t.format("%Y-%m-%dT%H:%M:%S%.f").to_string()),
-            Value::TimestampTz(t) => Json::String(t.format("%Y-%m-%dT%H:%M:%S%.fZ").to_string()),
-            Value::Infinity { negative, .. } => Json::String(if *negative { "-infinity" } else { "infinity" }.into()),
-            Value::Interval { months, days, micros } => Json::String(iso_duration(*months, *days, *micros)),
-            Value::Json(j) => j.clone(),
-            Value::Bytea(b) => Json::String(format!("\\x{}", hex::encode(b))),
-            Value::Array { dims, values, .. } => {
-                let lens: Vec<usize> = dims.iter().map(|d| d.len).collect();
-                nest_json(&lens, values)
-            }
-        }
+        serde_json::to_value(self).unwrap_or(Json::Null)
     }
 
     pub fn is_null(&self) -> bool {
@@ -487,16 +463,6 @@ fn arr<const N: usize>(b: &[u8]) -> [u8; N] {
         a.copy_from_slice(src);
     }
     a
-}
-
-fn float_json(f: f64, nan: bool) -> Json {
-    if nan {
-        Json::String("NaN".into())
-    } else if f.is_infinite() {
-        Json::String(if f > 0.0 { "Infinity" } else { "-Infinity" }.into())
-    } else {
-        serde_json::Number::from_f64(f).map(Json::Number).unwrap_or(Json::Null)
-    }
 }
 
 fn parse_float(s: &str) -> Option<f64> {
@@ -852,17 +818,6 @@ fn iso_duration(months: i32, days: i32, micros: i64) -> String {
     s
 }
 
-fn nest_json(lens: &[usize], values: &[Value]) -> Json {
-    match lens.split_first() {
-        None => Json::Array(values.iter().map(Value::to_json).collect()),
-        Some((_, [])) => Json::Array(values.iter().map(Value::to_json).collect()),
-        Some((_, rest)) => {
-            let stride: usize = rest.iter().product::<usize>().max(1);
-            Json::Array(values.chunks(stride).map(|c| nest_json(rest, c)).collect())
-        }
-    }
-}
-
 fn parse_text_array(array_oid: u32, elem: u32, raw: &[u8]) -> Result<Value, ValueError> {
     let e = |reason: &str| err_text(array_oid, raw, reason);
     let s = std::str::from_utf8(raw).map_err(|_| e("invalid UTF-8"))?;
@@ -1082,6 +1037,74 @@ fn parse_binary_array(array_oid: u32, elem: u32, data: &[u8]) -> Result<Value, V
         return Err(e("trailing bytes after array"));
     }
     Ok(Value::Array { elem_oid: elem, dims, values })
+}
+
+/// Written straight to the serializer (no intermediate JSON tree: this runs
+/// for every column of every change). The shape is documented on
+/// `Value::to_json`.
+impl Serialize for Value {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Value::Null => s.serialize_unit(),
+            Value::Bool(b) => s.serialize_bool(*b),
+            Value::Int2(i) => s.serialize_i16(*i),
+            Value::Int4(i) => s.serialize_i32(*i),
+            Value::Int8(i) => s.serialize_i64(*i),
+            // Through the shortest decimal form, so 1.23456f32 stays 1.23456.
+            Value::Float4(f) => serialize_float(s, f.to_string().parse().unwrap_or(f64::NAN), f.is_nan()),
+            Value::Float8(f) => serialize_float(s, *f, f.is_nan()),
+            Value::Numeric(t) | Value::Text(t) | Value::Inet(t) | Value::Cidr(t) => s.serialize_str(t),
+            Value::Unknown { text, .. } => s.serialize_str(text),
+            Value::Uuid(u) => s.collect_str(&u.hyphenated()),
+            Value::Date(d) => s.collect_str(&d.format("%Y-%m-%d")),
+            Value::Time(us) => s.serialize_str(&format_time(*us)),
+            Value::TimeTz { micros, offset_secs } => {
+                s.collect_str(&format_args!("{}{}", format_time(*micros), format_offset(*offset_secs)))
+            }
+            Value::Timestamp(t) => s.collect_str(&t.format("%Y-%m-%dT%H:%M:%S%.f")),
+            Value::TimestampTz(t) => s.collect_str(&t.format("%Y-%m-%dT%H:%M:%S%.fZ")),
+            Value::Infinity { negative, .. } => s.serialize_str(if *negative { "-infinity" } else { "infinity" }),
+            Value::Interval { months, days, micros } => s.serialize_str(&iso_duration(*months, *days, *micros)),
+            Value::Json(j) => j.serialize(s),
+            Value::Bytea(b) => s.collect_str(&format_args!("\\x{}", hex::encode(b))),
+            Value::Array { dims, values, .. } => {
+                let lens: Vec<usize> = dims.iter().map(|d| d.len).collect();
+                Nested { lens: &lens, values }.serialize(s)
+            }
+        }
+    }
+}
+
+fn serialize_float<S: Serializer>(s: S, f: f64, nan: bool) -> Result<S::Ok, S::Error> {
+    if nan {
+        s.serialize_str("NaN")
+    } else if f.is_infinite() {
+        s.serialize_str(if f > 0.0 { "Infinity" } else { "-Infinity" })
+    } else {
+        s.serialize_f64(f)
+    }
+}
+
+/// An array's elements as nested JSON arrays following its dimensions.
+struct Nested<'a> {
+    lens: &'a [usize],
+    values: &'a [Value],
+}
+
+impl Serialize for Nested<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.lens.split_first() {
+            None | Some((_, [])) => s.collect_seq(self.values),
+            Some((_, rest)) => {
+                let stride: usize = rest.iter().product::<usize>().max(1);
+                let mut seq = s.serialize_seq(None)?;
+                for chunk in self.values.chunks(stride) {
+                    seq.serialize_element(&Nested { lens: rest, values: chunk })?;
+                }
+                seq.end()
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -101,6 +101,7 @@ impl TestEnv {
                 batch_linger_ms: 20,
                 channel_capacity: 10_000,
                 shutdown_timeout_ms: 10_000,
+                ..Default::default()
             },
             // Any free port: sidecars started from tests run side by side.
             metrics: MetricsConfig { listen: "127.0.0.1:0".into(), ..Default::default() },
