@@ -77,6 +77,11 @@ pub struct SourceConfig {
     /// How often the flush position is reported to the server.
     #[serde(default = "default_status_interval_ms")]
     pub status_interval_ms: u64,
+    /// Every this many milliseconds, write a tiny non-transactional logical
+    /// message (`pg_logical_emit_message`) so the slot gets a position to
+    /// acknowledge even when the published tables are idle (0 = off).
+    #[serde(default)]
+    pub heartbeat_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -293,6 +298,7 @@ mod tests {
             let c = Config::load(Some(Path::new("p.toml"))).expect("loads");
             assert_eq!(c.redis.key_prefix, "t1:");
             assert_eq!(c.source.slot, "pgfanout");
+            assert_eq!(c.source.heartbeat_ms, 0, "the heartbeat is off unless asked for");
             assert_eq!(c.pipeline.batch_max_changes, 5_000);
             assert_eq!(c.pipeline.shutdown_timeout_ms, 10_000);
             assert_eq!(c.metrics.listen, "127.0.0.1:9187");

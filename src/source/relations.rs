@@ -1,8 +1,12 @@
 //! Turns decoded pgoutput tuples into named, typed rows using the Relation
-//! messages the server sends before a table's first change in each session.
+//! messages the server sends before a table's first change in each session,
+//! and picks each change's key: the table's primary key, read from the
+//! catalog when the session starts (see `primary_keys`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
+
+use tokio_postgres::Client;
 
 use super::pgoutput::{Cell, OldTuple, Relation, Tuple};
 use super::values::Value;
@@ -18,36 +22,87 @@ pub enum RelationError {
     Value { table: TableName, column: String, type_oid: u32, lsn: String, reason: String },
 }
 
-/// A relation as the pipeline needs it: its name, and per column the name
-/// (shared, so rows clone cheaply), type and whether it is part of the key.
+/// A relation as the pipeline needs it: its name, per column the name
+/// (shared, so rows clone cheaply), type and replica-identity flag, and which
+/// columns make the change's key.
 #[derive(Debug, Clone)]
 pub struct TableShape {
     pub table: TableName,
     pub columns: Vec<ColumnShape>,
+    /// Indexes into `columns` of the key, in key order: the primary key when
+    /// the catalog names one, else the replica identity columns. Empty when
+    /// the table has neither (the whole row is then the key).
+    pub key: Vec<usize>,
 }
 
 #[derive(Debug, Clone)]
 pub struct ColumnShape {
     pub name: Arc<str>,
     pub type_oid: u32,
+    /// Part of the replica identity, as the Relation message flags it.
     pub key: bool,
 }
+
+/// Primary-key column names in key order, by table OID (the Relation
+/// message's `rel_id`).
+pub type PrimaryKeys = HashMap<u32, Vec<String>>;
 
 #[derive(Debug, Default)]
 pub struct Relations {
     by_id: HashMap<u32, TableShape>,
+    primary_keys: PrimaryKeys,
+}
+
+/// Reads the primary-key columns of every table in `publication`.
+///
+/// The Relation message cannot tell us the key: it flags the replica
+/// identity columns, and under `REPLICA IDENTITY FULL` (which `init` sets so
+/// updates and deletes carry the old row) that is every column, which would
+/// make the whole row the broker key and change the key whenever any column
+/// changes. The catalog knows the real key.
+pub async fn primary_keys(client: &Client, publication: &str) -> Result<PrimaryKeys, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT i.indrelid, a.attname::text
+             FROM pg_publication_tables pt
+             JOIN pg_index i ON i.indrelid = format('%I.%I', pt.schemaname, pt.tablename)::regclass
+                            AND i.indisprimary
+             CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+             WHERE pt.pubname = $1
+             ORDER BY i.indrelid, k.ord",
+            &[&publication],
+        )
+        .await?;
+    let mut keys = PrimaryKeys::new();
+    for r in rows {
+        keys.entry(r.get::<_, u32>(0)).or_default().push(r.get(1));
+    }
+    Ok(keys)
 }
 
 impl Relations {
+    /// Relations whose keys come from `primary_keys` where a table has one.
+    pub fn with_primary_keys(primary_keys: PrimaryKeys) -> Self {
+        Relations { by_id: HashMap::new(), primary_keys }
+    }
+
     pub fn learn(&mut self, rel: &Relation) {
-        let shape = TableShape {
-            table: TableName::new(&rel.namespace, &rel.name),
-            columns: rel
-                .columns
-                .iter()
-                .map(|c| ColumnShape { name: c.name.as_str().into(), type_oid: c.type_oid, key: c.key })
-                .collect(),
+        let columns: Vec<ColumnShape> = rel
+            .columns
+            .iter()
+            .map(|c| ColumnShape { name: c.name.as_str().into(), type_oid: c.type_oid, key: c.key })
+            .collect();
+        // A primary key only counts when the relation carries all of its
+        // columns (a publication column list may leave some out).
+        let primary = self.primary_keys.get(&rel.rel_id).and_then(|pk| {
+            pk.iter().map(|name| columns.iter().position(|c| &*c.name == name.as_str())).collect::<Option<Vec<_>>>()
+        });
+        let key = match primary {
+            Some(k) if !k.is_empty() => k,
+            _ => columns.iter().enumerate().filter(|(_, c)| c.key).map(|(i, _)| i).collect(),
         };
+        let shape = TableShape { table: TableName::new(&rel.namespace, &rel.name), columns, key };
         self.by_id.insert(rel.rel_id, shape);
     }
 
@@ -93,13 +148,25 @@ impl TableShape {
         }
     }
 
-    /// The key columns of a row (all columns if the table has no key).
+    /// The key columns of a row, in key order (the whole row if the table
+    /// has no key). NULLs are left out: a key column is never NULL in a
+    /// primary key or identity index, and under FULL identity without a
+    /// primary key a NULL identifies nothing.
     pub fn key_of(&self, row: &Row) -> Row {
-        let keys: Vec<_> = self.columns.iter().filter(|c| c.key).map(|c| &c.name).collect();
-        if keys.is_empty() {
+        if self.key.is_empty() {
             return row.clone();
         }
-        Row(row.0.iter().filter(|(n, v)| keys.contains(&n) && !matches!(v, Value::Null)).cloned().collect())
+        Row(self
+            .key
+            .iter()
+            .filter_map(|&i| {
+                let name = &self.columns[i].name;
+                match row.get(name) {
+                    None | Some(Value::Null) => None,
+                    Some(v) => Some((name.clone(), v.clone())),
+                }
+            })
+            .collect())
     }
 
     fn value_err(&self, col: &ColumnShape, lsn: u64, e: impl std::fmt::Display) -> RelationError {
@@ -110,5 +177,88 @@ impl TableShape {
             lsn: super::Lsn(lsn).to_pg_string(),
             reason: e.to_string(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::source::pgoutput::Column;
+    use crate::source::values::oid;
+
+    const REL: u32 = 16_384;
+
+    fn relation(identity: u8, cols: &[(&str, u32, bool)]) -> Relation {
+        Relation {
+            xid: None,
+            rel_id: REL,
+            namespace: "public".into(),
+            name: "t".into(),
+            replica_identity: identity,
+            columns: cols
+                .iter()
+                .map(|&(name, type_oid, key)| Column { key, name: name.into(), type_oid, type_modifier: -1 })
+                .collect(),
+        }
+    }
+
+    fn text(s: &str) -> Cell {
+        Cell::Text(Bytes::copy_from_slice(s.as_bytes()))
+    }
+
+    fn names(row: &Row) -> Vec<&str> {
+        row.0.iter().map(|(n, _)| &**n).collect()
+    }
+
+    /// Under FULL identity every column is flagged; the key is still the
+    /// primary key, in key order (not column order).
+    #[test]
+    fn key_is_the_primary_key_under_full_identity() {
+        let rel = relation(b'f', &[("a", oid::INT4, true), ("b", oid::TEXT, true), ("c", oid::INT8, true)]);
+        let mut rels = Relations::with_primary_keys(PrimaryKeys::from([(REL, vec!["c".into(), "a".into()])]));
+        rels.learn(&rel);
+        let shape = rels.shape(REL, 0).unwrap();
+        let row = shape.row(&Tuple(vec![text("1"), text("x"), text("7")]), None, 0).unwrap();
+        let key = shape.key_of(&row);
+        assert_eq!(key.0, vec![("c".into(), Value::Int8(7)), ("a".into(), Value::Int4(1))]);
+    }
+
+    #[test]
+    fn no_primary_key_falls_back_to_the_replica_identity() {
+        // An identity index on `b` (DEFAULT/INDEX identity flags only its columns).
+        let rel = relation(b'i', &[("a", oid::INT4, false), ("b", oid::TEXT, true)]);
+        let mut rels = Relations::with_primary_keys(PrimaryKeys::new());
+        rels.learn(&rel);
+        let shape = rels.shape(REL, 0).unwrap();
+        let row = shape.row(&Tuple(vec![text("1"), text("x")]), None, 0).unwrap();
+        assert_eq!(names(&shape.key_of(&row)), vec!["b"]);
+
+        // FULL without a primary key: every non-NULL column.
+        let rel = relation(b'f', &[("a", oid::INT4, true), ("b", oid::TEXT, true)]);
+        rels.learn(&rel);
+        let shape = rels.shape(REL, 0).unwrap();
+        let row = shape.row(&Tuple(vec![Cell::Null, text("x")]), None, 0).unwrap();
+        assert_eq!(names(&shape.key_of(&row)), vec!["b"]);
+
+        // Neither (REPLICA IDENTITY NOTHING): the whole row.
+        let rel = relation(b'n', &[("a", oid::INT4, false), ("b", oid::TEXT, false)]);
+        rels.learn(&rel);
+        let shape = rels.shape(REL, 0).unwrap();
+        let row = shape.row(&Tuple(vec![text("1"), text("x")]), None, 0).unwrap();
+        assert_eq!(shape.key_of(&row), row);
+    }
+
+    /// A primary-key column the relation does not carry (a publication
+    /// column list left it out) cannot be the key.
+    #[test]
+    fn primary_key_missing_from_the_relation_is_ignored() {
+        let rel = relation(b'f', &[("a", oid::INT4, true), ("b", oid::TEXT, true)]);
+        let mut rels = Relations::with_primary_keys(PrimaryKeys::from([(REL, vec!["id".into()])]));
+        rels.learn(&rel);
+        let shape = rels.shape(REL, 0).unwrap();
+        let row = shape.row(&Tuple(vec![text("1"), text("x")]), None, 0).unwrap();
+        assert_eq!(names(&shape.key_of(&row)), vec!["a", "b"]);
     }
 }

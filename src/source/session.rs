@@ -13,7 +13,8 @@ use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationE
 use tokio::sync::{mpsc, watch};
 
 use super::pgoutput::{DecodeError, Decoder, Message};
-use super::relations::{RelationError, Relations};
+use super::relations::{self, RelationError, Relations};
+use super::slot::{self, SlotError};
 use super::{Change, Op, Position, Row, SourceEvent, TxInfo, PG_EPOCH_OFFSET_US};
 use crate::config::SourceConfig;
 use crate::observe::{ReaderProgress, TableCounters};
@@ -33,6 +34,8 @@ pub enum SessionError {
     SlotBusy { slot: String, pid: String },
     #[error("change outside a transaction at LSN {0}")]
     NoTransaction(String),
+    #[error("reading the published tables' primary keys: {0}")]
+    Catalog(#[source] SlotError),
 }
 
 impl SessionError {
@@ -40,8 +43,14 @@ impl SessionError {
     pub fn is_transient(&self) -> bool {
         // A walsender terminated by an administrator (57P01) or a server
         // restart is worth reconnecting to, like an I/O error.
-        matches!(self, SessionError::Replication(e)
-            if e.is_transient() || e.to_string().contains("terminating connection"))
+        match self {
+            SessionError::Replication(e) => e.is_transient() || e.to_string().contains("terminating connection"),
+            // No SQLSTATE means the connection itself failed (I/O, closed).
+            SessionError::Catalog(SlotError::Connect(e) | SlotError::Query { source: e, .. }) => {
+                e.code().is_none() || e.code() == Some(&tokio_postgres::error::SqlState::ADMIN_SHUTDOWN)
+            }
+            _ => false,
+        }
     }
 }
 
@@ -64,8 +73,17 @@ pub fn replication_config(cfg: &SourceConfig) -> Result<ReplicationConfig, Sessi
     } else {
         ReplicationConfig::new(host, user, password, dbname, cfg.slot.clone(), cfg.publication.clone()).with_port(port)
     };
-    Ok(rc.with_status_interval(Duration::from_millis(cfg.status_interval_ms)).with_application_name("pgfanout"))
+    let rc = rc.with_status_interval(Duration::from_millis(cfg.status_interval_ms)).with_application_name("pgfanout");
+    // libpq's `options` (e.g. `-c logical_decoding_work_mem=256MB`) applies
+    // to the walsender too, as it would for pg_recvlogical.
+    Ok(match pg.get_options() {
+        Some(options) => rc.with_options(options),
+        None => rc,
+    })
 }
+
+/// The prefix of the heartbeat messages (see `source.heartbeat_ms`).
+pub const HEARTBEAT_PREFIX: &str = "pgfanout-heartbeat";
 
 /// How long a start-up waits for a slot held by a connection that died.
 const SLOT_BUSY_PATIENCE: Duration = Duration::from_secs(90);
@@ -88,6 +106,11 @@ pub async fn read(
 ) -> Result<(), SessionError> {
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     let started = std::time::Instant::now();
+    // Dropped (and so aborted) when reading ends, however it ends.
+    let mut heartbeat = tokio::task::JoinSet::new();
+    if cfg.heartbeat_ms > 0 {
+        heartbeat.spawn(emit_heartbeats(cfg.url.expose().to_string(), Duration::from_millis(cfg.heartbeat_ms)));
+    }
     loop {
         let attempt = std::time::Instant::now();
         let streamed = stream_once(&cfg, &out, &mut acks, &mut shutdown, &progress).await;
@@ -126,12 +149,12 @@ async fn stream_once(
 ) -> Result<(), SessionError> {
     let acked = *acks.borrow();
     let rc = replication_config(cfg)?.with_ack_lsn(Lsn(acked));
+    let mut relations = Relations::with_primary_keys(load_primary_keys(cfg).await?);
     let mut client = ReplicationClient::connect(rc).await.map_err(|e| busy_or(e, &cfg.slot))?;
     tracing::info!(slot = %cfg.slot, publication = %cfg.publication, "replication started");
     progress.set_connected(true);
     let mut read = TableCounters::new("read");
     let mut decoder = Decoder::new(1);
-    let mut relations = Relations::default();
     let mut open: Option<OpenTx> = None;
     let mut last_idle = 0u64;
     let mut last_reported = acked;
@@ -198,12 +221,71 @@ async fn stream_once(
                 }
                 continue;
             }
+            // A non-transactional message (our heartbeat, or anyone's) is
+            // decoded in WAL order between transactions: every commit before
+            // its LSN has been sent, so it is a position to acknowledge once
+            // the pipeline is empty, like a keepalive's. Its content is no
+            // change and goes nowhere.
+            ReplicationEvent::Message { transactional: false, lsn, .. } => {
+                if open.is_some() || lsn.0 <= last_idle {
+                    continue;
+                }
+                last_idle = lsn.0;
+                SourceEvent::Idle { wal_end: lsn.0 }
+            }
             ReplicationEvent::Message { .. } | ReplicationEvent::StoppedAt { .. } => continue,
         };
         if out.send(event).await.is_err() {
             return Ok(());
         }
     }
+}
+
+/// Writes a heartbeat message every `every` on an ordinary connection,
+/// reconnecting after errors, until aborted. The message is WAL in this
+/// database, so the slot's walsender decodes it and sends it to us even when
+/// no published table changes (`stream_once` turns it into an Idle position).
+async fn emit_heartbeats(url: String, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut client: Option<tokio_postgres::Client> = None;
+    let mut failing = false;
+    let sql = format!("SELECT pg_logical_emit_message(false, '{HEARTBEAT_PREFIX}', '')");
+    loop {
+        tick.tick().await;
+        let result = async {
+            if client.as_ref().map_or(true, |c| c.is_closed()) {
+                client = Some(slot::connect(&url).await?);
+            }
+            let c = client.as_ref().expect("connected above");
+            c.execute(sql.as_str(), &[]).await.map_err(|source| SlotError::Query { what: "heartbeat", source })
+        }
+        .await;
+        match result {
+            Ok(_) if failing => {
+                tracing::info!("heartbeat written again");
+                failing = false;
+            }
+            Ok(_) => {}
+            // Once per outage: the replication session reports the outage itself.
+            Err(e) if !failing => {
+                tracing::warn!(error = %e, "cannot write the heartbeat; retrying every interval");
+                failing = true;
+                client = None;
+            }
+            Err(_) => client = None,
+        }
+    }
+}
+
+/// The published tables' primary keys, read on an ordinary connection once
+/// per session (a Relation message re-sent after DDL reuses them; a table
+/// whose key changed mid-session is keyed right again from the next session).
+async fn load_primary_keys(cfg: &SourceConfig) -> Result<relations::PrimaryKeys, SessionError> {
+    let client = slot::connect(cfg.url.expose()).await.map_err(SessionError::Catalog)?;
+    relations::primary_keys(&client, &cfg.publication)
+        .await
+        .map_err(|source| SessionError::Catalog(SlotError::Query { what: "read primary keys", source }))
 }
 
 fn busy_or(e: pgwire_replication::PgWireError, slot: &str) -> SessionError {

@@ -67,6 +67,7 @@ impl TestEnv {
                 publication: name.clone(),
                 tables: vec!["public.content".into(), "public.engagement_events".into()],
                 status_interval_ms: 200,
+                heartbeat_ms: 0,
             },
             log: LogConfig {
                 brokers: env("PGFANOUT_KAFKA_BROKERS"),
