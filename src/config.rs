@@ -146,7 +146,9 @@ pub struct HttpConfig {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+// Field by field: one key set in the file or the environment keeps the
+// other defaults.
+#[serde(deny_unknown_fields, default)]
 pub struct PipelineConfig {
     /// Largest number of changes handed to the sinks at once; also bounds
     /// memory for huge transactions, which are cut into batches.
@@ -180,7 +182,7 @@ impl Default for PipelineConfig {
 /// The service endpoint (`/metrics`, `/healthz`, `/readyz`) and the lag
 /// thresholds behind readiness, the lag alert and `pgfanout status`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
     /// Address the endpoint listens on (`host:port`); empty disables it.
     #[serde(default = "default_metrics_listen")]
@@ -295,11 +297,14 @@ mod tests {
             )?;
             jail.set_env("PGFANOUT_REDIS__KEY_PREFIX", "t1:");
             jail.set_env("PGFANOUT_REDIS_URL", "ignored, not a section key");
+            // One key of a section the file leaves out: the rest keep their defaults.
+            jail.set_env("PGFANOUT_PIPELINE__CHANNEL_CAPACITY", "5000");
             let c = Config::load(Some(Path::new("p.toml"))).expect("loads");
             assert_eq!(c.redis.key_prefix, "t1:");
             assert_eq!(c.source.slot, "pgfanout");
             assert_eq!(c.source.heartbeat_ms, 0, "the heartbeat is off unless asked for");
             assert_eq!(c.pipeline.batch_max_changes, 5_000);
+            assert_eq!(c.pipeline.channel_capacity, 5_000);
             assert_eq!(c.pipeline.shutdown_timeout_ms, 10_000);
             assert_eq!(c.metrics.listen, "127.0.0.1:9187");
             assert!(!format!("{c:?}").contains("s3cret"));
