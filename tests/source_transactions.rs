@@ -1,0 +1,163 @@
+//! Two-phase and large transactions through the whole pipeline, against
+//! real PostgreSQL on every major scripts/test started. The session speaks
+//! pgoutput protocol 1 (see README, "Large transactions"): the server sends
+//! a prepared transaction when it is committed, and spills a large one to
+//! disk until its commit, so aborted work never leaves PostgreSQL.
+
+mod support;
+
+use std::time::Duration;
+
+use redis::AsyncCommands;
+use support::{pg_versions, wait_until, TestEnv};
+
+const WAIT: Duration = Duration::from_secs(120);
+const A: &str = "00000000-0000-0000-0000-0000000000a1";
+
+async fn content(t: &TestEnv) {
+    t.pg.batch_execute(&format!("INSERT INTO content VALUES ('{A}', 'a', 'A', 'podcast', 600, now())")).await.unwrap();
+}
+
+/// `n` events with ids `first..first+n`, as one statement.
+fn events(first: i64, n: i64) -> String {
+    format!(
+        "INSERT INTO engagement_events (id, content_id, user_id, event_type, event_ts, duration_ms, device, raw_payload)
+         SELECT g, '{A}', gen_random_uuid(), 'play', now(), g % 600000, 'web', '{{\"n\": 1}}'
+         FROM generate_series({first}, {first} + {n} - 1) g"
+    )
+}
+
+/// Waits until the slot is acknowledged past everything written so far.
+async fn acked_to_the_end(t: &TestEnv) {
+    let end = t.wal_insert_lsn().await;
+    wait_until("slot acknowledged to the end", WAIT, || async { t.confirmed_flush_lsn().await >= end }).await;
+}
+
+/// What every sink holds: ClickHouse rows (FINAL and raw), HTTP events,
+/// entries of Redis's podcast stream.
+async fn sink_counts(t: &TestEnv) -> (u64, u64, u64, u64) {
+    let mut r = t.redis.clone();
+    let stream: u64 = r.xlen(format!("{}stream:podcast", t.cfg.redis.key_prefix)).await.unwrap();
+    (
+        t.ch_count("SELECT count() FROM enriched_engagements FINAL").await,
+        t.ch_count("SELECT count() FROM enriched_engagements").await,
+        t.http_get("_stats").await["events"].as_u64().unwrap(),
+        stream,
+    )
+}
+
+/// Rolls back the prepared transactions still open when a test ends: a
+/// failed assertion must not leave one behind, since it would hold every
+/// later slot creation on that server (which waits for running transactions).
+struct Prepared {
+    psql: std::path::PathBuf,
+    url: String,
+    gids: Vec<String>,
+}
+
+impl Drop for Prepared {
+    fn drop(&mut self) {
+        for gid in &self.gids {
+            // Fails harmlessly ("does not exist") once the test resolved it.
+            let _ = std::process::Command::new(&self.psql)
+                .args(["-qX", &self.url, "-c", &format!("ROLLBACK PREPARED '{gid}'")])
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+    }
+}
+
+async fn two_phase(v: &str) {
+    let mut t = TestEnv::new(v).await;
+    t.start();
+    content(&t).await;
+    let (commit_gid, rollback_gid) = (format!("{}_c", t.name), format!("{}_r", t.name));
+    let _cleanup = Prepared {
+        psql: std::path::PathBuf::from(std::env::var(format!("PGFANOUT_PG{v}_BIN")).unwrap()).join("psql"),
+        url: t.cfg.source.url.expose().to_string(),
+        gids: vec![commit_gid.clone(), rollback_gid.clone()],
+    };
+    t.pg.batch_execute(&format!("BEGIN; {}; PREPARE TRANSACTION '{commit_gid}'", events(1, 3))).await.unwrap();
+    t.pg.batch_execute(&format!("BEGIN; {}; PREPARE TRANSACTION '{rollback_gid}'", events(11, 3))).await.unwrap();
+    // Prepared is not committed: nothing of them may arrive yet, while a
+    // transaction committed after them does.
+    t.pg.batch_execute(&events(100, 1)).await.unwrap();
+    wait_until("the committed event arrived", WAIT, || async {
+        t.ch_count("SELECT count() FROM enriched_engagements FINAL").await == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(t.ch_count("SELECT count() FROM enriched_engagements FINAL WHERE event_id < 100").await, 0, "PG {v}");
+
+    // Each on its own: neither may run inside a (multi-statement) transaction block.
+    t.pg.batch_execute(&format!("COMMIT PREPARED '{commit_gid}'")).await.unwrap();
+    t.pg.batch_execute(&format!("ROLLBACK PREPARED '{rollback_gid}'")).await.unwrap();
+    t.pg.batch_execute(&events(101, 1)).await.unwrap();
+    acked_to_the_end(&t).await;
+    wait_until("every sink holds the 5 committed events", WAIT, || async { sink_counts(&t).await == (5, 5, 5, 5) })
+        .await;
+    let ids =
+        t.ch.query("SELECT event_id FROM enriched_engagements FINAL ORDER BY event_id")
+            .fetch_all::<u64>()
+            .await
+            .unwrap();
+    assert_eq!(ids, vec![1, 2, 3, 100, 101], "PG {v}: the rolled-back prepared transaction reached a sink");
+    assert_eq!(t.http_get("_stats").await["duplicates"], 0, "PG {v}");
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn prepared_transactions_arrive_once_when_committed_and_never_when_rolled_back() {
+    for v in pg_versions() {
+        two_phase(&v).await;
+    }
+}
+
+const BIG: i64 = 50_000;
+
+/// The slot's spill counters (PostgreSQL 14+), `(spill_txns, spill_bytes)`.
+async fn spilled(t: &TestEnv) -> (i64, i64) {
+    let r = t
+        .pg
+        .query_one("SELECT spill_txns, spill_bytes FROM pg_stat_replication_slots WHERE slot_name = $1", &[&t.name])
+        .await
+        .unwrap();
+    (r.get(0), r.get(1))
+}
+
+async fn large_transactions(v: &str) {
+    let mut t = TestEnv::new(v).await;
+    // The smallest decoding memory the server allows, on our walsender
+    // only: 50,000 rows must spill to disk.
+    let url = format!("{}?options=-c%20logical_decoding_work_mem%3D64kB", t.cfg.source.url.expose());
+    t.cfg.source.url = pgfanout::config::Secret(url);
+    t.start();
+    content(&t).await;
+
+    t.pg.batch_execute(&format!("BEGIN; {}; ROLLBACK", events(1, BIG))).await.unwrap();
+    t.pg.batch_execute(&events(BIG + 1, 1)).await.unwrap();
+    acked_to_the_end(&t).await;
+    wait_until("the event after the rollback arrived", WAIT, || async { sink_counts(&t).await == (1, 1, 1, 1) }).await;
+    wait_until("the rolled-back transaction was spilled", WAIT, || async { spilled(&t).await.0 >= 1 }).await;
+    eprintln!("PG {v}: rolled back {BIG} rows, spill counters {:?}", spilled(&t).await);
+
+    t.pg.batch_execute(&events(1, BIG)).await.unwrap();
+    acked_to_the_end(&t).await;
+    let want = BIG as u64 + 1;
+    wait_until("every sink holds every committed row", WAIT, || async {
+        sink_counts(&t).await == (want, want, want, want)
+    })
+    .await;
+    assert_eq!(t.ch_count("SELECT uniqExact(event_id) FROM enriched_engagements").await, want, "PG {v}");
+    assert_eq!(t.http_get("_stats").await["duplicates"], 0, "PG {v}");
+    wait_until("the committed transaction was spilled too", WAIT, || async { spilled(&t).await.0 >= 2 }).await;
+    eprintln!("PG {v}: committed {BIG} rows, spill counters {:?}", spilled(&t).await);
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn large_spilled_transactions_rolled_back_reach_no_sink_committed_reach_every_sink_once() {
+    for v in pg_versions() {
+        large_transactions(&v).await;
+    }
+}
