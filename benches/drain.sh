@@ -13,6 +13,7 @@ set -euo pipefail
 # common.sh, which defaults it).
 export PGFANOUT_RUN_DIR="${PGFANOUT_RUN_DIR:-/tmp/pgfanout-bench}"
 source "$(dirname "${BASH_SOURCE[0]}")/../scripts/lib/common.sh"
+source "$PGFANOUT_ROOT/scripts/lib/bench.sh"
 cd "$PGFANOUT_ROOT"
 
 ROWS="${ROWS:-1000000}"
@@ -32,49 +33,12 @@ cpu_snapshot() {
 }
 
 bench() {
-  local v="${PGFANOUT_PG_VERSIONS%% *}"
-  local url_var="PGFANOUT_PG${v}_URL" bin_var="PGFANOUT_PG${v}_BIN"
-  local admin="${!url_var}" pgbin="${!bin_var}"
-  local db="${admin%/*}/bench"
-  "$pgbin/psql" -qX "$admin" -c "CREATE DATABASE bench" >/dev/null
-  local conf="$PGFANOUT_RUN_DIR/bench.toml" metrics_port
-  metrics_port=$(free_ports 1)
-  cat >"$conf" <<TOML
-[source]
-url = "$db"
-slot = "full"
-publication = "bench"
-[log]
-brokers = "$PGFANOUT_KAFKA_BROKERS"
-topic_prefix = "bench."
-[clickhouse]
-url = "$PGFANOUT_CLICKHOUSE_URL"
-database = "bench"
-[redis]
-url = "$PGFANOUT_REDIS_URL"
-key_prefix = "bench:"
-[http]
-url = "$PGFANOUT_HTTP_URL/bench"
-secret = "$PGFANOUT_HTTP_SECRET"
-[metrics]
-listen = "127.0.0.1:$metrics_port"
-TOML
-  RUST_LOG=warn "$BIN" -c "$conf" init
-  local psql=("$pgbin/psql" -qXAt "$db")
+  bench_setup bench full
+  local v="$BENCH_PG" pgbin="$BENCH_PGBIN" db="$BENCH_DB" metrics_port="$BENCH_METRICS_PORT"
+  local conf="$BENCH_CONF" psql=("${BENCH_PSQL[@]}")
   "${psql[@]}" -c "SELECT pg_create_logical_replication_slot('recv', 'pgoutput')" >/dev/null
   "${psql[@]}" -c "SELECT pg_create_logical_replication_slot('drain', 'pgoutput')" >/dev/null
-  "${psql[@]}" -c "INSERT INTO content VALUES ('00000000-0000-0000-0000-000000000001', 'b', 'Bench', 'podcast', 1200, now())"
-
-  log "writing $ROWS rows in transactions of $TX_ROWS"
-  local done=0 n
-  while (( done < ROWS )); do
-    n=$(( ROWS - done < TX_ROWS ? ROWS - done : TX_ROWS ))
-    "${psql[@]}" -c "INSERT INTO engagement_events (content_id, user_id, event_type, event_ts, duration_ms, device, raw_payload)
-      SELECT '00000000-0000-0000-0000-000000000001', gen_random_uuid(), 'play', now(), (g % 600000), 'web', '{\"source\": \"bench\"}'
-      FROM generate_series(1, $n) g" >/dev/null
-    done=$(( done + n ))
-  done
-  local end; end=$("${psql[@]}" -c "SELECT pg_current_wal_insert_lsn()")
+  local end; end=$(bench_backlog "$ROWS" "$TX_ROWS")
   log "backlog ends at $end"
 
   local t0 t1 recv_ms drain_ms full_ms
@@ -88,25 +52,15 @@ TOML
   t1=$(now_ms); drain_ms=$(( t1 - t0 ))
 
   cpu_snapshot >"$PGFANOUT_RUN_DIR/cpu-before"
-  t0=$(now_ms)
-  RUST_LOG=warn "$BIN" -c "$conf" run 2>"$PGFANOUT_RUN_DIR/logs/bench-run.log" &
-  local pid=$! hwm=0 rss=0
-  while :; do
-    local confirmed
-    confirmed=$("${psql[@]}" -c "SELECT confirmed_flush_lsn >= '$end' FROM pg_replication_slots WHERE slot_name = 'full'")
-    [[ "$confirmed" == t ]] && break
-    kill -0 "$pid" 2>/dev/null || die "pgfanout run exited; see $PGFANOUT_RUN_DIR/logs/bench-run.log"
-    sleep 0.1
-  done
-  t1=$(now_ms); full_ms=$(( t1 - t0 ))
-  hwm=$(awk '/VmHWM/ {print $2}' "/proc/$pid/status")
-  rss=$(awk '/VmRSS/ {print $2}' "/proc/$pid/status")
+  bench_run_until "$end" "$PGFANOUT_RUN_DIR/logs/bench-run.log"
+  full_ms=$BENCH_RUN_MS
+  local hwm=$BENCH_HWM_KB rss=$BENCH_RSS_KB
   # Where the time went: seconds each sink spent flushing (they run
   # concurrently after the broker, so the slowest one bounds the rate).
   curl -fsS "http://127.0.0.1:$metrics_port/metrics" \
     | awk '/^pgfanout_sink_flush_seconds_(sum|count)/ {print "  " $0}' >&2 || true
   cpu_snapshot >"$PGFANOUT_RUN_DIR/cpu-after"
-  kill -TERM "$pid"; wait "$pid" || true
+  bench_run_stop
   log "CPU seconds per program during the run (2 cores: the machine's whole budget is $(( 2 * full_ms / 1000 )) s):"
   join -a2 -e0 -o 0,1.2,2.2 <(sort "$PGFANOUT_RUN_DIR/cpu-before") <(sort "$PGFANOUT_RUN_DIR/cpu-after") \
     | awk '{d = ($3 - $2) / 100; if (d >= 0.5) printf "  %-24s %6.1f\n", $1, d}' | sort -k2 -nr >&2
