@@ -1,6 +1,7 @@
 //! What the replication session makes of the stream, against real
 //! PostgreSQL on every major scripts/test started: change keys are primary
-//! keys, heartbeats give the slot positions and nothing else.
+//! keys, unchanged TOASTed values are filled in where an old row exists,
+//! heartbeats give the slot positions and nothing else.
 
 mod support;
 
@@ -99,6 +100,56 @@ async fn keys_are_primary_keys(v: &str) {
 async fn change_keys_are_primary_keys_under_full_identity() {
     for v in pg_versions() {
         keys_are_primary_keys(&v).await;
+    }
+}
+
+/// An UPDATE that leaves a TOASTed (out-of-line) value alone does not resend
+/// it. Under FULL identity the old row has it, so the new row is complete;
+/// under DEFAULT identity there is no old row and the column is left out of
+/// the new row (never turned into NULL).
+async fn unchanged_toast(v: &str) {
+    let t = TestEnv::new(v).await;
+    // EXTERNAL: stored out of line uncompressed, so 10 kB is surely TOASTed.
+    t.pg.batch_execute(&format!(
+        "ALTER TABLE engagement_events ALTER COLUMN raw_payload SET STORAGE EXTERNAL;
+         INSERT INTO content VALUES ('{A}', 'a', 'A', 'podcast', 600, now());"
+    ))
+    .await
+    .unwrap();
+    let mut r = Reader::start(&t, &t.cfg.source).await;
+    let big = "x".repeat(10_000);
+    let write = |id: i64| {
+        format!(
+            "INSERT INTO engagement_events (id, content_id, event_type, event_ts, duration_ms, raw_payload)
+               VALUES ({id}, '{A}', 'play', now(), 1000, jsonb_build_object('blob', '{big}'));
+             UPDATE engagement_events SET duration_ms = 2000 WHERE id = {id};"
+        )
+    };
+    t.pg.batch_execute(&write(1)).await.unwrap();
+    let changes = r.changes(3).await;
+    let update = &changes[2];
+    assert_eq!(update.after.as_ref().unwrap().get("duration_ms").map(|d| d.to_json()), Some(json!(2000)));
+    assert_eq!(
+        update.after.as_ref().unwrap().get("raw_payload").map(|p| p.to_json()),
+        Some(json!({"blob": big})),
+        "PG {v}: FULL identity fills the unchanged TOASTed value from the old row"
+    );
+
+    t.pg.batch_execute("ALTER TABLE engagement_events REPLICA IDENTITY DEFAULT").await.unwrap();
+    t.pg.batch_execute(&write(2)).await.unwrap();
+    let changes = r.changes(2).await;
+    let after = changes[1].after.as_ref().unwrap();
+    assert_eq!(after.get("duration_ms").map(|d| d.to_json()), Some(json!(2000)));
+    assert_eq!(after.get("raw_payload"), None, "PG {v}: DEFAULT identity has no old value to fill in");
+    assert!(changes[1].before.is_none());
+    assert_eq!(changes[1].key.to_json(), json!({"id": 2}));
+    r.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unchanged_toast_values_are_filled_from_the_old_row_or_left_out() {
+    for v in pg_versions() {
+        unchanged_toast(&v).await;
     }
 }
 

@@ -250,6 +250,28 @@ mod tests {
         assert_eq!(shape.key_of(&row), row);
     }
 
+    /// An unchanged TOASTed value is not resent: it comes from the old row
+    /// when there is one (FULL identity), and is otherwise left out of the
+    /// row rather than turned into NULL.
+    #[test]
+    fn unchanged_toast_is_filled_from_the_old_row_or_left_out() {
+        let rel = relation(b'f', &[("id", oid::INT4, true), ("big", oid::TEXT, true), ("n", oid::INT4, true)]);
+        let mut rels = Relations::with_primary_keys(PrimaryKeys::from([(REL, vec!["id".into()])]));
+        rels.learn(&rel);
+        let shape = rels.shape(REL, 0).unwrap();
+        let old = OldTuple::Full(Tuple(vec![text("1"), text("long text"), text("5")]));
+        let new = Tuple(vec![text("1"), Cell::UnchangedToast, text("6")]);
+
+        let before = shape.old_row(&old, 0).unwrap();
+        let after = shape.row(&new, Some(&before), 0).unwrap();
+        assert_eq!(after.get("big"), Some(&Value::Text("long text".into())));
+        assert_eq!(after.get("n"), Some(&Value::Int4(6)));
+
+        let after = shape.row(&new, None, 0).unwrap();
+        assert_eq!(names(&after), vec!["id", "n"]);
+        assert_eq!(after.get("big"), None);
+    }
+
     /// A primary-key column the relation does not carry (a publication
     /// column list left it out) cannot be the key.
     #[test]
