@@ -25,13 +25,6 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PGFANOUT_CACHE/target}"
 cargo build --release --locked --bin pgfanout
 BIN="$CARGO_TARGET_DIR/release/pgfanout"
 
-# Cumulative CPU ticks per program name (all processes of the same name summed).
-cpu_snapshot() {
-  for f in /proc/[0-9]*/stat; do
-    awk '{sub(/^[0-9]+ \(/, ""); name = $0; sub(/\).*/, "", name); gsub(/ /, "_", name); n = split($0, a, ") "); split(a[n], b, " "); print name, b[12] + b[13]}' "$f" 2>/dev/null
-  done | awk '{t[$1] += $2} END {for (k in t) print k, t[k]}'
-}
-
 bench() {
   bench_setup bench full
   local v="$BENCH_PG" pgbin="$BENCH_PGBIN" db="$BENCH_DB" metrics_port="$BENCH_METRICS_PORT"
@@ -61,9 +54,7 @@ bench() {
     | awk '/^pgfanout_sink_flush_seconds_(sum|count)/ {print "  " $0}' >&2 || true
   cpu_snapshot >"$PGFANOUT_RUN_DIR/cpu-after"
   bench_run_stop
-  log "CPU seconds per program during the run (2 cores: the machine's whole budget is $(( 2 * full_ms / 1000 )) s):"
-  join -a2 -e0 -o 0,1.2,2.2 <(sort "$PGFANOUT_RUN_DIR/cpu-before") <(sort "$PGFANOUT_RUN_DIR/cpu-after") \
-    | awk '{d = ($3 - $2) / 100; if (d >= 0.5) printf "  %-24s %6.1f\n", $1, d}' | sort -k2 -nr >&2
+  cpu_between "$PGFANOUT_RUN_DIR/cpu-before" "$PGFANOUT_RUN_DIR/cpu-after" $(( full_ms / 1000 ))
 
   python3 - "$ROWS" "$TX_ROWS" "$recv_ms" "$drain_ms" "$full_ms" "$hwm" "$rss" "$v" <<'PY'
 import sys

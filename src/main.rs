@@ -93,6 +93,10 @@ enum Command {
         /// Events per second (default: as fast as possible).
         #[arg(long)]
         rate: Option<u64>,
+        /// Events per INSERT (one transaction each): small for a steady
+        /// stream of commits, large for bulk loads.
+        #[arg(long, default_value_t = 500)]
+        rows_per_statement: usize,
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
@@ -142,9 +146,15 @@ async fn main() -> anyhow::Result<()> {
             );
         }
         Command::Status { .. } => unreachable!("handled before loading the configuration"),
-        Command::Generate { events, contents, rate, seed } => {
+        Command::Generate { events, contents, rate, rows_per_statement, seed } => {
             let client = pgfanout::source::slot::connect(cfg.source.url.expose()).await?;
-            let w = pgfanout::generate::Workload { events, contents, rate, seed, ..Default::default() };
+            let w = pgfanout::generate::Workload {
+                events,
+                contents,
+                rate,
+                rows_per_statement: rows_per_statement.max(1),
+                seed,
+            };
             let n = pgfanout::generate::run(&client, &w).await.context("writing the workload")?;
             println!("{n}");
         }

@@ -191,11 +191,13 @@ impl Fanout {
             let (tx, mut rx) = mpsc::channel::<Arc<Job>>(queue.max(1));
             let (sinks, acks, fail_tx) = (sinks.clone(), acks.clone(), fail_tx.clone());
             tasks.push(tokio::spawn(async move {
+                let latency = observe::metrics::CommitToSink::of(sink);
                 while let Some(job) = rx.recv().await {
                     if let Err(e) = sinks.write(sink, &job.enriched, None).await {
                         let _ = fail_tx.send(e.into());
                         return;
                     }
+                    latency.flushed(&job.changes);
                     let _ = acks.send(AckMsg::Flushed { lane, seq: job.seq });
                 }
             }));
@@ -255,6 +257,7 @@ async fn acknowledge(
 ) {
     let mut lane_seq = vec![0u64; lanes];
     let mut pending = std::collections::VecDeque::<Arc<Job>>::new();
+    let latency = observe::metrics::CommitToSink::new("all");
     while let Some(msg) = rx.recv().await {
         match msg {
             AckMsg::Pushed(job) => pending.push_back(job),
@@ -264,6 +267,7 @@ async fn acknowledge(
         while pending.front().is_some_and(|j| j.seq <= done) {
             let job = pending.pop_front().expect("front");
             if !job.changes.is_empty() {
+                latency.flushed(&job.changes);
                 observe::count_changes("delivered", &job.changes);
                 observe::metrics::batch_size(job.changes.len());
                 stats.changes.fetch_add(job.changes.len() as u64, Ordering::Relaxed);

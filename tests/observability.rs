@@ -202,6 +202,29 @@ async fn metrics_health_and_readiness_during_a_workload() {
         assert_eq!(sum(&m, "pgfanout_sink_retries_total", &[("sink", sink)]), 0.0, "{sink} retries");
         assert!(has(&m, "pgfanout_sink_errors_total", &[("sink", sink)]), "{sink} error counter exists at 0");
     }
+    // Commit-to-sink latency: one sample per delivered change (the content
+    // row too) in every sink's histogram and in `all`, and none of them
+    // older than the workload.
+    let delivered = (N + 1) as f64;
+    let latency = "pgfanout_commit_to_sink_seconds";
+    for sink in ["clickhouse", "redis", "http", "all"] {
+        let label = [("sink", sink)];
+        let count = sum(&m, &format!("{latency}_count"), &label);
+        assert_eq!(count, delivered, "{sink}: commit-to-sink samples");
+        assert_eq!(sum(&m, &format!("{latency}_bucket"), &[label[0], ("le", "+Inf")]), delivered, "{sink} +Inf");
+        assert!(has(&m, &format!("{latency}_bucket"), &[label[0], ("le", "0.001")]), "{sink}: 1 ms bucket");
+        let mean = sum(&m, &format!("{latency}_sum"), &label) / count;
+        assert!(mean > 0.0 && mean < WAIT.as_secs_f64(), "{sink}: mean commit-to-sink {mean} s");
+    }
+    // `all` is taken when the last sink has flushed a change, so it is never
+    // below any one sink's.
+    for sink in ["clickhouse", "redis", "http"] {
+        assert!(
+            sum(&m, &format!("{latency}_sum"), &[("sink", "all")])
+                >= sum(&m, &format!("{latency}_sum"), &[("sink", sink)]),
+            "all ≥ {sink}"
+        );
+    }
     assert!(sum(&m, "pgfanout_batch_size_count", &[]) >= 1.0);
     assert!(has(&m, "pgfanout_batch_size_bucket", &[("le", "+Inf")]));
     for gauge in [

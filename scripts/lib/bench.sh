@@ -21,6 +21,16 @@
 #                               BENCH_RUN_PID (still running), BENCH_RUN_MS,
 #                               BENCH_HWM_KB (peak RSS) and BENCH_RSS_KB.
 #   bench_run_stop              SIGTERM to that run; waits for it.
+#   cpu_snapshot                prints "program ticks" lines: cumulative CPU
+#                               ticks per program name (all processes of
+#                               the same name summed; kernel workers as one).
+#                               A process that exits between two snapshots
+#                               takes its ticks with it: snapshot while the
+#                               programs of interest still run.
+#   cpu_between BEFORE AFTER SECS   prints the CPU seconds each program spent
+#                               between two cpu_snapshot files (those over
+#                               0.5 s), most first, with the machine's
+#                               budget for SECS seconds.
 
 if [[ -n "${_PGFANOUT_BENCH_SH:-}" ]]; then
   return 0
@@ -98,4 +108,18 @@ bench_run_until() {
 bench_run_stop() {
   kill -TERM "$BENCH_RUN_PID"
   wait "$BENCH_RUN_PID" || true
+}
+
+cpu_snapshot() {
+  for f in /proc/[0-9]*/stat; do
+    awk '{sub(/^[0-9]+ \(/, ""); name = $0; sub(/\).*/, "", name); gsub(/ /, "_", name); sub(/^kworker\/.*/, "kworker", name); n = split($0, a, ") "); split(a[n], b, " "); print name, b[12] + b[13]}' "$f" 2>/dev/null
+  done | awk '{t[$1] += $2} END {for (k in t) print k, t[k]}'
+}
+
+cpu_between() {
+  local before="$1" after="$2" secs="$3" hz
+  hz=$(getconf CLK_TCK)
+  log "CPU seconds per program (the machine's budget: $(nproc) cores x $secs s = $(( $(nproc) * secs )) s):"
+  join -a2 -e0 -o 0,1.2,2.2 <(sort "$before") <(sort "$after") \
+    | awk -v hz="$hz" '{d = ($3 - $2) / hz; if (d >= 0.5) printf "  %-24s %6.1f\n", $1, d}' | sort -k2 -nr >&2
 }
