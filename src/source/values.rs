@@ -417,7 +417,9 @@ impl Value {
         }
     }
 
-    /// timestamptz / timestamp (taken as UTC) as ms since the Unix epoch;
+    /// timestamptz / timestamp (taken as UTC) as ms since the Unix epoch,
+    /// microseconds truncated (floored), as ClickHouse converts to
+    /// DateTime64(3) (so a row never moves to the next day's partition);
     /// `None` for infinities and other types.
     pub fn as_timestamp_millis(&self) -> Option<i64> {
         match self {
