@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Drain benchmark: a backlog of ROWS engagement_events in one slot, read by
 # pg_recvlogical (the ceiling: the walsender decoding pgoutput), by pgfanout's
-# source path alone (`pgfanout drain`), and by the whole pipeline with every
+# source path alone (`pgfanout drain`), in text and in binary transfer, each
+# against the ceiling in the same format, and by the whole pipeline with every
 # sink on (`pgfanout run`, timed until the slot is acknowledged past the
 # backlog). Same backlog, same run, same transport (TCP loopback); prints
 # rows/s, the ratios and pgfanout's peak and final RSS.
@@ -29,20 +30,31 @@ bench() {
   bench_setup bench full
   local v="$BENCH_PG" pgbin="$BENCH_PGBIN" db="$BENCH_DB" metrics_port="$BENCH_METRICS_PORT"
   local conf="$BENCH_CONF" psql=("${BENCH_PSQL[@]}")
-  "${psql[@]}" -c "SELECT pg_create_logical_replication_slot('recv', 'pgoutput')" >/dev/null
-  "${psql[@]}" -c "SELECT pg_create_logical_replication_slot('drain', 'pgoutput')" >/dev/null
+  local slot
+  for slot in recv_text drain_text recv_binary drain_binary; do
+    "${psql[@]}" -c "SELECT pg_create_logical_replication_slot('$slot', 'pgoutput')" >/dev/null
+  done
   local end; end=$(bench_backlog "$ROWS" "$TX_ROWS")
   log "backlog ends at $end"
 
-  local t0 t1 recv_ms drain_ms full_ms
+  # Each transfer format against the ceiling in the same format: binary
+  # saves the walsender every value's output function (pgfanout's default
+  # when every published column's type allows it).
+  local t0 t1 recv_text_ms drain_text_ms recv_binary_ms drain_binary_ms full_ms
   t0=$(now_ms)
-  "$pgbin/pg_recvlogical" -d "$db" --slot recv --start --endpos "$end" --no-loop \
+  "$pgbin/pg_recvlogical" -d "$db" --slot recv_text --start --endpos "$end" --no-loop \
     -o proto_version=1 -o publication_names=bench -f /dev/null
-  t1=$(now_ms); recv_ms=$(( t1 - t0 ))
-
+  t1=$(now_ms); recv_text_ms=$(( t1 - t0 ))
   t0=$(now_ms)
-  RUST_LOG=warn PGFANOUT_SOURCE__SLOT=drain "$BIN" -c "$conf" drain --until "$end" >&2
-  t1=$(now_ms); drain_ms=$(( t1 - t0 ))
+  RUST_LOG=warn PGFANOUT_SOURCE__SLOT=drain_text PGFANOUT_SOURCE__BINARY=false "$BIN" -c "$conf" drain --until "$end" >&2
+  t1=$(now_ms); drain_text_ms=$(( t1 - t0 ))
+  t0=$(now_ms)
+  "$pgbin/pg_recvlogical" -d "$db" --slot recv_binary --start --endpos "$end" --no-loop \
+    -o proto_version=1 -o publication_names=bench -o binary=true -f /dev/null
+  t1=$(now_ms); recv_binary_ms=$(( t1 - t0 ))
+  t0=$(now_ms)
+  RUST_LOG=warn PGFANOUT_SOURCE__SLOT=drain_binary PGFANOUT_SOURCE__BINARY=true "$BIN" -c "$conf" drain --until "$end" >&2
+  t1=$(now_ms); drain_binary_ms=$(( t1 - t0 ))
 
   cpu_snapshot >"$PGFANOUT_RUN_DIR/cpu-before"
   bench_run_until "$end" "$PGFANOUT_RUN_DIR/logs/bench-run.log"
@@ -56,15 +68,18 @@ bench() {
   bench_run_stop
   cpu_between "$PGFANOUT_RUN_DIR/cpu-before" "$PGFANOUT_RUN_DIR/cpu-after" $(( full_ms / 1000 ))
 
-  python3 - "$ROWS" "$TX_ROWS" "$recv_ms" "$drain_ms" "$full_ms" "$hwm" "$rss" "$v" <<'PY'
+  python3 - "$ROWS" "$TX_ROWS" "$recv_text_ms" "$drain_text_ms" "$recv_binary_ms" "$drain_binary_ms" \
+    "$full_ms" "$hwm" "$rss" "$v" <<'PY'
 import sys
-rows, tx, recv, drain, full, hwm, rss, v = sys.argv[1:]
+rows, tx, recv_t, drain_t, recv_b, drain_b, full, hwm, rss, v = sys.argv[1:]
 rows = int(rows)
 rate = lambda ms: rows / (int(ms) / 1000)
 print(f"PostgreSQL {v}, {rows} rows in transactions of {tx}, TCP loopback, {open('/proc/cpuinfo').read().count('processor')} cores")
-print(f"{'pg_recvlogical (ceiling)':34} {rate(recv):>10,.0f} rows/s")
-print(f"{'pgfanout drain (source only)':34} {rate(drain):>10,.0f} rows/s   ratio {int(recv)/int(drain):.2f}")
-print(f"{'pgfanout run (log + all sinks)':34} {rate(full):>10,.0f} rows/s   ratio {int(recv)/int(full):.2f}")
+print(f"{'pg_recvlogical, text (ceiling)':38} {rate(recv_t):>10,.0f} rows/s")
+print(f"{'pgfanout drain, text (source only)':38} {rate(drain_t):>10,.0f} rows/s   ratio {int(recv_t)/int(drain_t):.2f}")
+print(f"{'pg_recvlogical, binary (ceiling)':38} {rate(recv_b):>10,.0f} rows/s")
+print(f"{'pgfanout drain, binary (source only)':38} {rate(drain_b):>10,.0f} rows/s   ratio {int(recv_b)/int(drain_b):.2f}")
+print(f"{'pgfanout run, binary (log + all sinks)':38} {rate(full):>10,.0f} rows/s   ratio {int(recv_b)/int(full):.2f}")
 print(f"pgfanout run RSS: peak {int(hwm)/1024:.0f} MB, at the end {int(rss)/1024:.0f} MB")
 PY
 }

@@ -4,7 +4,7 @@
 //! into batches (by count and by a short linger), so a huge transaction
 //! flows through in bounded memory. A batch is published to the broker and
 //! acknowledged there before enrichment. Each sink then writes it in its own
-//! lane (a task with a short bounded queue), in batch order, while the loop
+//! lane (a task with a queue bounded in changes), in batch order, while the loop
 //! already reads, publishes and enriches the next batches: the stages
 //! overlap, and the slowest stage, not the sum of all of them, sets the
 //! rate. A full lane stops the loop, which stops the reader (backpressure).
@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::ack::{BatchAck, FlushedLsn};
@@ -82,12 +82,12 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>, stats: Arc<St
     let (events_tx, mut events) = mpsc::channel(cfg.pipeline.channel_capacity);
     let (ack_tx, ack_rx) = watch::channel(slot_state.confirmed_flush_lsn.unwrap_or(0));
     let (stop_reader_tx, stop_reader) = watch::channel(false);
-    let reader = tokio::spawn(session::read(cfg.source.clone(), events_tx, ack_rx, stop_reader, stats.reader.clone()));
+    let reader = session::spawn(cfg.source.clone(), events_tx, ack_rx, stop_reader, stats.reader.clone());
 
     let flushed = FlushedLsn(slot_state.confirmed_flush_lsn.unwrap_or(0));
     stats.flushed_lsn.store(flushed.0, Ordering::Relaxed);
     let mut fanout =
-        Fanout::start(delivery.sinks.clone(), cfg.pipeline.sink_queue_batches, flushed, ack_tx, stats.clone());
+        Fanout::start(delivery.sinks.clone(), cfg.pipeline.sink_queue_changes, flushed, ack_tx, stats.clone());
     let mut open_tx = false;
     let linger = Duration::from_millis(cfg.pipeline.batch_linger_ms);
     let mut stopping = false;
@@ -173,7 +173,7 @@ enum AckMsg {
 /// The sink lanes of the live stream and the task that turns their progress
 /// into the slot's flush position.
 struct Fanout {
-    lanes: Vec<mpsc::Sender<Arc<Job>>>,
+    lanes: Vec<Lane>,
     tasks: Vec<JoinHandle<()>>,
     acks: mpsc::UnboundedSender<AckMsg>,
     ack_task: JoinHandle<()>,
@@ -181,27 +181,44 @@ struct Fanout {
     seq: u64,
 }
 
+/// A sink lane's queue, bounded by the changes it holds: a batch takes as
+/// many permits as it has changes (at least one, at most the whole bound)
+/// and gives them back once the sink has flushed it.
+struct Lane {
+    tx: mpsc::UnboundedSender<(Arc<Job>, OwnedSemaphorePermit)>,
+    room: Arc<Semaphore>,
+    bound: u32,
+}
+
 impl Fanout {
-    fn start(sinks: Sinks, queue: usize, flushed: FlushedLsn, ack_tx: watch::Sender<u64>, stats: Arc<Stats>) -> Self {
+    fn start(
+        sinks: Sinks,
+        queue_changes: usize,
+        flushed: FlushedLsn,
+        ack_tx: watch::Sender<u64>,
+        stats: Arc<Stats>,
+    ) -> Self {
         let (acks, ack_rx) = mpsc::unbounded_channel();
         let (fail_tx, failures) = mpsc::unbounded_channel();
+        let bound = queue_changes.clamp(1, Semaphore::MAX_PERMITS) as u32;
         let mut lanes = Vec::new();
         let mut tasks = Vec::new();
         for (lane, sink) in Sinks::ALL.into_iter().enumerate() {
-            let (tx, mut rx) = mpsc::channel::<Arc<Job>>(queue.max(1));
+            let (tx, mut rx) = mpsc::unbounded_channel::<(Arc<Job>, OwnedSemaphorePermit)>();
             let (sinks, acks, fail_tx) = (sinks.clone(), acks.clone(), fail_tx.clone());
             tasks.push(tokio::spawn(async move {
                 let latency = observe::metrics::CommitToSink::of(sink);
-                while let Some(job) = rx.recv().await {
+                while let Some((job, room)) = rx.recv().await {
                     if let Err(e) = sinks.write(sink, &job.enriched, None).await {
                         let _ = fail_tx.send(e.into());
                         return;
                     }
+                    drop(room);
                     latency.flushed(&job.changes);
                     let _ = acks.send(AckMsg::Flushed { lane, seq: job.seq });
                 }
             }));
-            lanes.push(tx);
+            lanes.push(Lane { tx, room: Arc::new(Semaphore::new(bound as usize)), bound });
         }
         let ack_task = tokio::spawn(acknowledge(ack_rx, lanes.len(), flushed, ack_tx, stats));
         Fanout { lanes, tasks, acks, ack_task, failures, seq: 0 }
@@ -213,8 +230,11 @@ impl Fanout {
         self.seq += 1;
         let job = Arc::new(Job { seq: self.seq, changes, enriched, ack });
         let _ = self.acks.send(AckMsg::Pushed(job.clone()));
+        let need = (job.changes.len() as u32).max(1);
         for lane in &self.lanes {
-            if lane.send(job.clone()).await.is_err() {
+            let room =
+                lane.room.clone().acquire_many_owned(need.min(lane.bound)).await.expect("lane semaphores stay open");
+            if lane.tx.send((job.clone(), room)).is_err() {
                 return Err(self.failure().await);
             }
         }

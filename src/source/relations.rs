@@ -3,13 +3,13 @@
 //! and picks each change's key: the table's primary key, read from the
 //! catalog when the session starts (see `primary_keys`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use tokio_postgres::Client;
 
 use super::pgoutput::{Cell, OldTuple, Relation, Tuple};
-use super::values::Value;
+use super::values::{oid, Value};
 use super::{Row, TableName};
 
 #[derive(Debug, thiserror::Error)]
@@ -20,6 +20,8 @@ pub enum RelationError {
     ColumnCount { table: TableName, lsn: String, got: usize, expected: usize },
     #[error("{table}.{column} (type OID {type_oid}) at LSN {lsn}: {reason}")]
     Value { table: TableName, column: String, type_oid: u32, lsn: String, reason: String },
+    #[error("{table}.{column} has type OID {type_oid}, which pgfanout cannot decode in binary")]
+    NotBinary { table: TableName, column: String, type_oid: u32 },
 }
 
 /// A relation as the pipeline needs it: its name, per column the name
@@ -51,6 +53,72 @@ pub type PrimaryKeys = HashMap<u32, Vec<String>>;
 pub struct Relations {
     by_id: HashMap<u32, TableShape>,
     primary_keys: PrimaryKeys,
+    types: Types,
+    /// The stream is in binary: a relation with a column that pgfanout
+    /// cannot decode in binary is an error (the session then reads in text).
+    binary: bool,
+}
+
+/// What the catalog says of the types a Relation message names only by OID:
+/// domains (the server sends their base type's format) and enums (sent as
+/// their label in text and in binary alike).
+#[derive(Debug, Default, Clone)]
+pub struct Types {
+    /// Domain → its declared base type (possibly another domain).
+    domains: HashMap<u32, u32>,
+    enums: HashSet<u32>,
+}
+
+impl Types {
+    pub async fn load(client: &Client) -> Result<Types, tokio_postgres::Error> {
+        let rows = client
+            .query("SELECT oid, typtype = 'e', typbasetype FROM pg_type WHERE typtype IN ('d', 'e')", &[])
+            .await?;
+        let mut types = Types::default();
+        for r in rows {
+            let oid: u32 = r.get(0);
+            if r.get::<_, bool>(1) {
+                types.enums.insert(oid);
+            } else {
+                types.domains.insert(oid, r.get(2));
+            }
+        }
+        Ok(types)
+    }
+
+    /// The type whose format the server sends for `type_oid`: a domain's
+    /// base type, through nested domains.
+    pub fn base(&self, mut type_oid: u32) -> u32 {
+        // Bounded: the catalog cannot hold a cycle, but a stale map must not hang us.
+        for _ in 0..16 {
+            match self.domains.get(&type_oid) {
+                Some(&base) => type_oid = base,
+                None => break,
+            }
+        }
+        type_oid
+    }
+
+    /// Whether a value of `type_oid` decodes from binary to what its text form gives.
+    pub fn decodes_binary(&self, type_oid: u32) -> bool {
+        let base = self.base(type_oid);
+        oid::decodes_binary(base) || self.enums.contains(&base)
+    }
+}
+
+/// The type OIDs of every column of every table in `publication`.
+pub async fn published_column_types(client: &Client, publication: &str) -> Result<Vec<u32>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT DISTINCT a.atttypid
+             FROM pg_publication_tables pt
+             JOIN pg_attribute a ON a.attrelid = format('%I.%I', pt.schemaname, pt.tablename)::regclass
+                                AND a.attnum > 0 AND NOT a.attisdropped
+             WHERE pt.pubname = $1",
+            &[&publication],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
 /// Reads the primary-key columns of every table in `publication`.
@@ -82,16 +150,26 @@ pub async fn primary_keys(client: &Client, publication: &str) -> Result<PrimaryK
 }
 
 impl Relations {
-    /// Relations whose keys come from `primary_keys` where a table has one.
-    pub fn with_primary_keys(primary_keys: PrimaryKeys) -> Self {
-        Relations { by_id: HashMap::new(), primary_keys }
+    /// Relations whose keys come from `primary_keys` where a table has one,
+    /// whose domains decode as their base types, for a stream in binary or not.
+    pub fn new(primary_keys: PrimaryKeys, types: Types, binary: bool) -> Self {
+        Relations { by_id: HashMap::new(), primary_keys, types, binary }
     }
 
-    pub fn learn(&mut self, rel: &Relation) {
+    pub fn learn(&mut self, rel: &Relation) -> Result<(), RelationError> {
+        if self.binary {
+            if let Some(c) = rel.columns.iter().find(|c| !self.types.decodes_binary(c.type_oid)) {
+                return Err(RelationError::NotBinary {
+                    table: TableName::new(&rel.namespace, &rel.name),
+                    column: c.name.clone(),
+                    type_oid: c.type_oid,
+                });
+            }
+        }
         let columns: Vec<ColumnShape> = rel
             .columns
             .iter()
-            .map(|c| ColumnShape { name: c.name.as_str().into(), type_oid: c.type_oid, key: c.key })
+            .map(|c| ColumnShape { name: c.name.as_str().into(), type_oid: self.types.base(c.type_oid), key: c.key })
             .collect();
         // A primary key only counts when the relation carries all of its
         // columns (a publication column list may leave some out).
@@ -104,6 +182,7 @@ impl Relations {
         };
         let shape = TableShape { table: TableName::new(&rel.namespace, &rel.name), columns, key };
         self.by_id.insert(rel.rel_id, shape);
+        Ok(())
     }
 
     pub fn shape(&self, rel_id: u32, lsn: u64) -> Result<&TableShape, RelationError> {
@@ -217,8 +296,9 @@ mod tests {
     #[test]
     fn key_is_the_primary_key_under_full_identity() {
         let rel = relation(b'f', &[("a", oid::INT4, true), ("b", oid::TEXT, true), ("c", oid::INT8, true)]);
-        let mut rels = Relations::with_primary_keys(PrimaryKeys::from([(REL, vec!["c".into(), "a".into()])]));
-        rels.learn(&rel);
+        let mut rels =
+            Relations::new(PrimaryKeys::from([(REL, vec!["c".into(), "a".into()])]), Types::default(), false);
+        rels.learn(&rel).unwrap();
         let shape = rels.shape(REL, 0).unwrap();
         let row = shape.row(&Tuple(vec![text("1"), text("x"), text("7")]), None, 0).unwrap();
         let key = shape.key_of(&row);
@@ -229,22 +309,22 @@ mod tests {
     fn no_primary_key_falls_back_to_the_replica_identity() {
         // An identity index on `b` (DEFAULT/INDEX identity flags only its columns).
         let rel = relation(b'i', &[("a", oid::INT4, false), ("b", oid::TEXT, true)]);
-        let mut rels = Relations::with_primary_keys(PrimaryKeys::new());
-        rels.learn(&rel);
+        let mut rels = Relations::new(PrimaryKeys::new(), Types::default(), false);
+        rels.learn(&rel).unwrap();
         let shape = rels.shape(REL, 0).unwrap();
         let row = shape.row(&Tuple(vec![text("1"), text("x")]), None, 0).unwrap();
         assert_eq!(names(&shape.key_of(&row)), vec!["b"]);
 
         // FULL without a primary key: every non-NULL column.
         let rel = relation(b'f', &[("a", oid::INT4, true), ("b", oid::TEXT, true)]);
-        rels.learn(&rel);
+        rels.learn(&rel).unwrap();
         let shape = rels.shape(REL, 0).unwrap();
         let row = shape.row(&Tuple(vec![Cell::Null, text("x")]), None, 0).unwrap();
         assert_eq!(names(&shape.key_of(&row)), vec!["b"]);
 
         // Neither (REPLICA IDENTITY NOTHING): the whole row.
         let rel = relation(b'n', &[("a", oid::INT4, false), ("b", oid::TEXT, false)]);
-        rels.learn(&rel);
+        rels.learn(&rel).unwrap();
         let shape = rels.shape(REL, 0).unwrap();
         let row = shape.row(&Tuple(vec![text("1"), text("x")]), None, 0).unwrap();
         assert_eq!(shape.key_of(&row), row);
@@ -256,8 +336,8 @@ mod tests {
     #[test]
     fn unchanged_toast_is_filled_from_the_old_row_or_left_out() {
         let rel = relation(b'f', &[("id", oid::INT4, true), ("big", oid::TEXT, true), ("n", oid::INT4, true)]);
-        let mut rels = Relations::with_primary_keys(PrimaryKeys::from([(REL, vec!["id".into()])]));
-        rels.learn(&rel);
+        let mut rels = Relations::new(PrimaryKeys::from([(REL, vec!["id".into()])]), Types::default(), false);
+        rels.learn(&rel).unwrap();
         let shape = rels.shape(REL, 0).unwrap();
         let old = OldTuple::Full(Tuple(vec![text("1"), text("long text"), text("5")]));
         let new = Tuple(vec![text("1"), Cell::UnchangedToast, text("6")]);
@@ -277,10 +357,34 @@ mod tests {
     #[test]
     fn primary_key_missing_from_the_relation_is_ignored() {
         let rel = relation(b'f', &[("a", oid::INT4, true), ("b", oid::TEXT, true)]);
-        let mut rels = Relations::with_primary_keys(PrimaryKeys::from([(REL, vec!["id".into()])]));
-        rels.learn(&rel);
+        let mut rels = Relations::new(PrimaryKeys::from([(REL, vec!["id".into()])]), Types::default(), false);
+        rels.learn(&rel).unwrap();
         let shape = rels.shape(REL, 0).unwrap();
         let row = shape.row(&Tuple(vec![text("1"), text("x")]), None, 0).unwrap();
         assert_eq!(names(&shape.key_of(&row)), vec!["a", "b"]);
+    }
+
+    /// A domain column decodes as its base type (nested domains too); in a
+    /// binary stream a column of a type pgfanout cannot decode in binary is
+    /// refused, so the session can fall back to text.
+    #[test]
+    fn domains_decode_as_their_base_type_and_binary_refuses_unknown_types() {
+        let (posint, small, mood) = (90_001, 90_002, 90_003);
+        let types =
+            Types { domains: HashMap::from([(posint, oid::INT4), (small, posint)]), enums: HashSet::from([mood]) };
+        assert_eq!(types.base(small), oid::INT4);
+        assert!(types.decodes_binary(small) && types.decodes_binary(mood) && types.decodes_binary(1007));
+        assert!(!types.decodes_binary(600), "point has no binary decoder here");
+
+        let rel = relation(b'd', &[("a", small, true), ("m", mood, false)]);
+        let mut rels = Relations::new(PrimaryKeys::new(), types.clone(), true);
+        rels.learn(&rel).unwrap();
+        let row = rels.shape(REL, 0).unwrap().row(&Tuple(vec![text("7"), text("happy")]), None, 0).unwrap();
+        assert_eq!(row.get("a"), Some(&Value::Int4(7)));
+
+        let odd = relation(b'd', &[("a", oid::INT4, true), ("p", 600, false)]);
+        let err = rels.learn(&odd).unwrap_err();
+        assert!(err.to_string().contains("public.t.p has type OID 600"), "{err}");
+        Relations::new(PrimaryKeys::new(), types, false).learn(&odd).expect("text streams take any type");
     }
 }

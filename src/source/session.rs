@@ -36,6 +36,8 @@ pub enum SessionError {
     NoTransaction(String),
     #[error("reading the published tables' primary keys: {0}")]
     Catalog(#[source] SlotError),
+    #[error("the replication reader's thread failed: {0}")]
+    Thread(String),
 }
 
 impl SessionError {
@@ -94,6 +96,33 @@ struct OpenTx {
     ordinal: u32,
 }
 
+/// Runs [`read`] on a thread of its own with a single-threaded runtime and
+/// returns a handle to await its end. pgwire-replication's socket task and
+/// our decoding loop then hand each message over within one thread: on a
+/// shared multi-threaded runtime every message woke a parked worker (a futex
+/// wake and a context switch per message), which cost about as much CPU as
+/// decoding, on a machine where the walsender needs a core of its own.
+pub fn spawn(
+    cfg: SourceConfig,
+    out: mpsc::Sender<SourceEvent>,
+    acks: watch::Receiver<u64>,
+    shutdown: watch::Receiver<bool>,
+    progress: Arc<ReaderProgress>,
+) -> tokio::task::JoinHandle<Result<(), SessionError>> {
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let started = std::thread::Builder::new().name("pgfanout-source".into()).spawn(move || {
+        let result = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(rt) => rt.block_on(read(cfg, out, acks, shutdown, progress)),
+            Err(e) => Err(SessionError::Thread(format!("starting its runtime: {e}"))),
+        };
+        let _ = done_tx.send(result);
+    });
+    tokio::spawn(async move {
+        started.map_err(|e| SessionError::Thread(e.to_string()))?;
+        done_rx.await.unwrap_or_else(|_| Err(SessionError::Thread("it panicked".into())))
+    })
+}
+
 /// Reads the slot until `shutdown` turns true, reconnecting on transient
 /// errors from the slot's confirmed position. Each reconnect replays what
 /// was not acknowledged; sinks are idempotent, so that is safe.
@@ -111,9 +140,11 @@ pub async fn read(
     if cfg.heartbeat_ms > 0 {
         heartbeat.spawn(emit_heartbeats(cfg.url.expose().to_string(), Duration::from_millis(cfg.heartbeat_ms)));
     }
+    // Set when a binary stream met a type it cannot decode: text from then on.
+    let mut text_only = false;
     loop {
         let attempt = std::time::Instant::now();
-        let streamed = stream_once(&cfg, &out, &mut acks, &mut shutdown, &progress).await;
+        let streamed = stream_once(&cfg, text_only, &out, &mut acks, &mut shutdown, &progress).await;
         progress.set_connected(false);
         // A session that streamed for a while was healthy: the next
         // reconnect starts from the shortest delay again.
@@ -125,6 +156,12 @@ pub async fn read(
             // After a crash the server may hold the slot for the dead
             // connection until it notices (at most wal_sender_timeout):
             // wait for it, then give up with the clear error.
+            // Replaying from the acknowledged position is safe (sinks are
+            // idempotent), so switching the format costs one reconnect.
+            Err(e @ SessionError::Relation(RelationError::NotBinary { .. })) if cfg.binary.is_none() => {
+                tracing::info!(reason = %e, "reading the slot in text from here on");
+                text_only = true;
+            }
             Err(e @ SessionError::SlotBusy { .. }) if started.elapsed() < SLOT_BUSY_PATIENCE => {
                 tracing::warn!(error = %e, "waiting for the slot to be released");
                 tokio::time::sleep(backoff.next_delay()).await;
@@ -142,16 +179,19 @@ pub async fn read(
 
 async fn stream_once(
     cfg: &SourceConfig,
+    text_only: bool,
     out: &mpsc::Sender<SourceEvent>,
     acks: &mut watch::Receiver<u64>,
     shutdown: &mut watch::Receiver<bool>,
     progress: &ReaderProgress,
 ) -> Result<(), SessionError> {
     let acked = *acks.borrow();
-    let rc = replication_config(cfg)?.with_ack_lsn(Lsn(acked));
-    let mut relations = Relations::with_primary_keys(load_primary_keys(cfg).await?);
+    let catalog = Catalog::load(cfg).await?;
+    let binary = !text_only && cfg.binary.unwrap_or(catalog.binary_ok);
+    let rc = replication_config(cfg)?.with_ack_lsn(Lsn(acked)).with_binary(binary);
+    let mut relations = Relations::new(catalog.primary_keys, catalog.types, binary && cfg.binary.is_none());
     let mut client = ReplicationClient::connect(rc).await.map_err(|e| busy_or(e, &cfg.slot))?;
-    tracing::info!(slot = %cfg.slot, publication = %cfg.publication, "replication started");
+    tracing::info!(slot = %cfg.slot, publication = %cfg.publication, binary, "replication started");
     progress.set_connected(true);
     let mut read = TableCounters::new("read");
     let mut decoder = Decoder::new(1);
@@ -281,11 +321,33 @@ async fn emit_heartbeats(url: String, every: Duration) {
 /// The published tables' primary keys, read on an ordinary connection once
 /// per session (a Relation message re-sent after DDL reuses them; a table
 /// whose key changed mid-session is keyed right again from the next session).
-async fn load_primary_keys(cfg: &SourceConfig) -> Result<relations::PrimaryKeys, SessionError> {
-    let client = slot::connect(cfg.url.expose()).await.map_err(SessionError::Catalog)?;
-    relations::primary_keys(&client, &cfg.publication)
-        .await
-        .map_err(|source| SessionError::Catalog(SlotError::Query { what: "read primary keys", source }))
+/// What a session reads from the catalog before streaming.
+struct Catalog {
+    primary_keys: relations::PrimaryKeys,
+    types: relations::Types,
+    /// The server has binary transfer (14+) and every published column has
+    /// a type pgfanout decodes in binary.
+    binary_ok: bool,
+}
+
+impl Catalog {
+    async fn load(cfg: &SourceConfig) -> Result<Catalog, SessionError> {
+        let client = slot::connect(cfg.url.expose()).await.map_err(SessionError::Catalog)?;
+        let err = |what| move |source| SessionError::Catalog(SlotError::Query { what, source });
+        let primary_keys =
+            relations::primary_keys(&client, &cfg.publication).await.map_err(err("read primary keys"))?;
+        let types = relations::Types::load(&client).await.map_err(err("read domains and enums"))?;
+        let column_types = relations::published_column_types(&client, &cfg.publication)
+            .await
+            .map_err(err("read the published columns' types"))?;
+        let version: i32 = client
+            .query_one("SELECT current_setting('server_version_num')::int", &[])
+            .await
+            .map_err(err("read the server version"))?
+            .get(0);
+        let binary_ok = version >= 140_000 && column_types.iter().all(|&t| types.decodes_binary(t));
+        Ok(Catalog { primary_keys, types, binary_ok })
+    }
 }
 
 fn busy_or(e: pgwire_replication::PgWireError, slot: &str) -> SessionError {
@@ -319,7 +381,7 @@ fn changes(
     };
     let mut out = match msg {
         Message::Relation(rel) => {
-            relations.learn(&rel);
+            relations.learn(&rel)?;
             return Ok(Vec::new());
         }
         Message::Insert { rel_id, new, .. } => {
@@ -364,7 +426,7 @@ pub async fn drain(cfg: &SourceConfig, until: u64) -> Result<u64, SessionError> 
     let (tx, mut rx) = mpsc::channel(20_000);
     let (ack_tx, ack_rx) = watch::channel(0u64);
     let (stop_tx, stop_rx) = watch::channel(false);
-    let reader = tokio::spawn(read(cfg.clone(), tx, ack_rx, stop_rx, Arc::default()));
+    let reader = spawn(cfg.clone(), tx, ack_rx, stop_rx, Arc::default());
     let mut changes = 0u64;
     while let Some(ev) = rx.recv().await {
         match ev {

@@ -47,6 +47,36 @@ pub mod oid {
     pub const UUID: u32 = 2950;
     pub const JSONB: u32 = 3802;
 
+    /// Whether `Value::from_binary` decodes `oid` (a built-in scalar this
+    /// module knows, or an array of one) into what its text form gives.
+    pub fn decodes_binary(oid: u32) -> bool {
+        matches!(
+            oid,
+            BOOL | BYTEA
+                | NAME
+                | INT8
+                | INT2
+                | INT4
+                | TEXT
+                | JSON
+                | CIDR
+                | FLOAT4
+                | FLOAT8
+                | INET
+                | BPCHAR
+                | VARCHAR
+                | DATE
+                | TIME
+                | TIMESTAMP
+                | TIMESTAMPTZ
+                | INTERVAL
+                | TIMETZ
+                | NUMERIC
+                | UUID
+                | JSONB
+        ) || array_element(oid).is_some()
+    }
+
     /// The element type of a known array type.
     pub fn array_element(array_oid: u32) -> Option<u32> {
         Some(match array_oid {

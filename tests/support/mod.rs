@@ -68,6 +68,7 @@ impl TestEnv {
                 tables: vec!["public.content".into(), "public.engagement_events".into()],
                 status_interval_ms: 200,
                 heartbeat_ms: 0,
+                binary: None,
             },
             log: LogConfig {
                 brokers: env("PGFANOUT_KAFKA_BROKERS"),
