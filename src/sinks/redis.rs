@@ -13,6 +13,7 @@
 //! that digest for the row already (kept `SEEN_TTL_SECS`), and they never
 //! touch the window, which counts each live change once when it streams.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
@@ -171,37 +172,44 @@ impl RedisSink {
         }
     }
 
-    fn script_args(&self, changes: &[EngagementChange], events_json: &[String], now_ms: i64) -> Vec<String> {
+    /// The script's arguments. Event JSON is borrowed, not copied: it is the
+    /// bulk of the batch and the command serializes it once anyway.
+    fn script_args<'a>(
+        &self,
+        changes: &[EngagementChange],
+        events_json: &'a [String],
+        now_ms: i64,
+    ) -> Vec<Cow<'a, str>> {
         let window = self.cfg.top_window_secs as i64;
         let now_bucket = now_ms.div_euclid(1000 * BUCKET_SECS);
         let first_bucket = (now_ms - window * 1000).div_euclid(1000 * BUCKET_SECS);
-        let mut args = vec![now_ms.to_string(), self.cfg.stream_maxlen.to_string(), window.to_string()];
+        let mut args: Vec<Cow<'a, str>> =
+            vec![now_ms.to_string().into(), self.cfg.stream_maxlen.to_string().into(), window.to_string().into()];
         let buckets: Vec<String> = (first_bucket..=now_bucket).map(|b| self.bucket_key(b)).collect();
-        args.push(buckets.len().to_string());
-        args.extend(buckets);
+        args.push(buckets.len().to_string().into());
+        args.extend(buckets.into_iter().map(Cow::Owned));
         for (c, json) in changes.iter().zip(events_json) {
             // Zero-padded so Lua's string comparison orders positions.
             let pos = format!("{:020}", c.position.version());
             let content_type =
                 c.current.as_ref().or(c.previous.as_ref()).and_then(|r| r.content_type.as_deref()).unwrap_or("unknown");
-            let op = serde_json::to_value(c.op).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
             if let (Some(digest), Some(row)) = (c.replay_digest, &c.current) {
-                args.extend([
-                    pos.clone(),
+                args.extend::<[Cow<str>; 6]>([
+                    pos.clone().into(),
                     "D".into(),
-                    self.seen_key(row.event_id),
-                    row.event_id.rem_euclid(128).to_string(),
-                    format!("{digest:016x}"),
-                    SEEN_TTL_SECS.to_string(),
+                    self.seen_key(row.event_id).into(),
+                    row.event_id.rem_euclid(128).to_string().into(),
+                    format!("{digest:016x}").into(),
+                    SEEN_TTL_SECS.to_string().into(),
                 ]);
             }
-            args.extend([
-                pos.clone(),
+            args.extend::<[Cow<str>; 6]>([
+                pos.clone().into(),
                 "X".into(),
-                self.stream_key(content_type),
-                super::change_id(c),
-                op,
-                json.clone(),
+                self.stream_key(content_type).into(),
+                super::change_id(c).into(),
+                c.op.code().into(),
+                Cow::Borrowed(json.as_str()),
             ]);
             if c.replay_digest.is_some() {
                 continue;
@@ -215,13 +223,13 @@ impl RedisSink {
                 }
                 let bucket = row.event_ts.div_euclid(1000 * BUCKET_SECS);
                 let expire_at = (bucket + 1) * BUCKET_SECS + window;
-                args.extend([
-                    pos.clone(),
+                args.extend::<[Cow<str>; 6]>([
+                    pos.clone().into(),
                     "Z".into(),
-                    self.bucket_key(bucket),
-                    (sign * pct).to_string(),
-                    content_id.to_string(),
-                    expire_at.to_string(),
+                    self.bucket_key(bucket).into(),
+                    (sign * pct).to_string().into(),
+                    content_id.to_string().into(),
+                    expire_at.to_string().into(),
                 ]);
             };
             if let Some(prev) = &c.previous {

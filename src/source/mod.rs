@@ -63,6 +63,19 @@ pub enum Op {
     Read,
 }
 
+impl Op {
+    /// The code, as serialized.
+    pub fn code(self) -> &'static str {
+        match self {
+            Op::Create => "c",
+            Op::Update => "u",
+            Op::Delete => "d",
+            Op::Truncate => "t",
+            Op::Read => "r",
+        }
+    }
+}
+
 /// `schema.table`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TableName {

@@ -1087,14 +1087,23 @@ impl Serialize for Value {
             Value::Float8(f) => serialize_float(s, *f, f.is_nan()),
             Value::Numeric(t) | Value::Text(t) | Value::Inet(t) | Value::Cidr(t) => s.serialize_str(t),
             Value::Unknown { text, .. } => s.serialize_str(text),
-            Value::Uuid(u) => s.collect_str(&u.hyphenated()),
-            Value::Date(d) => s.collect_str(&d.format("%Y-%m-%d")),
+            Value::Uuid(u) => s.serialize_str(u.hyphenated().encode_lower(&mut Uuid::encode_buffer())),
+            Value::Date(d) => match IsoText::date(*d) {
+                Some(text) => s.serialize_str(text.as_str()),
+                None => s.collect_str(&d.format("%Y-%m-%d")),
+            },
             Value::Time(us) => s.serialize_str(&format_time(*us)),
             Value::TimeTz { micros, offset_secs } => {
                 s.collect_str(&format_args!("{}{}", format_time(*micros), format_offset(*offset_secs)))
             }
-            Value::Timestamp(t) => s.collect_str(&t.format("%Y-%m-%dT%H:%M:%S%.f")),
-            Value::TimestampTz(t) => s.collect_str(&t.format("%Y-%m-%dT%H:%M:%S%.fZ")),
+            Value::Timestamp(t) => match IsoText::datetime(*t, "") {
+                Some(text) => s.serialize_str(text.as_str()),
+                None => s.collect_str(&t.format("%Y-%m-%dT%H:%M:%S%.f")),
+            },
+            Value::TimestampTz(t) => match IsoText::datetime(t.naive_utc(), "Z") {
+                Some(text) => s.serialize_str(text.as_str()),
+                None => s.collect_str(&t.format("%Y-%m-%dT%H:%M:%S%.fZ")),
+            },
             Value::Infinity { negative, .. } => s.serialize_str(if *negative { "-infinity" } else { "infinity" }),
             Value::Interval { months, days, micros } => s.serialize_str(&iso_duration(*months, *days, *micros)),
             Value::Json(j) => j.serialize(s),
@@ -1104,6 +1113,79 @@ impl Serialize for Value {
                 Nested { lens: &lens, values }.serialize(s)
             }
         }
+    }
+}
+
+/// ISO-8601 text of a date or date-time, written digit by digit: the same
+/// text as chrono's `%Y-%m-%d` / `%Y-%m-%dT%H:%M:%S%.f` (fraction in groups
+/// of 3, 6 or 9 digits, none when zero), without parsing a format string for
+/// every value (this runs for every timestamp of every change). `None` for
+/// what chrono writes with a sign (years outside 0..=9999) or a leap second:
+/// the caller falls back to chrono for those.
+struct IsoText {
+    buf: [u8; 32],
+    len: usize,
+}
+
+impl IsoText {
+    fn date(d: NaiveDate) -> Option<IsoText> {
+        use chrono::Datelike;
+        if !(0..=9999).contains(&d.year()) {
+            return None;
+        }
+        let mut t = IsoText { buf: [0; 32], len: 0 };
+        t.digits(d.year() as u32, 4);
+        t.push(b'-');
+        t.digits(d.month(), 2);
+        t.push(b'-');
+        t.digits(d.day(), 2);
+        Some(t)
+    }
+
+    fn datetime(dt: NaiveDateTime, suffix: &str) -> Option<IsoText> {
+        use chrono::Timelike;
+        let nanos = dt.nanosecond();
+        if nanos >= 1_000_000_000 {
+            return None;
+        }
+        let mut t = IsoText::date(dt.date())?;
+        t.push(b'T');
+        t.digits(dt.hour(), 2);
+        t.push(b':');
+        t.digits(dt.minute(), 2);
+        t.push(b':');
+        t.digits(dt.second(), 2);
+        if nanos != 0 {
+            t.push(b'.');
+            match (nanos % 1_000_000, nanos % 1_000) {
+                (0, _) => t.digits(nanos / 1_000_000, 3),
+                (_, 0) => t.digits(nanos / 1_000, 6),
+                _ => t.digits(nanos, 9),
+            }
+        }
+        for &b in suffix.as_bytes() {
+            t.push(b);
+        }
+        Some(t)
+    }
+
+    fn push(&mut self, b: u8) {
+        self.buf[self.len] = b;
+        self.len += 1;
+    }
+
+    /// `n` zero-padded to `width` digits (n has at most that many).
+    fn digits(&mut self, mut n: u32, width: usize) {
+        for i in (0..width).rev() {
+            self.buf[self.len + i] = b'0' + (n % 10) as u8;
+            n /= 10;
+        }
+        self.len += width;
+    }
+
+    fn as_str(&self) -> &str {
+        // Only ASCII digits and punctuation were written.
+        std::str::from_utf8(&self.buf[..self.len]).unwrap_or_default()
     }
 }
 
@@ -1351,6 +1433,30 @@ mod tests {
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(3000))]
+
+        /// The digit-by-digit ISO text is chrono's, for every instant
+        /// PostgreSQL can hold (chrono's own path covers the rest).
+        #[test]
+        fn iso_text_is_chronos(micros in -210_000_000_000_000_000i64..8_000_000_000_000_000_000i64, nanos in 0u32..3, zulu in any::<bool>()) {
+            use chrono::Timelike;
+            let base = DateTime::from_timestamp_micros(micros).unwrap().naive_utc();
+            // Also whole seconds and milliseconds, and nanosecond precision.
+            let t = match nanos {
+                0 => base.with_nanosecond(0).unwrap(),
+                1 => base.with_nanosecond(base.nanosecond() / 1_000_000 * 1_000_000).unwrap(),
+                _ => base.with_nanosecond(base.nanosecond() + 7).unwrap(),
+            };
+            let (suffix, fmt) = if zulu { ("Z", "%Y-%m-%dT%H:%M:%S%.fZ") } else { ("", "%Y-%m-%dT%H:%M:%S%.f") };
+            let want = t.format(fmt).to_string();
+            match IsoText::datetime(t, suffix) {
+                Some(text) => prop_assert_eq!(text.as_str(), want.as_str()),
+                None => prop_assert!(want.starts_with('-') || want.starts_with('+'), "{}", want),
+            }
+            let want = t.date().format("%Y-%m-%d").to_string();
+            if let Some(text) = IsoText::date(t.date()) {
+                prop_assert_eq!(text.as_str(), want.as_str());
+            }
+        }
 
         #[test]
         fn arbitrary_input_never_panics(i in 0..OIDS.len(), data in proptest::collection::vec(any::<u8>(), 0..64)) {
