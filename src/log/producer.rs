@@ -4,13 +4,12 @@
 
 use std::time::Duration;
 
-use futures::future::try_join_all;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 
 use super::envelope;
 use crate::config::LogConfig;
@@ -59,25 +58,61 @@ impl LogProducer {
     }
 
     /// Publishes a batch and waits for the broker's acknowledgement of all of it.
+    ///
+    /// Every message is handed to librdkafka first, then the deliveries are
+    /// awaited in order: already-settled receivers cost next to nothing,
+    /// where one future per message polled through a `FuturesUnordered` was
+    /// a fifth of the publishing CPU.
     pub async fn publish(&self, changes: &[Change]) -> Result<(), LogError> {
         let now_ms = chrono::Utc::now().timestamp_millis();
-        let sends = changes.iter().map(|c| {
+        let mut pending = Vec::with_capacity(changes.len());
+        for c in changes {
             let topic = envelope::topic(&self.cfg.topic_prefix, c);
             let key = envelope::key(c);
             let payload = envelope::to_vec(c, &self.database, now_ms);
-            async move {
-                let record = FutureRecord::to(&topic).key(&key).payload(&payload);
-                match self.producer.send(record, Duration::from_secs(300)).await {
-                    Ok(_) => Ok(()),
+            let mut record = FutureRecord::to(&topic).key(&key).payload(&payload);
+            loop {
+                match self.producer.send_result(record) {
+                    Ok(delivery) => {
+                        pending.push((c, delivery));
+                        break;
+                    }
+                    // librdkafka's queue is full: let what is in flight land.
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                        record = back;
+                        if pending.is_empty() {
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                        self.settle(&mut pending, now_ms).await?;
+                    }
                     // No retry can make it fit, and retrying would stop the stream for good.
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge), _)) => {
-                        self.park_oversized(c, &topic, key.len() + payload.len(), now_ms).await
+                        self.park_oversized(c, &topic, key.len() + payload.len(), now_ms).await?;
+                        break;
                     }
-                    Err((source, _)) => Err(LogError::Produce { topic: topic.clone(), source }),
+                    Err((source, _)) => return Err(LogError::Produce { topic, source }),
                 }
             }
-        });
-        try_join_all(sends).await?;
+        }
+        self.settle(&mut pending, now_ms).await
+    }
+
+    /// Waits for the deliveries of `pending`, in order, and empties it.
+    async fn settle(&self, pending: &mut Vec<(&Change, DeliveryFuture)>, now_ms: i64) -> Result<(), LogError> {
+        for (c, delivery) in pending.drain(..) {
+            let failed = match delivery.await {
+                Ok(Ok(_)) => continue,
+                Ok(Err((KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge), msg))) => {
+                    let bytes = msg.key().map_or(0, <[u8]>::len) + msg.payload().map_or(0, <[u8]>::len);
+                    let topic = envelope::topic(&self.cfg.topic_prefix, c);
+                    self.park_oversized(c, &topic, bytes, now_ms).await?;
+                    continue;
+                }
+                Ok(Err((source, _))) => source,
+                Err(_canceled) => KafkaError::Canceled,
+            };
+            return Err(LogError::Produce { topic: envelope::topic(&self.cfg.topic_prefix, c), source: failed });
+        }
         Ok(())
     }
 
