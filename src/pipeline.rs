@@ -22,6 +22,7 @@ use crate::ack::{BatchAck, FlushedLsn};
 use crate::config::Config;
 use crate::enrich::{self, ContentDim, Enriched};
 use crate::log::{producer, LogProducer};
+use crate::observe::metrics::Tally;
 use crate::observe::{self, ReaderProgress};
 use crate::sinks::{clickhouse::ClickHouseSink, http::HttpSink, redis::RedisSink, SinkError, Sinks};
 use crate::source::{self, session, slot, Change, SourceEvent};
@@ -157,7 +158,9 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>, stats: Arc<St
 /// One batch on its way through the sink lanes.
 struct Job {
     seq: u64,
-    changes: Vec<Change>,
+    /// The changes' commit times and per-table counts; the rows themselves
+    /// are dropped once enriched (the sinks write `enriched`).
+    tally: Tally,
     enriched: Enriched,
     ack: BatchAck,
 }
@@ -214,7 +217,7 @@ impl Fanout {
                         return;
                     }
                     drop(room);
-                    latency.flushed(&job.changes);
+                    latency.flushed(&job.tally.commits);
                     let _ = acks.send(AckMsg::Flushed { lane, seq: job.seq });
                 }
             }));
@@ -228,9 +231,10 @@ impl Fanout {
     /// queue is full.
     async fn push(&mut self, changes: Vec<Change>, enriched: Enriched, ack: BatchAck) -> Result<(), PipelineError> {
         self.seq += 1;
-        let job = Arc::new(Job { seq: self.seq, changes, enriched, ack });
+        let job = Arc::new(Job { seq: self.seq, tally: Tally::of(&changes), enriched, ack });
+        drop(changes);
         let _ = self.acks.send(AckMsg::Pushed(job.clone()));
-        let need = (job.changes.len() as u32).max(1);
+        let need = (job.tally.changes as u32).max(1);
         for lane in &self.lanes {
             let room =
                 lane.room.clone().acquire_many_owned(need.min(lane.bound)).await.expect("lane semaphores stay open");
@@ -286,16 +290,16 @@ async fn acknowledge(
         let done = lane_seq.iter().copied().min().unwrap_or(0);
         while pending.front().is_some_and(|j| j.seq <= done) {
             let job = pending.pop_front().expect("front");
-            if !job.changes.is_empty() {
-                latency.flushed(&job.changes);
-                observe::count_changes("delivered", &job.changes);
-                observe::metrics::batch_size(job.changes.len());
-                stats.changes.fetch_add(job.changes.len() as u64, Ordering::Relaxed);
+            if job.tally.changes > 0 {
+                latency.flushed(&job.tally.commits);
+                observe::metrics::count_tables("delivered", &job.tally.tables);
+                observe::metrics::batch_size(job.tally.changes);
+                stats.changes.fetch_add(job.tally.changes as u64, Ordering::Relaxed);
                 stats.batches.fetch_add(1, Ordering::Relaxed);
                 stats.rejected.fetch_add(job.enriched.rejected.len() as u64, Ordering::Relaxed);
             }
             let caught_up = pending.is_empty() && stats.reader.buffered() == 0;
-            observe::health::batch_done(&stats, job.changes.last().map(|c| c.tx.commit_ts_us), caught_up);
+            observe::health::batch_done(&stats, job.tally.last_commit_ts_us(), caught_up);
             if let Some(lsn) = flushed.advance(&job.ack) {
                 stats.flushed_lsn.store(lsn, Ordering::Relaxed);
                 let _ = ack_tx.send(lsn);

@@ -176,15 +176,47 @@ pub fn sink_flushed(sink: &'static str, failures: u32) {
 
 /// Counts a batch's changes per table at `stage`.
 pub fn count_changes(stage: &'static str, batch: &[Change]) {
-    let mut per_table: Vec<(&TableName, u64)> = Vec::new();
-    for c in batch {
-        match per_table.iter_mut().find(|(t, _)| **t == c.table) {
-            Some((_, n)) => *n += 1,
-            None => per_table.push((&c.table, 1)),
-        }
+    count_tables(stage, &Tally::of(batch).tables);
+}
+
+/// Counts changes per table (`Tally::tables`) at `stage`.
+pub fn count_tables(stage: &'static str, tables: &[(TableName, u64)]) {
+    for (table, n) in tables {
+        counter!(CHANGES, "table" => table.to_string(), "stage" => stage).increment(*n);
     }
-    for (table, n) in per_table {
-        counter!(CHANGES, "table" => table.to_string(), "stage" => stage).increment(n);
+}
+
+/// What metrics need of a batch's changes, without their rows: a batch
+/// queued for slow sinks keeps this instead of the changes, so it holds its
+/// data once (in the enriched form the sinks write).
+#[derive(Debug, Default)]
+pub struct Tally {
+    /// Commit time (µs since the epoch) of each transaction's run of
+    /// changes, with the run's length.
+    pub commits: Vec<(i64, usize)>,
+    /// Changes per table.
+    pub tables: Vec<(TableName, u64)>,
+    pub changes: usize,
+}
+
+impl Tally {
+    pub fn of(batch: &[Change]) -> Tally {
+        let mut t = Tally { changes: batch.len(), ..Tally::default() };
+        for c in batch {
+            match t.commits.last_mut() {
+                Some((ts, n)) if *ts == c.tx.commit_ts_us => *n += 1,
+                _ => t.commits.push((c.tx.commit_ts_us, 1)),
+            }
+            match t.tables.iter_mut().find(|(name, _)| *name == c.table) {
+                Some((_, n)) => *n += 1,
+                None => t.tables.push((c.table.clone(), 1)),
+            }
+        }
+        t
+    }
+
+    pub fn last_commit_ts_us(&self) -> Option<i64> {
+        self.commits.last().map(|(ts, _)| *ts)
     }
 }
 
@@ -228,18 +260,14 @@ impl CommitToSink {
         })
     }
 
-    /// Records every change of `batch` as flushed now.
-    pub fn flushed(&self, batch: &[Change]) {
+    /// Records every change of a batch (its `Tally::commits`) as flushed now.
+    pub fn flushed(&self, commits: &[(i64, usize)]) {
         let now_us = chrono::Utc::now().timestamp_micros();
         // A transaction's changes share its commit time: one subtraction
         // per transaction, one record per change.
-        let mut i = 0;
-        while i < batch.len() {
-            let ts = batch[i].tx.commit_ts_us;
-            let n = batch[i..].iter().take_while(|c| c.tx.commit_ts_us == ts).count();
+        for &(ts, n) in commits {
             // PostgreSQL's clock may run ahead of ours on another host.
             self.0.record_many((now_us - ts).max(0) as f64 / 1e6, n);
-            i += n;
         }
     }
 }
