@@ -169,7 +169,17 @@ impl ScanTable {
 
     /// The COPY statement that reads one chunk, in key order.
     pub fn copy_sql(&self, chunk: &Chunk, filter: Option<&str>) -> String {
-        let cols = self.columns.iter().map(|c| quote_ident(&c.name)).collect::<Vec<_>>().join(", ");
+        // A type with no binary decoder here (enums, geometry, extensions…)
+        // is read as its text form, which is how it travels on (with its OID).
+        let cols = self
+            .columns
+            .iter()
+            .map(|c| match oid::decodes_binary(c.type_oid) {
+                true => quote_ident(&c.name),
+                false => format!("{}::text", quote_ident(&c.name)),
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
         let mut conds: Vec<String> = filter.map(|f| format!("({f})")).into_iter().collect();
         let bound = |k: usize, op: &str, v: &str| {
             let col = &self.columns[k];
@@ -387,6 +397,13 @@ pub async fn read_chunk(
             for (col, cell) in table.columns.iter().zip(tuple) {
                 let v = match cell {
                     None => Value::Null,
+                    Some(b) if !oid::decodes_binary(col.type_oid) => {
+                        Value::from_text(col.type_oid, &b).map_err(|e| ScanError::Value {
+                            table: table.name.clone(),
+                            column: col.name.to_string(),
+                            reason: e.to_string(),
+                        })?
+                    }
                     Some(b) => Value::from_binary(col.type_oid, &b).map_err(|e| ScanError::Value {
                         table: table.name.clone(),
                         column: col.name.to_string(),
@@ -705,6 +722,16 @@ mod tests {
         };
         let c = Chunk { lo: None, hi: Some("o'k".into()), ..c };
         assert!(u.copy_sql(&c, None).contains("WHERE \"k\" <= 'o''k'::uuid ORDER BY \"k\""));
+        // No binary decoder for point: its text form is read instead.
+        let p = ScanTable {
+            columns: vec![
+                ScanColumn { name: "k".into(), type_oid: oid::INT4, type_name: "integer".into() },
+                ScanColumn { name: "p".into(), type_oid: 600, type_name: "point".into() },
+            ],
+            key: vec![0],
+            ..u
+        };
+        assert!(p.copy_sql(&c, None).starts_with("COPY (SELECT \"k\", \"p\"::text FROM"), "{}", p.copy_sql(&c, None));
     }
 
     proptest! {
