@@ -176,7 +176,19 @@ pub fn sink_flushed(sink: &'static str, failures: u32) {
 
 /// Counts a batch's changes per table at `stage`.
 pub fn count_changes(stage: &'static str, batch: &[Change]) {
-    count_tables(stage, &Tally::of(batch).tables);
+    count_tables(stage, &per_table(batch));
+}
+
+/// A batch's changes per table, in order of first appearance.
+fn per_table(batch: &[Change]) -> Vec<(TableName, u64)> {
+    let mut tables: Vec<(TableName, u64)> = Vec::new();
+    for c in batch {
+        match tables.iter_mut().find(|(name, _)| *name == c.table) {
+            Some((_, n)) => *n += 1,
+            None => tables.push((c.table.clone(), 1)),
+        }
+    }
+    tables
 }
 
 /// Counts changes per table (`Tally::tables`) at `stage`.
@@ -201,18 +213,14 @@ pub struct Tally {
 
 impl Tally {
     pub fn of(batch: &[Change]) -> Tally {
-        let mut t = Tally { changes: batch.len(), ..Tally::default() };
+        let mut commits: Vec<(i64, usize)> = Vec::new();
         for c in batch {
-            match t.commits.last_mut() {
+            match commits.last_mut() {
                 Some((ts, n)) if *ts == c.tx.commit_ts_us => *n += 1,
-                _ => t.commits.push((c.tx.commit_ts_us, 1)),
-            }
-            match t.tables.iter_mut().find(|(name, _)| *name == c.table) {
-                Some((_, n)) => *n += 1,
-                None => t.tables.push((c.table.clone(), 1)),
+                _ => commits.push((c.tx.commit_ts_us, 1)),
             }
         }
-        t
+        Tally { commits, tables: per_table(batch), changes: batch.len() }
     }
 
     pub fn last_commit_ts_us(&self) -> Option<i64> {

@@ -54,8 +54,10 @@ pub struct Relations {
     by_id: HashMap<u32, TableShape>,
     primary_keys: PrimaryKeys,
     types: Types,
-    /// The stream is in binary: a relation with a column that pgfanout
-    /// cannot decode in binary is an error (the session then reads in text).
+    /// The stream is in automatic binary mode: a relation with a column that
+    /// pgfanout cannot decode in binary is an error, on which the session
+    /// reconnects in text (forced binary leaves this off and reads such a
+    /// column's raw bytes as an unknown value).
     binary: bool,
 }
 

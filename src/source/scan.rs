@@ -84,6 +84,14 @@ pub struct ScanColumn {
     pub type_name: String,
 }
 
+impl ScanColumn {
+    /// A type with no binary decoder here (enums, geometry, extensions…) is
+    /// COPY'd as its text form, which is how it travels on (with its OID).
+    fn read_as_text(&self) -> bool {
+        !oid::decodes_binary(self.type_oid)
+    }
+}
+
 /// How a table's key lets it be cut into chunks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeyKind {
@@ -169,14 +177,12 @@ impl ScanTable {
 
     /// The COPY statement that reads one chunk, in key order.
     pub fn copy_sql(&self, chunk: &Chunk, filter: Option<&str>) -> String {
-        // A type with no binary decoder here (enums, geometry, extensions…)
-        // is read as its text form, which is how it travels on (with its OID).
         let cols = self
             .columns
             .iter()
-            .map(|c| match oid::decodes_binary(c.type_oid) {
-                true => quote_ident(&c.name),
-                false => format!("{}::text", quote_ident(&c.name)),
+            .map(|c| match c.read_as_text() {
+                true => format!("{}::text", quote_ident(&c.name)),
+                false => quote_ident(&c.name),
             })
             .collect::<Vec<_>>()
             .join(", ");
@@ -397,7 +403,7 @@ pub async fn read_chunk(
             for (col, cell) in table.columns.iter().zip(tuple) {
                 let v = match cell {
                     None => Value::Null,
-                    Some(b) if !oid::decodes_binary(col.type_oid) => {
+                    Some(b) if col.read_as_text() => {
                         Value::from_text(col.type_oid, &b).map_err(|e| ScanError::Value {
                             table: table.name.clone(),
                             column: col.name.to_string(),

@@ -34,7 +34,7 @@ pub enum SessionError {
     SlotBusy { slot: String, pid: String },
     #[error("change outside a transaction at LSN {0}")]
     NoTransaction(String),
-    #[error("reading the published tables' primary keys: {0}")]
+    #[error("reading the catalog (primary keys, types, server version) before streaming: {0}")]
     Catalog(#[source] SlotError),
     #[error("the replication reader's thread failed: {0}")]
     Thread(String),
@@ -153,15 +153,15 @@ pub async fn read(
         }
         match streamed {
             Ok(()) => return Ok(()),
-            // After a crash the server may hold the slot for the dead
-            // connection until it notices (at most wal_sender_timeout):
-            // wait for it, then give up with the clear error.
             // Replaying from the acknowledged position is safe (sinks are
             // idempotent), so switching the format costs one reconnect.
             Err(e @ SessionError::Relation(RelationError::NotBinary { .. })) if cfg.binary.is_none() => {
                 tracing::info!(reason = %e, "reading the slot in text from here on");
                 text_only = true;
             }
+            // After a crash the server may hold the slot for the dead
+            // connection until it notices (at most wal_sender_timeout):
+            // wait for it, then give up with the clear error.
             Err(e @ SessionError::SlotBusy { .. }) if started.elapsed() < SLOT_BUSY_PATIENCE => {
                 tracing::warn!(error = %e, "waiting for the slot to be released");
                 tokio::time::sleep(backoff.next_delay()).await;
@@ -318,10 +318,10 @@ async fn emit_heartbeats(url: String, every: Duration) {
     }
 }
 
-/// The published tables' primary keys, read on an ordinary connection once
-/// per session (a Relation message re-sent after DDL reuses them; a table
-/// whose key changed mid-session is keyed right again from the next session).
-/// What a session reads from the catalog before streaming.
+/// What a session reads from the catalog before streaming, on an ordinary
+/// connection once per session (a Relation message re-sent after DDL reuses
+/// it; a table whose key changed mid-session is keyed right again from the
+/// next session).
 struct Catalog {
     primary_keys: relations::PrimaryKeys,
     types: relations::Types,
