@@ -16,9 +16,11 @@ WORKDIR /src
 
 # Dependencies first, against stub sources, so editing src/ does not rebuild
 # the ~300 crates underneath. benches/ is copied because Cargo.toml declares
-# a [[bench]] target and cargo refuses a manifest whose targets are missing.
+# a [[bench]] target and cargo refuses a manifest whose targets are missing;
+# vendor/ holds the patched pgwire-replication (vendor/*/PATCH.md).
 COPY Cargo.toml Cargo.lock ./
 COPY benches ./benches
+COPY vendor ./vendor
 RUN mkdir src \
  && echo 'fn main() {}' > src/main.rs \
  && touch src/lib.rs \

@@ -87,6 +87,33 @@ pub struct SourceConfig {
     /// column has a type pgfanout decodes in binary, else text.
     #[serde(default)]
     pub binary: Option<bool>,
+    /// pgoutput protocol version, 1 to 4. Unset: 4 on PostgreSQL 16+, 2 on
+    /// 14 and 15, 1 before. From 2 on, the server streams a transaction
+    /// larger than its `logical_decoding_work_mem` while it is still in
+    /// progress, and pgfanout holds it (`stream_buffer_mb`, then files in
+    /// `spill_dir`) until it commits; with 1 the server spills it to its own
+    /// disk and sends it at commit.
+    #[serde(default)]
+    pub proto_version: Option<u32>,
+    /// Memory for streamed transactions not yet committed; past it they
+    /// spill to files in `spill_dir`.
+    #[serde(default = "default_stream_buffer_mb")]
+    pub stream_buffer_mb: usize,
+    /// Where streamed transactions spill (anonymous files, gone when
+    /// pgfanout exits however it exits). Unset: the system's temp directory.
+    #[serde(default)]
+    pub spill_dir: Option<std::path::PathBuf>,
+}
+
+impl SourceConfig {
+    /// The protocol version to ask a server of version `server_version_num` for.
+    pub fn proto_version_for(&self, server_version_num: i32) -> u32 {
+        self.proto_version.unwrap_or(match server_version_num {
+            v if v >= 160_000 => 4,
+            v if v >= 140_000 => 2,
+            _ => 1,
+        })
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -223,6 +250,9 @@ fn default_slot() -> String {
 }
 fn default_tables() -> Vec<String> {
     vec!["public.content".into(), "public.engagement_events".into()]
+}
+fn default_stream_buffer_mb() -> usize {
+    16
 }
 fn default_status_interval_ms() -> u64 {
     1_000

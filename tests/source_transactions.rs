@@ -1,8 +1,10 @@
 //! Two-phase and large transactions through the whole pipeline, against
-//! real PostgreSQL on every major scripts/test started. The session speaks
-//! pgoutput protocol 1 (see README, "Large transactions"): the server sends
-//! a prepared transaction when it is committed, and spills a large one to
-//! disk until its commit, so aborted work never leaves PostgreSQL.
+//! real PostgreSQL on every major scripts/test started (see README, "Large
+//! transactions"). A prepared transaction is sent when it is committed. A
+//! large one is streamed while in progress (protocol 2+, the default from
+//! PostgreSQL 14) and held by pgfanout until its commit, or, with protocol
+//! 1, spilled by the server until then: either way aborted work reaches no
+//! sink.
 
 mod support;
 
@@ -125,12 +127,28 @@ async fn spilled(t: &TestEnv) -> (i64, i64) {
     (r.get(0), r.get(1))
 }
 
-async fn large_transactions(v: &str) {
-    let mut t = TestEnv::new(v).await;
-    // The smallest decoding memory the server allows, on our walsender
-    // only: 50,000 rows must spill to disk.
+/// The slot's streaming counters (PostgreSQL 14+), `(stream_txns, stream_bytes)`.
+async fn streamed(t: &TestEnv) -> (i64, i64) {
+    let r = t
+        .pg
+        .query_one("SELECT stream_txns, stream_bytes FROM pg_stat_replication_slots WHERE slot_name = $1", &[&t.name])
+        .await
+        .unwrap();
+    (r.get(0), r.get(1))
+}
+
+/// The smallest decoding memory the server allows, on our walsender only:
+/// 50,000 rows overflow it.
+fn small_decoding_memory(t: &mut TestEnv) {
     let url = format!("{}?options=-c%20logical_decoding_work_mem%3D64kB", t.cfg.source.url.expose());
     t.cfg.source.url = pgfanout::config::Secret(url);
+}
+
+async fn large_transactions(v: &str) {
+    let mut t = TestEnv::new(v).await;
+    small_decoding_memory(&mut t);
+    // Protocol 1: the server spills what overflows to its disk.
+    t.cfg.source.proto_version = Some(1);
     t.start();
     content(&t).await;
 
@@ -159,5 +177,63 @@ async fn large_transactions(v: &str) {
 async fn large_spilled_transactions_rolled_back_reach_no_sink_committed_reach_every_sink_once() {
     for v in pg_versions() {
         large_transactions(&v).await;
+    }
+}
+
+async fn streamed_transactions(v: &str) {
+    let mut t = TestEnv::new(v).await;
+    small_decoding_memory(&mut t);
+    // The default protocol (2 or 4 here); 1 MB of memory for what is in
+    // progress, so 50,000 rows spill to pgfanout's files.
+    t.cfg.source.stream_buffer_mb = 1;
+    t.start();
+    content(&t).await;
+
+    // Streamed, then rolled back: nothing may arrive.
+    t.pg.batch_execute(&format!("BEGIN; {}; ROLLBACK", events(1, BIG))).await.unwrap();
+    t.pg.batch_execute(&events(BIG + 1, 1)).await.unwrap();
+    acked_to_the_end(&t).await;
+    wait_until("the event after the rollback arrived", WAIT, || async { sink_counts(&t).await == (1, 1, 1, 1) }).await;
+    wait_until("the rolled-back transaction was streamed", WAIT, || async { streamed(&t).await.0 >= 1 }).await;
+
+    // A large transaction still open while a small one commits: the small
+    // one arrives first and alone. The large one rolls back a savepoint
+    // holding 5,000 rows (streamed before the rollback) and then commits.
+    let (big, connection) = tokio_postgres::connect(t.cfg.source.url.expose(), tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    big.batch_execute(&format!("BEGIN; {}", events(1, BIG))).await.unwrap();
+    big.batch_execute(&format!("SAVEPOINT s; {}; ROLLBACK TO SAVEPOINT s", events(BIG + 10, 5_000))).await.unwrap();
+    big.batch_execute(&events(BIG + 10_000, 10)).await.unwrap();
+    wait_until("the open transaction was streamed", WAIT, || async { streamed(&t).await.0 >= 2 }).await;
+    t.pg.batch_execute(&events(BIG + 2, 1)).await.unwrap();
+    wait_until("the small transaction arrived", WAIT, || async { sink_counts(&t).await == (2, 2, 2, 2) }).await;
+    big.batch_execute("COMMIT").await.unwrap();
+
+    acked_to_the_end(&t).await;
+    let want = BIG as u64 + 2 + 10;
+    wait_until("every sink holds every committed row", WAIT, || async {
+        sink_counts(&t).await == (want, want, want, want)
+    })
+    .await;
+    let rolled_back = t
+        .ch_count(&format!(
+            "SELECT count() FROM enriched_engagements WHERE event_id BETWEEN {} AND {}",
+            BIG + 10,
+            BIG + 5_009
+        ))
+        .await;
+    assert_eq!(rolled_back, 0, "PG {v}: rows of the rolled-back savepoint reached ClickHouse");
+    assert_eq!(t.ch_count("SELECT uniqExact(event_id) FROM enriched_engagements").await, want, "PG {v}");
+    assert_eq!(t.http_get("_stats").await["duplicates"], 0, "PG {v}");
+    let (spill_txns, _) = spilled(&t).await;
+    eprintln!("PG {v}: streaming counters {:?}, server spills {spill_txns}", streamed(&t).await);
+    assert_eq!(spill_txns, 0, "PG {v}: the server spilled although it could stream");
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn streamed_transactions_reach_sinks_at_commit_without_rolled_back_work() {
+    for v in pg_versions() {
+        streamed_transactions(&v).await;
     }
 }

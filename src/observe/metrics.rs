@@ -45,6 +45,15 @@ pub const LAST_DELIVERED_COMMIT: &str = "pgfanout_last_delivered_commit_timestam
 /// moment that sink's write returned; `all` when every sink had flushed it.
 pub const COMMIT_TO_SINK_SECONDS: &str = "pgfanout_commit_to_sink_seconds";
 
+/// `{outcome}`: transactions the server streamed before their commit
+/// (protocol 2+), by how they ended: `committed` or `aborted`.
+pub const STREAMED_TRANSACTIONS: &str = "pgfanout_streamed_transactions_total";
+/// Bytes of streamed, not yet committed transactions held in memory (set
+/// when one spills or ends).
+pub const STREAM_BUFFER_BYTES: &str = "pgfanout_stream_buffer_bytes";
+/// Bytes of streamed transactions written to spill files.
+pub const STREAM_SPILLED_BYTES: &str = "pgfanout_stream_spilled_bytes_total";
+
 /// Sinks as they appear in the `sink` label.
 pub const SINKS: [&str; 4] = ["broker", "clickhouse", "redis", "http"];
 
@@ -119,6 +128,13 @@ fn describe() {
         Unit::Count,
         "Changes waiting in the channel from the replication reader to the apply loop."
     );
+    describe_counter!(
+        STREAMED_TRANSACTIONS,
+        Unit::Count,
+        "Transactions PostgreSQL streamed before their commit (protocol 2+), by outcome."
+    );
+    describe_gauge!(STREAM_BUFFER_BYTES, Unit::Bytes, "Streamed transactions not yet committed, held in memory.");
+    describe_counter!(STREAM_SPILLED_BYTES, Unit::Bytes, "Streamed transactions written to spill files.");
     describe_gauge!(FLUSHED_LSN, "Slot position acknowledged to PostgreSQL (flushed by every sink).");
     describe_gauge!(CONNECTED, "1 while the replication stream is connected.");
     describe_gauge!(READY, "1 while /readyz answers 200.");

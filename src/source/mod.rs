@@ -2,6 +2,7 @@
 //! pgoutput decoder. `session` runs the replication connection, `pgoutput`
 //! and `values` are the pure wire-format decoder, `relations` turns decoded
 //! tuples into named rows, and `slot` manages the publication and slot.
+//! `streamed` holds transactions the server streams before they commit.
 //! `snapshot` is the initial load (and `scan` the chunked table reads it
 //! shares with backfill; `copy` decodes their binary COPY data).
 
@@ -12,6 +13,7 @@ pub mod scan;
 pub mod session;
 pub mod slot;
 pub mod snapshot;
+pub mod streamed;
 pub mod values;
 
 use std::fmt;

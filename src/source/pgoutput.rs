@@ -656,6 +656,13 @@ impl Decoder {
         }
     }
 
+    /// Decodes one data message as it reads inside a streamed block (with
+    /// its xid), whatever this decoder's state: for a streamed transaction's
+    /// messages held until its commit and read back then.
+    pub fn decode_streamed(&self, data: &Bytes, lsn: u64) -> Result<Message, DecodeError> {
+        Decoder { proto_version: self.proto_version, in_stream: true }.decode_bytes(data, lsn)
+    }
+
     fn decode_body(&self, tag: u8, r: &mut Reader<'_>) -> Result<Message, Fail> {
         // Inside a streamed block, data messages lead with the xid of the
         // (sub)transaction they belong to.

@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, watch};
 use super::pgoutput::{DecodeError, Decoder, Message};
 use super::relations::{self, RelationError, Relations};
 use super::slot::{self, SlotError};
+use super::streamed::{InProgress, SpillError};
 use super::{Change, Op, Position, Row, SourceEvent, TxInfo, PG_EPOCH_OFFSET_US};
 use crate::config::SourceConfig;
 use crate::observe::{ReaderProgress, TableCounters};
@@ -38,6 +39,8 @@ pub enum SessionError {
     Catalog(#[source] SlotError),
     #[error("the replication reader's thread failed: {0}")]
     Thread(String),
+    #[error(transparent)]
+    Spill(#[from] SpillError),
 }
 
 impl SessionError {
@@ -188,13 +191,22 @@ async fn stream_once(
     let acked = *acks.borrow();
     let catalog = Catalog::load(cfg).await?;
     let binary = !text_only && cfg.binary.unwrap_or(catalog.binary_ok);
-    let rc = replication_config(cfg)?.with_ack_lsn(Lsn(acked)).with_binary(binary);
+    let proto = cfg.proto_version_for(catalog.server_version);
+    let mut rc = replication_config(cfg)?.with_ack_lsn(Lsn(acked)).with_binary(binary).with_proto_version(proto);
+    if proto >= 2 {
+        // "parallel" (protocol 4) is "on" plus the abort's LSN and time.
+        rc = rc.with_streaming(if proto >= 4 { "parallel" } else { "on" });
+    }
     let mut relations = Relations::new(catalog.primary_keys, catalog.types, binary && cfg.binary.is_none());
     let mut client = ReplicationClient::connect(rc).await.map_err(|e| busy_or(e, &cfg.slot))?;
-    tracing::info!(slot = %cfg.slot, publication = %cfg.publication, binary, "replication started");
+    tracing::info!(slot = %cfg.slot, publication = %cfg.publication, binary, proto_version = proto, "replication started");
     progress.set_connected(true);
     let mut read = TableCounters::new("read");
-    let mut decoder = Decoder::new(1);
+    let mut decoder = Decoder::new(proto);
+    let mut streams =
+        InProgress::new(cfg.stream_buffer_mb << 20, cfg.spill_dir.clone().unwrap_or_else(std::env::temp_dir));
+    // The top-level xid of the streamed block being read.
+    let mut streaming_xid = 0u32;
     let mut open: Option<OpenTx> = None;
     let mut last_idle = 0u64;
     let mut last_reported = acked;
@@ -251,15 +263,41 @@ async fn stream_once(
             }
             ReplicationEvent::XLogData { wal_start, wal_end, data, .. } => {
                 progress.saw_server_wal_end(wal_end.0);
-                let msg = decoder.decode_bytes(&data, wal_start.0)?;
-                for change in changes(msg, &mut relations, open.as_mut(), wal_start.0)? {
-                    read.add(&change.table, 1);
-                    progress.buffered_one();
-                    if out.send(SourceEvent::Change(Box::new(change))).await.is_err() {
-                        return Ok(());
+                // Inside a streamed block everything but its Stream Stop
+                // belongs to a transaction that has not committed: held, and
+                // decoded only if it commits.
+                if decoder.in_stream() && data.first() != Some(&b'E') {
+                    streams.push(streaming_xid, wal_start.0, &data)?;
+                    continue;
+                }
+                match decoder.decode_bytes(&data, wal_start.0)? {
+                    Message::StreamStart { xid, .. } => {
+                        streaming_xid = xid;
+                        continue;
+                    }
+                    Message::StreamAbort { xid, sub_xid, .. } => {
+                        streams.abort(xid, sub_xid)?;
+                        continue;
+                    }
+                    Message::StreamCommit { xid, commit_lsn, end_lsn, commit_ts, .. } => {
+                        let info = TxInfo { xid, commit_lsn, commit_ts_us: commit_ts + PG_EPOCH_OFFSET_US };
+                        let mut tx = OpenTx { info, ordinal: 0 };
+                        let mut held = streams.commit(xid)?;
+                        while let Some((lsn, bytes)) = held.next_message()? {
+                            let msg = decoder.decode_streamed(&bytes, lsn)?;
+                            if !forward(msg, lsn, &mut relations, Some(&mut tx), out, &mut read, progress).await? {
+                                return Ok(());
+                            }
+                        }
+                        SourceEvent::Commit { end_lsn, tx: tx.info }
+                    }
+                    msg => {
+                        if !forward(msg, wal_start.0, &mut relations, open.as_mut(), out, &mut read, progress).await? {
+                            return Ok(());
+                        }
+                        continue;
                     }
                 }
-                continue;
             }
             // A non-transactional message (our heartbeat, or anyone's) is
             // decoded in WAL order between transactions: every commit before
@@ -279,6 +317,27 @@ async fn stream_once(
             return Ok(());
         }
     }
+}
+
+/// Sends the changes `msg` carries to the pipeline; `false` when the
+/// pipeline has gone (shutting down).
+async fn forward(
+    msg: Message,
+    lsn: u64,
+    relations: &mut Relations,
+    tx: Option<&mut OpenTx>,
+    out: &mpsc::Sender<SourceEvent>,
+    read: &mut TableCounters,
+    progress: &ReaderProgress,
+) -> Result<bool, SessionError> {
+    for change in changes(msg, relations, tx, lsn)? {
+        read.add(&change.table, 1);
+        progress.buffered_one();
+        if out.send(SourceEvent::Change(Box::new(change))).await.is_err() {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// Writes a heartbeat message every `every` on an ordinary connection,
@@ -328,6 +387,8 @@ struct Catalog {
     /// The server has binary transfer (14+) and every published column has
     /// a type pgfanout decodes in binary.
     binary_ok: bool,
+    /// `server_version_num`.
+    server_version: i32,
 }
 
 impl Catalog {
@@ -340,13 +401,13 @@ impl Catalog {
         let column_types = relations::published_column_types(&client, &cfg.publication)
             .await
             .map_err(err("read the published columns' types"))?;
-        let version: i32 = client
+        let server_version: i32 = client
             .query_one("SELECT current_setting('server_version_num')::int", &[])
             .await
             .map_err(err("read the server version"))?
             .get(0);
-        let binary_ok = version >= 140_000 && column_types.iter().all(|&t| types.decodes_binary(t));
-        Ok(Catalog { primary_keys, types, binary_ok })
+        let binary_ok = server_version >= 140_000 && column_types.iter().all(|&t| types.decodes_binary(t));
+        Ok(Catalog { primary_keys, types, binary_ok, server_version })
     }
 }
 

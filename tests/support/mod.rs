@@ -69,6 +69,9 @@ impl TestEnv {
                 status_interval_ms: 200,
                 heartbeat_ms: 0,
                 binary: None,
+                proto_version: None,
+                stream_buffer_mb: 16,
+                spill_dir: None,
             },
             log: LogConfig {
                 brokers: env("PGFANOUT_KAFKA_BROKERS"),
