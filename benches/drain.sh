@@ -7,8 +7,14 @@
 # backlog). Same backlog, same run, same transport (TCP loopback); prints
 # rows/s, the ratios and pgfanout's peak and final RSS.
 #
+# Both sides use the same pgoutput protocol: PROTO (default 4, pgfanout's
+# choice on PostgreSQL 16+, with streaming = parallel, so a transaction over
+# logical_decoding_work_mem is streamed in progress; 2 means streaming = on,
+# 1 no streaming).
+#
 #   benches/drain.sh                      1,000,000 rows in one transaction
 #   ROWS=200000 TX_ROWS=100 benches/drain.sh   200k rows in 100-row transactions
+#   PROTO=1 benches/drain.sh              the server spills, sends at commit
 set -euo pipefail
 # Own run directory, so a bench can run beside a test run (set before
 # common.sh, which defaults it).
@@ -19,6 +25,13 @@ cd "$PGFANOUT_ROOT"
 
 ROWS="${ROWS:-1000000}"
 TX_ROWS="${TX_ROWS:-$ROWS}"
+PROTO="${PROTO:-4}"
+case "$PROTO" in
+  1) RECV_PROTO=(-o proto_version=1) ;;
+  2 | 3) RECV_PROTO=(-o "proto_version=$PROTO" -o streaming=on) ;;
+  *) RECV_PROTO=(-o "proto_version=$PROTO" -o streaming=parallel) ;;
+esac
+export PGFANOUT_SOURCE__PROTO_VERSION="$PROTO"
 export PGFANOUT_PG_VERSIONS="${PGFANOUT_PG_VERSIONS:-17}"
 ensure_rust
 scripts/services install
@@ -43,14 +56,14 @@ bench() {
   local t0 t1 recv_text_ms drain_text_ms recv_binary_ms drain_binary_ms full_ms
   t0=$(now_ms)
   "$pgbin/pg_recvlogical" -d "$db" --slot recv_text --start --endpos "$end" --no-loop \
-    -o proto_version=1 -o publication_names=bench -f /dev/null
+    "${RECV_PROTO[@]}" -o publication_names=bench -f /dev/null
   t1=$(now_ms); recv_text_ms=$(( t1 - t0 ))
   t0=$(now_ms)
   RUST_LOG=warn PGFANOUT_SOURCE__SLOT=drain_text PGFANOUT_SOURCE__BINARY=false "$BIN" -c "$conf" drain --until "$end" >&2
   t1=$(now_ms); drain_text_ms=$(( t1 - t0 ))
   t0=$(now_ms)
   "$pgbin/pg_recvlogical" -d "$db" --slot recv_binary --start --endpos "$end" --no-loop \
-    -o proto_version=1 -o publication_names=bench -o binary=true -f /dev/null
+    "${RECV_PROTO[@]}" -o publication_names=bench -o binary=true -f /dev/null
   t1=$(now_ms); recv_binary_ms=$(( t1 - t0 ))
   t0=$(now_ms)
   RUST_LOG=warn PGFANOUT_SOURCE__SLOT=drain_binary PGFANOUT_SOURCE__BINARY=true "$BIN" -c "$conf" drain --until "$end" >&2
@@ -74,7 +87,8 @@ import sys
 rows, tx, recv_t, drain_t, recv_b, drain_b, full, hwm, rss, v = sys.argv[1:]
 rows = int(rows)
 rate = lambda ms: rows / (int(ms) / 1000)
-print(f"PostgreSQL {v}, {rows} rows in transactions of {tx}, TCP loopback, {open('/proc/cpuinfo').read().count('processor')} cores")
+import os
+print(f"PostgreSQL {v}, pgoutput protocol {os.environ['PGFANOUT_SOURCE__PROTO_VERSION']}, {rows} rows in transactions of {tx}, TCP loopback, {open('/proc/cpuinfo').read().count('processor')} cores")
 print(f"{'pg_recvlogical, text (ceiling)':38} {rate(recv_t):>10,.0f} rows/s")
 print(f"{'pgfanout drain, text (source only)':38} {rate(drain_t):>10,.0f} rows/s   ratio {int(recv_t)/int(drain_t):.2f}")
 print(f"{'pg_recvlogical, binary (ceiling)':38} {rate(recv_b):>10,.0f} rows/s")

@@ -9,7 +9,7 @@ mod support;
 use std::time::Duration;
 
 use pgfanout::config::SourceConfig;
-use pgfanout::source::{session, Change, SourceEvent};
+use pgfanout::source::{session, Change, Op, SourceEvent};
 use serde_json::json;
 use support::{pg_versions, wait_until, TestEnv};
 use tokio::sync::{mpsc, watch};
@@ -251,7 +251,9 @@ SET TimeZone = 'America/New_York';
 INSERT INTO typed (id, c_timestamptz, c_timestamp, c_date) VALUES (3, '2026-03-08 01:59:59.999-05', '-infinity', 'infinity');
 SET TimeZone = 'UTC';
 UPDATE typed SET c_text = 'now ü', c_mood = 'sad', c_numeric = -0.000001 WHERE id = 1;
-DELETE FROM typed WHERE id = 2;"#;
+DELETE FROM typed WHERE id = 2;
+INSERT INTO typed (id, c_text, a_text) VALUES (5, (SELECT string_agg(md5(g::text), '') FROM generate_series(1, 5000) g),
+  ARRAY[repeat('long ü ', 20000)]);"#;
 
 /// What SELECT returns for each row of `typed`, as values: each column's
 /// text through `Value::from_text` with its base type, in JSON form.
@@ -302,9 +304,10 @@ async fn typed_values(v: &str) {
     }
     t.pg.batch_execute(TYPED_ROWS).await.unwrap();
     let want = selected_typed(&t).await;
-    assert_eq!(want.keys().copied().collect::<Vec<_>>(), vec![1, 3], "PG {v}");
+    assert_eq!(want.keys().copied().collect::<Vec<_>>(), vec![1, 3, 5], "PG {v}");
+    // Row 5's text (160 kB of hex) cannot fit in an 8 kB page: TOASTed.
     for (mode, r) in &mut readers {
-        let changes = r.changes(5).await;
+        let changes = r.changes(6).await;
         // The latest state of each row, as the stream tells it.
         let mut got = std::collections::BTreeMap::new();
         for c in &changes {
@@ -331,7 +334,7 @@ async fn typed_values(v: &str) {
         // automatic mode may read the first transaction again (the sinks are
         // idempotent): the new row is the first change with id 4.
         let mut after = json!(null);
-        for _ in 0..=5 {
+        for _ in 0..=6 {
             after = r.changes(1).await.remove(0).after.map(|a| a.to_json()).unwrap_or_default();
             if after["id"] == json!(4) {
                 break;
@@ -343,9 +346,6 @@ async fn typed_values(v: &str) {
             "binary" => assert!(p.starts_with("\\x3ff0"), "PG {v}: forced binary point {p:?}"),
             _ => assert_eq!(p, "(1,2)", "PG {v}: {mode} transfer"),
         }
-    }
-    for (_, r) in readers {
-        r.stop().await;
     }
 
     // The snapshot's reader (binary COPY) gives the same values, the point
@@ -366,6 +366,21 @@ async fn typed_values(v: &str) {
         }
     }
     assert_eq!(scanned, selected_typed(&t).await, "PG {v}: snapshot read");
+
+    t.pg.batch_execute("TRUNCATE typed").await.unwrap();
+    for (mode, r) in &mut readers {
+        let truncate = loop {
+            let c = r.changes(1).await.remove(0);
+            if c.op == Op::Truncate {
+                break c;
+            }
+        };
+        assert_eq!(truncate.table.to_string(), "public.typed", "PG {v} {mode}");
+        assert_eq!((truncate.before, truncate.after), (None, None), "PG {v} {mode}");
+    }
+    for (_, r) in readers {
+        r.stop().await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

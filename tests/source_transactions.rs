@@ -117,24 +117,34 @@ async fn prepared_transactions_arrive_once_when_committed_and_never_when_rolled_
 
 const BIG: i64 = 50_000;
 
-/// The slot's spill counters (PostgreSQL 14+), `(spill_txns, spill_bytes)`.
-async fn spilled(t: &TestEnv) -> (i64, i64) {
+/// The slot's counters (PostgreSQL 14+): `(spill_txns, stream_txns)`.
+async fn slot_stats(t: &TestEnv) -> (i64, i64) {
     let r = t
         .pg
-        .query_one("SELECT spill_txns, spill_bytes FROM pg_stat_replication_slots WHERE slot_name = $1", &[&t.name])
+        .query_one("SELECT spill_txns, stream_txns FROM pg_stat_replication_slots WHERE slot_name = $1", &[&t.name])
         .await
         .unwrap();
     (r.get(0), r.get(1))
 }
 
-/// The slot's streaming counters (PostgreSQL 14+), `(stream_txns, stream_bytes)`.
-async fn streamed(t: &TestEnv) -> (i64, i64) {
-    let r = t
-        .pg
-        .query_one("SELECT stream_txns, stream_bytes FROM pg_stat_replication_slots WHERE slot_name = $1", &[&t.name])
-        .await
-        .unwrap();
-    (r.get(0), r.get(1))
+/// A 50,000-row transaction rolled back, then one event: only that event
+/// reaches the sinks.
+async fn big_rollback_then_one_event(t: &TestEnv) {
+    t.pg.batch_execute(&format!("BEGIN; {}; ROLLBACK", events(1, BIG))).await.unwrap();
+    t.pg.batch_execute(&events(BIG + 1, 1)).await.unwrap();
+    acked_to_the_end(t).await;
+    wait_until("the event after the rollback arrived", WAIT, || async { sink_counts(t).await == (1, 1, 1, 1) }).await;
+}
+
+/// Every sink holds `want` events, each once.
+async fn every_sink_holds(t: &TestEnv, want: u64, v: &str) {
+    acked_to_the_end(t).await;
+    wait_until("every sink holds every committed row", WAIT, || async {
+        sink_counts(t).await == (want, want, want, want)
+    })
+    .await;
+    assert_eq!(t.ch_count("SELECT uniqExact(event_id) FROM enriched_engagements").await, want, "PG {v}");
+    assert_eq!(t.http_get("_stats").await["duplicates"], 0, "PG {v}");
 }
 
 /// The smallest decoding memory the server allows, on our walsender only:
@@ -152,24 +162,13 @@ async fn large_transactions(v: &str) {
     t.start();
     content(&t).await;
 
-    t.pg.batch_execute(&format!("BEGIN; {}; ROLLBACK", events(1, BIG))).await.unwrap();
-    t.pg.batch_execute(&events(BIG + 1, 1)).await.unwrap();
-    acked_to_the_end(&t).await;
-    wait_until("the event after the rollback arrived", WAIT, || async { sink_counts(&t).await == (1, 1, 1, 1) }).await;
-    wait_until("the rolled-back transaction was spilled", WAIT, || async { spilled(&t).await.0 >= 1 }).await;
-    eprintln!("PG {v}: rolled back {BIG} rows, spill counters {:?}", spilled(&t).await);
+    big_rollback_then_one_event(&t).await;
+    wait_until("the rolled-back transaction was spilled", WAIT, || async { slot_stats(&t).await.0 >= 1 }).await;
 
     t.pg.batch_execute(&events(1, BIG)).await.unwrap();
-    acked_to_the_end(&t).await;
-    let want = BIG as u64 + 1;
-    wait_until("every sink holds every committed row", WAIT, || async {
-        sink_counts(&t).await == (want, want, want, want)
-    })
-    .await;
-    assert_eq!(t.ch_count("SELECT uniqExact(event_id) FROM enriched_engagements").await, want, "PG {v}");
-    assert_eq!(t.http_get("_stats").await["duplicates"], 0, "PG {v}");
-    wait_until("the committed transaction was spilled too", WAIT, || async { spilled(&t).await.0 >= 2 }).await;
-    eprintln!("PG {v}: committed {BIG} rows, spill counters {:?}", spilled(&t).await);
+    every_sink_holds(&t, BIG as u64 + 1, v).await;
+    wait_until("the committed transaction was spilled too", WAIT, || async { slot_stats(&t).await.0 >= 2 }).await;
+    eprintln!("PG {v}: (spill_txns, stream_txns) {:?}", slot_stats(&t).await);
     t.stop().await;
 }
 
@@ -190,11 +189,8 @@ async fn streamed_transactions(v: &str) {
     content(&t).await;
 
     // Streamed, then rolled back: nothing may arrive.
-    t.pg.batch_execute(&format!("BEGIN; {}; ROLLBACK", events(1, BIG))).await.unwrap();
-    t.pg.batch_execute(&events(BIG + 1, 1)).await.unwrap();
-    acked_to_the_end(&t).await;
-    wait_until("the event after the rollback arrived", WAIT, || async { sink_counts(&t).await == (1, 1, 1, 1) }).await;
-    wait_until("the rolled-back transaction was streamed", WAIT, || async { streamed(&t).await.0 >= 1 }).await;
+    big_rollback_then_one_event(&t).await;
+    wait_until("the rolled-back transaction was streamed", WAIT, || async { slot_stats(&t).await.1 >= 1 }).await;
 
     // A large transaction still open while a small one commits: the small
     // one arrives first and alone. The large one rolls back a savepoint
@@ -204,17 +200,12 @@ async fn streamed_transactions(v: &str) {
     big.batch_execute(&format!("BEGIN; {}", events(1, BIG))).await.unwrap();
     big.batch_execute(&format!("SAVEPOINT s; {}; ROLLBACK TO SAVEPOINT s", events(BIG + 10, 5_000))).await.unwrap();
     big.batch_execute(&events(BIG + 10_000, 10)).await.unwrap();
-    wait_until("the open transaction was streamed", WAIT, || async { streamed(&t).await.0 >= 2 }).await;
+    wait_until("the open transaction was streamed", WAIT, || async { slot_stats(&t).await.1 >= 2 }).await;
     t.pg.batch_execute(&events(BIG + 2, 1)).await.unwrap();
     wait_until("the small transaction arrived", WAIT, || async { sink_counts(&t).await == (2, 2, 2, 2) }).await;
     big.batch_execute("COMMIT").await.unwrap();
 
-    acked_to_the_end(&t).await;
-    let want = BIG as u64 + 2 + 10;
-    wait_until("every sink holds every committed row", WAIT, || async {
-        sink_counts(&t).await == (want, want, want, want)
-    })
-    .await;
+    every_sink_holds(&t, BIG as u64 + 2 + 10, v).await;
     let rolled_back = t
         .ch_count(&format!(
             "SELECT count() FROM enriched_engagements WHERE event_id BETWEEN {} AND {}",
@@ -223,10 +214,8 @@ async fn streamed_transactions(v: &str) {
         ))
         .await;
     assert_eq!(rolled_back, 0, "PG {v}: rows of the rolled-back savepoint reached ClickHouse");
-    assert_eq!(t.ch_count("SELECT uniqExact(event_id) FROM enriched_engagements").await, want, "PG {v}");
-    assert_eq!(t.http_get("_stats").await["duplicates"], 0, "PG {v}");
-    let (spill_txns, _) = spilled(&t).await;
-    eprintln!("PG {v}: streaming counters {:?}, server spills {spill_txns}", streamed(&t).await);
+    let (spill_txns, stream_txns) = slot_stats(&t).await;
+    eprintln!("PG {v}: (spill_txns, stream_txns) ({spill_txns}, {stream_txns})");
     assert_eq!(spill_txns, 0, "PG {v}: the server spilled although it could stream");
     t.stop().await;
 }
