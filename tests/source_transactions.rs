@@ -127,23 +127,61 @@ async fn slot_stats(t: &TestEnv) -> (i64, i64) {
     (r.get(0), r.get(1))
 }
 
-/// A 50,000-row transaction rolled back, then one event: only that event
-/// reaches the sinks.
+/// A connection of its own, for a transaction left open.
+async fn connect(t: &TestEnv) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(t.cfg.source.url.expose(), tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    client
+}
+
+/// Waits until our walsender has decoded everything `open` (a connection
+/// in an open transaction) has written: what overflowed the decoding memory
+/// has been spilled or streamed by then. (PostgreSQL 18 skips spilling and
+/// streaming a transaction it already knows to be aborted, so a test that
+/// wants either must roll back only after this.)
+async fn decoded(t: &TestEnv, open: &tokio_postgres::Client) {
+    let written: String = open.query_one("SELECT pg_current_wal_insert_lsn()::text", &[]).await.unwrap().get(0);
+    wait_until("the walsender decoded the open transaction", WAIT, || async {
+        t.pg.query_one(
+            "SELECT coalesce(bool_or(r.sent_lsn >= $2::text::pg_lsn), false)
+             FROM pg_replication_slots s JOIN pg_stat_replication r ON r.pid = s.active_pid WHERE s.slot_name = $1",
+            &[&t.name, &written],
+        )
+        .await
+        .unwrap()
+        .get(0)
+    })
+    .await;
+}
+
+/// A 50,000-row transaction rolled back after the walsender decoded it,
+/// then one event: only that event reaches the sinks.
 async fn big_rollback_then_one_event(t: &TestEnv) {
-    t.pg.batch_execute(&format!("BEGIN; {}; ROLLBACK", events(1, BIG))).await.unwrap();
+    let big = connect(t).await;
+    big.batch_execute(&format!("BEGIN; {}", events(1, BIG))).await.unwrap();
+    decoded(t, &big).await;
+    big.batch_execute("ROLLBACK").await.unwrap();
     t.pg.batch_execute(&events(BIG + 1, 1)).await.unwrap();
     acked_to_the_end(t).await;
     wait_until("the event after the rollback arrived", WAIT, || async { sink_counts(t).await == (1, 1, 1, 1) }).await;
 }
 
-/// Every sink holds `want` events, each once.
+/// Every sink holds `want` events, each once: in ClickHouse and Redis,
+/// and by event id over HTTP. (A batch replayed after a lost replication
+/// connection may reach the receiver under a new batch key; its events keep
+/// their ids, which is what a receiver deduplicates on.)
 async fn every_sink_holds(t: &TestEnv, want: u64, v: &str) {
     acked_to_the_end(t).await;
     wait_until("every sink holds every committed row", WAIT, || async {
-        sink_counts(t).await == (want, want, want, want)
+        let (ch, ch_raw, http, redis) = sink_counts(t).await;
+        (ch, ch_raw, redis) == (want, want, want) && http >= want
     })
     .await;
     assert_eq!(t.ch_count("SELECT uniqExact(event_id) FROM enriched_engagements").await, want, "PG {v}");
+    let events = t.http_get("_events").await;
+    let ids: std::collections::HashSet<&str> =
+        events.as_array().unwrap().iter().map(|e| e["id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len() as u64, want, "PG {v}: HTTP distinct event ids");
     assert_eq!(t.http_get("_stats").await["duplicates"], 0, "PG {v}");
 }
 
@@ -194,18 +232,34 @@ async fn streamed_transactions(v: &str) {
 
     // A large transaction still open while a small one commits: the small
     // one arrives first and alone. The large one rolls back a savepoint
-    // holding 5,000 rows (streamed before the rollback) and then commits.
-    let (big, connection) = tokio_postgres::connect(t.cfg.source.url.expose(), tokio_postgres::NoTls).await.unwrap();
-    tokio::spawn(connection);
-    big.batch_execute(&format!("BEGIN; {}", events(1, BIG))).await.unwrap();
-    big.batch_execute(&format!("SAVEPOINT s; {}; ROLLBACK TO SAVEPOINT s", events(BIG + 10, 5_000))).await.unwrap();
-    big.batch_execute(&events(BIG + 10_000, 10)).await.unwrap();
-    wait_until("the open transaction was streamed", WAIT, || async { slot_stats(&t).await.1 >= 2 }).await;
+    // holding 5,000 rows (streamed before the rollback), outlives a lost
+    // replication connection, and then commits.
+    let big = connect(&t).await;
+    big.batch_execute(&format!("BEGIN; {}; SAVEPOINT s; {}", events(1, BIG), events(BIG + 10, 5_000))).await.unwrap();
+    decoded(&t, &big).await;
+    big.batch_execute(&format!("ROLLBACK TO SAVEPOINT s; {}", events(BIG + 10_000, 10))).await.unwrap();
+    decoded(&t, &big).await;
     t.pg.batch_execute(&events(BIG + 2, 1)).await.unwrap();
     wait_until("the small transaction arrived", WAIT, || async { sink_counts(&t).await == (2, 2, 2, 2) }).await;
+    assert_eq!(slot_stats(&t).await.0, 0, "PG {v}: the server spilled although it could stream");
+    // The replication connection drops while pgfanout holds the open
+    // transaction: what it held goes with the connection, and the server
+    // sends the transaction again, all of it, on the next one (spilling
+    // what it decodes before the slot's confirmed position, which it may
+    // not stream).
+    let terminated: i64 =
+        t.pg.query_one(
+            "SELECT count(pg_terminate_backend(active_pid)) FROM pg_replication_slots WHERE slot_name = $1",
+            &[&t.name],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(terminated, 1, "PG {v}: the walsender was running");
+    big.batch_execute(&events(BIG + 20_000, 10)).await.unwrap();
     big.batch_execute("COMMIT").await.unwrap();
 
-    every_sink_holds(&t, BIG as u64 + 2 + 10, v).await;
+    every_sink_holds(&t, BIG as u64 + 2 + 20, v).await;
     let rolled_back = t
         .ch_count(&format!(
             "SELECT count() FROM enriched_engagements WHERE event_id BETWEEN {} AND {}",
@@ -216,7 +270,7 @@ async fn streamed_transactions(v: &str) {
     assert_eq!(rolled_back, 0, "PG {v}: rows of the rolled-back savepoint reached ClickHouse");
     let (spill_txns, stream_txns) = slot_stats(&t).await;
     eprintln!("PG {v}: (spill_txns, stream_txns) ({spill_txns}, {stream_txns})");
-    assert_eq!(spill_txns, 0, "PG {v}: the server spilled although it could stream");
+    assert!(stream_txns >= 2, "PG {v}: streamed {stream_txns} transactions");
     t.stop().await;
 }
 
