@@ -54,6 +54,10 @@ async fn terminated_walsender(v: &str) {
     .await;
     let end = t.wal_insert_lsn().await;
     wait_until("slot acknowledged to the end", WAIT, || async { t.confirmed_flush_lsn().await >= end }).await;
+    // What the pipeline was handed before a reconnect is not sent again:
+    // no row inserted twice, no event posted twice.
+    assert_eq!(t.ch_count("SELECT count() FROM enriched_engagements").await, written as u64, "PG {v}");
+    assert_eq!(t.http_get("_stats").await["events"], written, "PG {v}");
     t.stop().await;
 }
 

@@ -94,6 +94,17 @@ pub const HEARTBEAT_PREFIX: &str = "pgfanout-heartbeat";
 /// How long a start-up waits for a slot held by a connection that died.
 const SLOT_BUSY_PATIENCE: Duration = Duration::from_secs(90);
 
+/// What this process has handed to the pipeline, kept across reconnects: a
+/// new connection replays from the acknowledged position, and whatever was
+/// handed over already (in flight in the pipeline, or flushed) is skipped
+/// instead of reaching the log and the sinks a second time. Positions and
+/// commits only grow in the stream, so one high-water mark of each suffices.
+#[derive(Default)]
+struct Handed {
+    change: Position,
+    commit_end: u64,
+}
+
 /// State of the transaction being read.
 struct OpenTx {
     info: TxInfo,
@@ -146,9 +157,10 @@ pub async fn read(
     }
     // Set when a binary stream met a type it cannot decode: text from then on.
     let mut text_only = false;
+    let mut handed = Handed::default();
     loop {
         let attempt = std::time::Instant::now();
-        let streamed = stream_once(&cfg, text_only, &out, &mut acks, &mut shutdown, &progress).await;
+        let streamed = stream_once(&cfg, text_only, &out, &mut acks, &mut shutdown, &progress, &mut handed).await;
         progress.set_connected(false);
         // A session that streamed for a while was healthy: the next
         // reconnect starts from the shortest delay again.
@@ -188,6 +200,7 @@ async fn stream_once(
     acks: &mut watch::Receiver<u64>,
     shutdown: &mut watch::Receiver<bool>,
     progress: &ReaderProgress,
+    handed: &mut Handed,
 ) -> Result<(), SessionError> {
     let acked = *acks.borrow();
     let catalog = Catalog::load(cfg).await?;
@@ -286,14 +299,16 @@ async fn stream_once(
                         let mut held = streams.commit(xid)?;
                         while let Some((lsn, bytes)) = held.next_message()? {
                             let msg = decoder.decode_streamed(&bytes, lsn)?;
-                            if !forward(msg, lsn, &mut relations, Some(&mut tx), out, &mut read, progress).await? {
+                            let to = Output { out, read: &mut read, progress, handed: &mut *handed };
+                            if !forward(msg, lsn, &mut relations, Some(&mut tx), to).await? {
                                 return Ok(());
                             }
                         }
                         SourceEvent::Commit { end_lsn, tx: tx.info }
                     }
                     msg => {
-                        if !forward(msg, wal_start.0, &mut relations, open.as_mut(), out, &mut read, progress).await? {
+                        let to = Output { out, read: &mut read, progress, handed: &mut *handed };
+                        if !forward(msg, wal_start.0, &mut relations, open.as_mut(), to).await? {
                             return Ok(());
                         }
                         continue;
@@ -314,27 +329,43 @@ async fn stream_once(
             }
             ReplicationEvent::Message { .. } | ReplicationEvent::StoppedAt { .. } => continue,
         };
+        if let SourceEvent::Commit { end_lsn, .. } = event {
+            if end_lsn <= handed.commit_end {
+                continue;
+            }
+            handed.commit_end = end_lsn;
+        }
         if out.send(event).await.is_err() {
             return Ok(());
         }
     }
 }
 
-/// Sends the changes `msg` carries to the pipeline; `false` when the
-/// pipeline has gone (shutting down).
+/// Where decoded changes go, and what is counted on the way.
+struct Output<'a> {
+    out: &'a mpsc::Sender<SourceEvent>,
+    read: &'a mut TableCounters,
+    progress: &'a ReaderProgress,
+    handed: &'a mut Handed,
+}
+
+/// Sends the changes `msg` carries to the pipeline, but those it was handed
+/// before a reconnect; `false` when the pipeline has gone (shutting down).
 async fn forward(
     msg: Message,
     lsn: u64,
     relations: &mut Relations,
     tx: Option<&mut OpenTx>,
-    out: &mpsc::Sender<SourceEvent>,
-    read: &mut TableCounters,
-    progress: &ReaderProgress,
+    to: Output<'_>,
 ) -> Result<bool, SessionError> {
     for change in changes(msg, relations, tx, lsn)? {
-        read.add(&change.table, 1);
-        progress.buffered_one();
-        if out.send(SourceEvent::Change(Box::new(change))).await.is_err() {
+        if change.position <= to.handed.change {
+            continue;
+        }
+        to.handed.change = change.position;
+        to.read.add(&change.table, 1);
+        to.progress.buffered_one();
+        if to.out.send(SourceEvent::Change(Box::new(change))).await.is_err() {
             return Ok(false);
         }
     }
