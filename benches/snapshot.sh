@@ -4,8 +4,10 @@
 # fastest way out of the table), by `pgfanout snapshot --log-only` (COPY,
 # decode, broker) and by `pgfanout snapshot` (broker, enrichment and every
 # sink). Same table, same run, TCP loopback; prints rows/s, each as a
-# fraction of COPY's, and pgfanout's peak RSS (memory stays bounded by a few
-# batches per worker, whatever ROWS is).
+# fraction of COPY's, pgfanout's peak RSS (memory stays bounded by a few
+# batches per worker, whatever ROWS is) and CPU seconds, and the CPU seconds
+# every program on the machine spent during each pgfanout run (where the two
+# cores went).
 #
 #   benches/snapshot.sh                          1,000,000 rows, 2 workers
 #   ROWS=200000 WORKERS=4 benches/snapshot.sh
@@ -14,6 +16,7 @@ set -euo pipefail
 # common.sh, which defaults it).
 export PGFANOUT_RUN_DIR="${PGFANOUT_RUN_DIR:-/tmp/pgfanout-bench}"
 source "$(dirname "${BASH_SOURCE[0]}")/../scripts/lib/common.sh"
+source "$PGFANOUT_ROOT/scripts/lib/bench.sh"
 cd "$PGFANOUT_ROOT"
 
 ROWS="${ROWS:-1000000}"
@@ -25,7 +28,8 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PGFANOUT_CACHE/target}"
 cargo build --release --locked --bin pgfanout
 BIN="$CARGO_TARGET_DIR/release/pgfanout"
 
-# measure OUT CMD…: runs CMD with stdout to OUT; prints "<wall ms> <peak RSS kB>".
+# measure OUT CMD…: runs CMD with stdout to OUT; prints "<wall ms> <peak RSS
+# kB> <CPU s>" (the CPU of CMD itself, user + system).
 measure() {
   python3 - "$@" <<'PY'
 import resource, subprocess, sys, time
@@ -36,7 +40,8 @@ with open(out, "wb") as f:
 ms = int((time.monotonic() - t0) * 1000)
 if rc:
     sys.exit(f"{cmd[0]} exited with {rc}")
-print(ms, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(ms, ru.ru_maxrss, round(ru.ru_utime + ru.ru_stime, 1))
 PY
 }
 
@@ -88,10 +93,18 @@ TOML
   local copy1 copy2 logonly full
   copy1=$(measure /dev/null "$pgbin/psql" -qX "$db" -c "$copy_sql")
   reset
+  cpu_snapshot >"$PGFANOUT_RUN_DIR/cpu-0"
   logonly=$(RUST_LOG=warn measure "$PGFANOUT_RUN_DIR/snapbench-logonly.json" \
     "$BIN" -c "$conf" snapshot --log-only --workers "$WORKERS")
+  cpu_snapshot >"$PGFANOUT_RUN_DIR/cpu-1"
+  log "snapshot --log-only: pgfanout itself $(cut -d' ' -f3 <<<"$logonly") CPU s; the other programs:"
+  cpu_between "$PGFANOUT_RUN_DIR/cpu-0" "$PGFANOUT_RUN_DIR/cpu-1" $(( $(cut -d' ' -f1 <<<"$logonly") / 1000 ))
   reset
+  cpu_snapshot >"$PGFANOUT_RUN_DIR/cpu-2"
   full=$(RUST_LOG=warn measure "$PGFANOUT_RUN_DIR/snapbench-full.json" "$BIN" -c "$conf" snapshot --workers "$WORKERS")
+  cpu_snapshot >"$PGFANOUT_RUN_DIR/cpu-3"
+  log "snapshot with every sink: pgfanout itself $(cut -d' ' -f3 <<<"$full") CPU s; the other programs:"
+  cpu_between "$PGFANOUT_RUN_DIR/cpu-2" "$PGFANOUT_RUN_DIR/cpu-3" $(( $(cut -d' ' -f1 <<<"$full") / 1000 ))
   copy2=$(measure /dev/null "$pgbin/psql" -qX "$db" -c "$copy_sql")
 
   python3 - "$ROWS" "$v" "$WORKERS" "$copy1" "$copy2" "$logonly" "$full" "$PGFANOUT_RUN_DIR" <<'PY'
@@ -104,6 +117,7 @@ for kind in ("logonly", "full"):
         sys.exit(f"pgfanout snapshot ({kind}) read {read} rows, expected {rows}")
 ms = lambda s: int(s.split()[0])
 rss = lambda s: int(s.split()[1]) / 1024
+cpu = lambda s: float(s.split()[2])
 rate = lambda m: rows / (m / 1000)
 ceiling = rate((ms(copy1) + ms(copy2)) / 2)
 print(f"PostgreSQL {v}, {rows} rows, {workers} workers, TCP loopback, "
@@ -111,7 +125,8 @@ print(f"PostgreSQL {v}, {rows} rows, {workers} workers, TCP loopback, "
 print(f"{'COPY … (FORMAT binary) via psql (ceiling)':44} {ceiling:>10,.0f} rows/s   "
       f"(runs: {rate(ms(copy1)):,.0f} and {rate(ms(copy2)):,.0f})")
 for name, r in (("pgfanout snapshot --log-only (broker only)", logonly), ("pgfanout snapshot (log + every sink)", full)):
-    print(f"{name:44} {rate(ms(r)):>10,.0f} rows/s   ratio {rate(ms(r)) / ceiling:.3f} of COPY, peak RSS {rss(r):.0f} MB")
+    print(f"{name:44} {rate(ms(r)):>10,.0f} rows/s   ratio {rate(ms(r)) / ceiling:.3f} of COPY, "
+          f"peak RSS {rss(r):.0f} MB, {cpu(r) / rows * 1e6:.1f} µs CPU per row")
 PY
 }
 with_services bench
