@@ -113,6 +113,7 @@ impl InProgress {
         let fail = |source| SpillError { xid, dir: dir.display().to_string(), source };
         let held = self.txs.get_mut(&xid).expect("spilling an open transaction");
         if held.file.is_none() {
+            tracing::info!(xid, dir = %dir.display(), held_bytes = held.memory.len(), "streamed transaction outgrew source.stream_buffer_mb; spilling it to a file until it ends");
             held.file = Some(tempfile::tempfile_in(dir).map_err(fail)?);
         }
         let file = held.file.as_mut().expect("created above");
