@@ -51,8 +51,8 @@
 //! rows that arrive later come back): do not backfill across a truncate.
 //!
 //! Each run writes its Redis batches under its own progress scope
-//! (`<prefix>progress:backfill:<cp>:<table>:<chunk>`, deleted when the chunk
-//! is done), never the live `<prefix>progress`, whose watermark positions
+//! (`<prefix>position:backfill:<cp>:<table>:<chunk>`, deleted when the chunk
+//! is done), never the live `<prefix>position`, whose watermark positions
 //! below `cp` would otherwise skip or move. A backfill keeps no state: after
 //! a crash, run it again.
 

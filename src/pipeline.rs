@@ -311,8 +311,8 @@ async fn acknowledge(
 /// How `Delivery::deliver_with` treats a batch that is not the live stream.
 #[derive(Debug, Clone, Default)]
 pub struct DeliverOptions {
-    /// Redis progress watermark `<prefix>progress:<scope>` instead of the
-    /// live `<prefix>progress`. Snapshot and backfill positions sit below
+    /// Redis progress watermark `<prefix>position:<scope>` instead of the
+    /// live `<prefix>position`. Snapshot and backfill positions sit below
     /// the live stream's, so under the live key they would be skipped (or
     /// would move it past live changes not yet applied); each snapshot chunk
     /// and backfill chunk has its own scope, so a replayed chunk skips what

@@ -185,3 +185,47 @@ async fn null_rules_and_unknown_content_in_every_sink() {
         nulls_and_unknown_content(&v).await;
     }
 }
+
+/// Two batches of one transaction whose ordinals `Position::version()`
+/// cannot tell apart (past 2^20, a transaction of more than a million
+/// changes): Redis applies both, and a replay of the second applies nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_applies_every_batch_of_a_transaction_past_a_million_changes() {
+    use pgfanout::enrich::{EngagementChange, EngagementRow, Enriched};
+    use pgfanout::source::{Op, Position};
+    let t = TestEnv::new(&pg_versions()[0]).await;
+    let sink = pgfanout::sinks::redis::RedisSink::connect(&t.cfg.redis).await.unwrap();
+    let batch = |ordinal: u32| Enriched {
+        engagements: vec![EngagementChange {
+            op: Op::Create,
+            current: Some(EngagementRow {
+                event_id: i64::from(ordinal),
+                content_id: None,
+                user_id: None,
+                event_type: Some("play".into()),
+                event_ts: 0,
+                duration_ms: None,
+                device: None,
+                raw_payload: None,
+                engagement_seconds: None,
+                engagement_percent: None,
+                content_slug: None,
+                content_title: None,
+                content_type: None,
+                length_seconds: None,
+                publish_ts: None,
+            }),
+            previous: None,
+            position: Position { commit_lsn: 0x1_0000_0000, ordinal },
+            commit_ts: 0,
+            replay_digest: None,
+        }],
+        ..Default::default()
+    };
+    for ordinal in [(1 << 20) + 5, (1 << 20) + 6, (1 << 20) + 6] {
+        sink.write(&batch(ordinal)).await.unwrap();
+    }
+    let mut r = t.redis.clone();
+    let entries: u64 = r.xlen(format!("{}stream:unknown", t.cfg.redis.key_prefix)).await.unwrap();
+    assert_eq!(entries, 2, "both batches applied once each");
+}

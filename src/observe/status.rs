@@ -261,18 +261,16 @@ async fn clickhouse(cfg: &Config) -> SinkReport {
 }
 
 async fn redis(cfg: &Config) -> SinkReport {
-    let key = format!("{}progress", cfg.redis.key_prefix);
+    let key = crate::sinks::redis::progress_key(&cfg.redis.key_prefix);
     probe("redis", async move {
         let client = redis::Client::open(cfg.redis.url.expose()).map_err(|e| e.to_string())?;
         let mut conn = client.get_multiplexed_async_connection().await.map_err(|e| e.to_string())?;
         let progress: Option<String> =
             redis::cmd("GET").arg(&key).query_async(&mut conn).await.map_err(|e| e.to_string())?;
         let position = progress.map(|p| {
-            p.parse::<u64>()
-                .ok()
-                .and_then(position_of_version)
+            crate::sinks::redis::parse_watermark(&p)
                 .map(|p| p.to_string())
-                .unwrap_or_else(|| format!("unreadable progress {p:?}"))
+                .unwrap_or_else(|| format!("unreadable position {p:?}"))
         });
         Ok((position, Some(format!("key {key}"))))
     })

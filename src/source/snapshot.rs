@@ -21,8 +21,8 @@
 //! hence the `- 1`), so ClickHouse's ReplacingMergeTree keeps any later
 //! streamed version of a row, whichever arrives first; (c) increasing along
 //! a chunk, so a Redis progress watermark per chunk works. Redis writes of
-//! chunk batches use the scope `<prefix>progress:snapshot:<table>:<chunk>`
-//! instead of the live `<prefix>progress` (positions below `cp` would be
+//! chunk batches use the scope `<prefix>position:snapshot:<table>:<chunk>`
+//! instead of the live `<prefix>position` (positions below `cp` would be
 //! skipped by, or would drag, the live watermark): a chunk replayed after a
 //! crash skips exactly what it already applied and no other chunk is
 //! affected. The key is deleted once its chunk is recorded as done.
