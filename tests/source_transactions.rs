@@ -129,9 +129,7 @@ async fn slot_stats(t: &TestEnv) -> (i64, i64) {
 
 /// A connection of its own, for a transaction left open.
 async fn connect(t: &TestEnv) -> tokio_postgres::Client {
-    let (client, connection) = tokio_postgres::connect(t.cfg.source.url.expose(), tokio_postgres::NoTls).await.unwrap();
-    tokio::spawn(connection);
-    client
+    pgfanout::source::slot::connect(t.cfg.source.url.expose()).await.unwrap()
 }
 
 /// Waits until our walsender has decoded everything `open` (a connection

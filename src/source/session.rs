@@ -1,8 +1,9 @@
 //! The replication session: streams the slot with pgwire-replication, decodes
 //! each message with our pgoutput decoder, and hands changes to the pipeline
 //! in commit order (a transaction the server streams while in progress is
-//! held in `streamed` until its commit) through a bounded channel (a full channel slows reading;
-//! pgwire-replication keeps answering keepalives meanwhile). Acknowledged
+//! held in `streamed` until its commit) through a bounded channel (a full
+//! channel slows reading; pgwire-replication keeps answering keepalives
+//! meanwhile). Acknowledged
 //! positions come back through a watch channel and are reported to the
 //! server as the slot's flush LSN.
 

@@ -18,7 +18,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use metrics::{counter, gauge};
@@ -33,6 +33,13 @@ pub struct SpillError {
     pub dir: String,
     #[source]
     pub source: io::Error,
+}
+
+impl SpillError {
+    /// The error maker for I/O on transaction `xid`'s records in `dir`.
+    fn on(xid: u32, dir: &Path) -> impl Fn(io::Error) -> SpillError + Copy + '_ {
+        move |source| SpillError { xid, dir: dir.display().to_string(), source }
+    }
 }
 
 /// Record header: the message's LSN (u64) and its length (u32), little endian.
@@ -110,7 +117,7 @@ impl InProgress {
     /// Moves transaction `xid`'s in-memory records to the end of its file.
     fn spill(&mut self, xid: u32) -> Result<(), SpillError> {
         let dir = &self.dir;
-        let fail = |source| SpillError { xid, dir: dir.display().to_string(), source };
+        let fail = SpillError::on(xid, dir);
         let held = self.txs.get_mut(&xid).expect("spilling an open transaction");
         if held.file.is_none() {
             tracing::info!(xid, dir = %dir.display(), held_bytes = held.memory.len(), "streamed transaction outgrew source.stream_buffer_mb; spilling it to a file until it ends");
@@ -155,7 +162,7 @@ impl InProgress {
             self.in_memory -= held.memory.len();
             held.memory = Vec::new();
             let file = held.file.as_mut().expect("records before file_len are in the file");
-            file.set_len(cut).map_err(|source| SpillError { xid: top, dir: dir.display().to_string(), source })?;
+            file.set_len(cut).map_err(SpillError::on(top, dir))?;
             held.file_len = cut;
         }
         Ok(())
@@ -170,15 +177,14 @@ impl InProgress {
         };
         self.in_memory -= held.memory.len();
         gauge!(STREAM_BUFFER_BYTES).set(self.in_memory as f64);
-        let dir = self.dir.display().to_string();
         let file = match held.file {
             Some(mut f) => {
-                f.seek(SeekFrom::Start(0)).map_err(|source| SpillError { xid: top, dir: dir.clone(), source })?;
+                f.seek(SeekFrom::Start(0)).map_err(SpillError::on(top, &self.dir))?;
                 Some(BufReader::with_capacity(256 * 1024, f).take(held.file_len))
             }
             None => None,
         };
-        Ok(Replay { xid: top, dir, file, memory: Bytes::from(held.memory), pos: 0 })
+        Ok(Replay { xid: top, dir: self.dir.clone(), file, memory: Bytes::from(held.memory), pos: 0 })
     }
 }
 
@@ -187,7 +193,7 @@ impl InProgress {
 #[derive(Default)]
 pub struct Replay {
     xid: u32,
-    dir: String,
+    dir: PathBuf,
     file: Option<io::Take<BufReader<File>>>,
     memory: Bytes,
     pos: usize,
@@ -222,7 +228,7 @@ impl Replay {
     }
 
     fn fail(&self, source: io::Error) -> SpillError {
-        SpillError { xid: self.xid, dir: self.dir.clone(), source }
+        SpillError::on(self.xid, &self.dir)(source)
     }
 }
 
