@@ -66,8 +66,9 @@ async fn load(pg: &tokio_postgres::Client, events: u64) {
     }
 }
 
-/// Live writes until `stop`: inserts, updates (some moving event_ts), deletes.
-async fn live_writes(url: String, stop: Arc<AtomicBool>, changes: Arc<AtomicU64>) {
+/// Live writes until `stop`: inserts, updates (some moving event_ts), deletes
+/// (of rows with ids above `deletes_above`).
+async fn live_writes(url: String, stop: Arc<AtomicBool>, changes: Arc<AtomicU64>, deletes_above: i64) {
     let pg = pgfanout::source::slot::connect(&url).await.unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     while !stop.load(Ordering::Relaxed) {
@@ -104,19 +105,25 @@ async fn live_writes(url: String, stop: Arc<AtomicBool>, changes: Arc<AtomicU64>
             )
             .await
             .unwrap();
-        let deleted = pg
-            .execute(&format!("DELETE FROM engagement_events WHERE id IN ({})", ids(&mut rng, 5)), &[])
-            .await
-            .unwrap();
+        let deleted = if max > deletes_above {
+            let doomed: Vec<String> = (0..5).map(|_| rng.gen_range(deletes_above + 1..=max).to_string()).collect();
+            pg.execute(&format!("DELETE FROM engagement_events WHERE id IN ({})", doomed.join(",")), &[]).await.unwrap()
+        } else {
+            0
+        };
         changes.fetch_add(inserted + updated + moved + deleted, Ordering::Relaxed);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
-fn start_live_writes(t: &TestEnv) -> (Arc<AtomicBool>, Arc<AtomicU64>, tokio::task::JoinHandle<()>) {
+fn start_live_writes(
+    t: &TestEnv,
+    deletes_above: i64,
+) -> (Arc<AtomicBool>, Arc<AtomicU64>, tokio::task::JoinHandle<()>) {
     let stop = Arc::new(AtomicBool::new(false));
     let changes = Arc::new(AtomicU64::new(0));
-    let h = tokio::spawn(live_writes(t.cfg.source.url.expose().to_string(), stop.clone(), changes.clone()));
+    let h =
+        tokio::spawn(live_writes(t.cfg.source.url.expose().to_string(), stop.clone(), changes.clone(), deletes_above));
     (stop, changes, h)
 }
 
@@ -258,7 +265,7 @@ async fn assert_sinks_exact(t: &TestEnv, what: &str) {
 async fn snapshot_with_live_writes(v: &str, events: u64) {
     let mut t = env_without_slot(v).await;
     load(&t.pg, events).await;
-    let (stop, changes, writer) = start_live_writes(&t);
+    let (stop, changes, writer) = start_live_writes(&t, 0);
     tokio::time::sleep(Duration::from_millis(300)).await;
     // About five chunks of events (more than the workers) at the default
     // size; the 1M-event run keeps the command's default chunk size.
@@ -328,7 +335,13 @@ async fn sigkill_and_resume(v: &str, events: u64) {
     let config = write_config(&t);
     let log = config.with_file_name("snapshot.log");
     load(&t.pg, events).await;
-    let (stop, _changes, writer) = start_live_writes(&t);
+    // Deletes only of rows written live, never of loaded rows: a loaded row
+    // deleted after the slot's point is not read again by the resumed chunk,
+    // so if the killed attempt had delivered its snapshot event to some sinks
+    // and not to others, they would keep differing by that event (the
+    // limitation src/source/snapshot.rs describes), and this test compares
+    // Redis with HTTP event for event.
+    let (stop, _changes, writer) = start_live_writes(&t, events as i64);
 
     let mut child = snapshot_command(&config, &log).spawn().unwrap();
     wait_until("a few chunks are done", Duration::from_secs(300), || async {

@@ -45,7 +45,9 @@
 //! and `t` has a snapshot event carrying its state at `t`, followed by the
 //! streamed events of those changes, so the 10-minute Redis window may count
 //! such a change twice until its minute expires, and a row deleted in that
-//! interval has no snapshot event. Integer keys give the same row the same
+//! interval has no snapshot event (where the crashed attempt had already
+//! delivered it to some sinks and not to others, those keep differing by
+//! that one event; its streamed delete reaches all of them). Integer keys give the same row the same
 //! position on every attempt, so the Redis watermark of a half-done chunk
 //! skips exactly the rows that attempt applied; other keys rank rows, which a
 //! concurrent insert or delete in the chunk's range can shift.
