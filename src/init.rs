@@ -19,6 +19,8 @@ pub enum InitError {
     ClickHouse(#[source] clickhouse::error::Error),
     #[error(transparent)]
     Log(#[from] crate::log::LogError),
+    #[error(transparent)]
+    Journal(#[from] crate::enrich::journal::JournalError),
 }
 
 /// Splits a schema file into statements (`;` at a line end), without comments.
@@ -32,7 +34,7 @@ pub async fn run(cfg: &Config, with_source_schema: bool) -> Result<(), InitError
     if with_source_schema {
         pg.batch_execute(POSTGRES_SCHEMA).await.map_err(InitError::Postgres)?;
     }
-    slot::ensure(&pg, &cfg.source).await?;
+    crate::enrich::journal::prepare(&pg, &cfg.source).await?;
 
     let ch = clickhouse::Client::default()
         .with_url(&cfg.clickhouse.url)

@@ -20,7 +20,7 @@ use tokio::task::JoinHandle;
 
 use crate::ack::{BatchAck, FlushedLsn};
 use crate::config::Config;
-use crate::enrich::{self, ContentDim, Enriched};
+use crate::enrich::{self, journal, ContentDim, Enriched};
 use crate::log::{producer, LogProducer};
 use crate::observe::metrics::Tally;
 use crate::observe::{self, ReaderProgress};
@@ -39,6 +39,8 @@ pub enum PipelineError {
     Sink(#[from] SinkError),
     #[error(transparent)]
     Content(#[from] enrich::ContentError),
+    #[error(transparent)]
+    Journal(#[from] enrich::journal::JournalError),
     #[error("replication reader stopped unexpectedly")]
     ReaderGone,
 }
@@ -68,15 +70,17 @@ pub fn topics(cfg: &Config) -> Vec<String> {
 /// sinks and reports the final flush position before returning.
 pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>, stats: Arc<Stats>) -> Result<(), PipelineError> {
     let pg = slot::connect(cfg.source.url.expose()).await?;
-    let slot_state = slot::ensure(&pg, &cfg.source).await?;
-    let dim = ContentDim::load(&pg).await?;
+    // The content as of the slot's confirmed position, not as of now: the
+    // slot replays from there (see `enrich::journal`).
+    let journal::Prepared { slot: slot_state, mut dim } = journal::prepare(&pg, &cfg.source).await?;
     let database = pg
         .query_one("SELECT current_database()", &[])
         .await
         .map_err(|source| slot::SlotError::Query { what: "current_database", source })?
         .get::<_, String>(0);
-    drop(pg);
     tracing::info!(contents = dim.len(), confirmed_flush_lsn = ?slot_state.confirmed_flush_lsn.map(|l| source::Lsn(l).to_pg_string()), "starting pipeline");
+    let mut journal = journal::JournalWriter::new(cfg.source.url.expose(), &cfg.source.slot, pg, dim.len());
+    dim.record_versions();
 
     let mut delivery = Delivery::connect(&cfg, &database, dim, stats.clone()).await?;
 
@@ -135,7 +139,13 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>, stats: Arc<St
         let enriched = match batch.first() {
             Some(c) => {
                 observe::health::batch_started(&stats, c.tx.commit_ts_us);
-                delivery.publish_and_enrich(&batch, &DeliverOptions::default()).await?.unwrap_or_default()
+                let enriched =
+                    delivery.publish_and_enrich(&batch, &DeliverOptions::default()).await?.unwrap_or_default();
+                // Durable before any sink has the batch, hence before the
+                // slot can move past its content changes.
+                let versions = delivery.dim.take_versions();
+                journal.write(&versions, stats.flushed_lsn.load(Ordering::Relaxed)).await?;
+                enriched
             }
             None => Enriched::default(),
         };

@@ -1,5 +1,8 @@
-//! The content dimension held in memory: loaded from PostgreSQL at start,
-//! then kept current from the content table's own changes.
+//! The content dimension held in memory: loaded at start as of the slot's
+//! confirmed position (from the journal, see `journal`), then kept current
+//! from the content table's own changes in commit order. The live pipeline
+//! has the dimension record every version it applies, so the journal can
+//! keep them durably before the slot moves past them.
 
 use std::collections::HashMap;
 
@@ -7,7 +10,7 @@ use serde::Serialize;
 use tokio_postgres::Client;
 use uuid::Uuid;
 
-use crate::source::{Change, Op, Row};
+use crate::source::{Change, Op, Position, Row};
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Content {
@@ -28,17 +31,39 @@ pub enum ContentError {
     Load(#[from] tokio_postgres::Error),
 }
 
+/// What one change did to the dimension, as the journal keeps it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ContentVersion {
+    pub position: Position,
+    pub kind: VersionKind,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum VersionKind {
+    /// The content row as of this position (insert, update, snapshot read).
+    Row(Content),
+    /// The row with this id is gone (a delete, or an update that changed the id).
+    Deleted(Uuid),
+    /// Every row is gone (TRUNCATE).
+    Truncated,
+}
+
 #[derive(Debug, Default)]
 pub struct ContentDim {
     by_id: HashMap<Uuid, Content>,
+    /// Versions applied since the last `take_versions`, when recording.
+    recorded: Option<Vec<ContentVersion>>,
 }
 
 impl ContentDim {
+    /// The content table as the transaction of `client` sees it (a scan's
+    /// snapshot). Milliseconds are floored, as `Value::as_timestamp_millis`
+    /// floors them on the stream path.
     pub async fn load(client: &Client) -> Result<ContentDim, ContentError> {
         let rows = client
             .query(
                 "SELECT id, slug, title, content_type, length_seconds, \
-                 (extract(epoch from publish_ts) * 1000)::int8 FROM public.content",
+                 floor(extract(epoch from publish_ts) * 1000)::int8 FROM public.content",
                 &[],
             )
             .await?;
@@ -56,7 +81,28 @@ impl ContentDim {
                 (c.id, c)
             })
             .collect();
-        Ok(ContentDim { by_id })
+        Ok(ContentDim { by_id, recorded: None })
+    }
+
+    /// A dimension holding exactly `contents`.
+    pub fn from_contents(contents: impl IntoIterator<Item = Content>) -> ContentDim {
+        ContentDim { by_id: contents.into_iter().map(|c| (c.id, c)).collect(), recorded: None }
+    }
+
+    /// From now on, every version `apply` makes is kept for `take_versions`.
+    pub fn record_versions(&mut self) {
+        self.recorded.get_or_insert_with(Vec::new);
+    }
+
+    /// The versions applied since the last call (empty when not recording).
+    pub fn take_versions(&mut self) -> Vec<ContentVersion> {
+        self.recorded.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    fn record(&mut self, position: Position, kind: VersionKind) {
+        if let Some(r) = &mut self.recorded {
+            r.push(ContentVersion { position, kind });
+        }
     }
 
     pub fn get(&self, id: &Uuid) -> Option<&Content> {
@@ -82,10 +128,12 @@ impl ContentDim {
                     if let Some(old_id) = before.get("id").and_then(|v| v.as_uuid()) {
                         if old_id != c.id {
                             self.by_id.remove(&old_id);
+                            self.record(change.position, VersionKind::Deleted(old_id));
                         }
                     }
                 }
                 self.by_id.insert(c.id, c.clone());
+                self.record(change.position, VersionKind::Row(c.clone()));
                 Ok(Some(c))
             }
             Op::Delete => {
@@ -95,6 +143,7 @@ impl ContentDim {
                     .and_then(|r| r.get("id"))
                     .and_then(|v| v.as_uuid())
                     .ok_or_else(|| ContentError::Column { position: change.position.to_string(), column: "id" })?;
+                self.record(change.position, VersionKind::Deleted(id));
                 Ok(self
                     .by_id
                     .remove(&id)
@@ -102,6 +151,7 @@ impl ContentDim {
             }
             Op::Truncate => {
                 self.by_id.clear();
+                self.record(change.position, VersionKind::Truncated);
                 Ok(None)
             }
         }

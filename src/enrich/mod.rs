@@ -5,8 +5,9 @@
 //! delivered, with empty content fields.
 
 mod content;
+pub mod journal;
 
-pub use content::{Content, ContentDim, ContentError};
+pub use content::{Content, ContentDim, ContentError, ContentVersion, VersionKind};
 
 use serde::Serialize;
 use uuid::Uuid;

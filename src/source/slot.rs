@@ -49,13 +49,6 @@ fn query_err(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> SlotEr
     move |source| SlotError::Query { what, source }
 }
 
-/// Creates the publication (for the configured tables) and the slot when
-/// they are missing, and refuses a slot that can no longer be trusted.
-pub async fn ensure(client: &Client, cfg: &SourceConfig) -> Result<SlotState, SlotError> {
-    ensure_publication(client, cfg).await?;
-    ensure_slot(client, cfg).await
-}
-
 /// Checks `wal_level` and creates the publication when it is missing (the
 /// snapshot creates its slot itself, with an exported snapshot).
 pub async fn ensure_publication(client: &Client, cfg: &SourceConfig) -> Result<(), SlotError> {
@@ -83,33 +76,24 @@ pub async fn ensure_publication(client: &Client, cfg: &SourceConfig) -> Result<(
     Ok(())
 }
 
-async fn ensure_slot(client: &Client, cfg: &SourceConfig) -> Result<SlotState, SlotError> {
+/// The slot, when it exists, refusing one that can no longer be trusted.
+/// Creating it is `enrich::journal::prepare`'s job: a new slot is created
+/// with an exported snapshot, in which the content journal is seeded.
+pub async fn check(client: &Client, cfg: &SourceConfig) -> Result<Option<SlotState>, SlotError> {
     let slot = client
         .query_opt("SELECT plugin, confirmed_flush_lsn::text, active_pid, wal_status FROM pg_replication_slots WHERE slot_name = $1", &[&cfg.slot])
         .await
         .map_err(query_err("look up slot"))?;
-    match slot {
-        None => {
-            let row = client
-                .query_one("SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')", &[&cfg.slot])
-                .await
-                .map_err(query_err("create slot"))?;
-            let lsn: String = row.get(0);
-            tracing::info!(slot = %cfg.slot, lsn = %lsn, "created replication slot");
-            Ok(SlotState { confirmed_flush_lsn: parse_lsn(Some(lsn)), active_pid: None })
-        }
-        Some(row) => {
-            let plugin: String = row.get(0);
-            if plugin != "pgoutput" {
-                return Err(SlotError::WrongPlugin { slot: cfg.slot.clone(), plugin });
-            }
-            let wal_status: Option<String> = row.get(3);
-            if wal_status.as_deref() == Some("lost") {
-                return Err(SlotError::Invalidated { slot: cfg.slot.clone(), reason: "wal_status = lost".into() });
-            }
-            Ok(SlotState { confirmed_flush_lsn: parse_lsn(row.get(1)), active_pid: row.get(2) })
-        }
+    let Some(row) = slot else { return Ok(None) };
+    let plugin: String = row.get(0);
+    if plugin != "pgoutput" {
+        return Err(SlotError::WrongPlugin { slot: cfg.slot.clone(), plugin });
     }
+    let wal_status: Option<String> = row.get(3);
+    if wal_status.as_deref() == Some("lost") {
+        return Err(SlotError::Invalidated { slot: cfg.slot.clone(), reason: "wal_status = lost".into() });
+    }
+    Ok(Some(SlotState { confirmed_flush_lsn: parse_lsn(row.get(1)), active_pid: row.get(2) }))
 }
 
 /// Reads the slot's state (None when the slot does not exist).

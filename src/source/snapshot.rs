@@ -75,6 +75,7 @@ use super::session::replication_config;
 use super::slot::{self, quote_ident};
 use super::TableName;
 use crate::config::{Config, SourceConfig};
+use crate::enrich::journal;
 use crate::pipeline::{DeliverOptions, Stats};
 use crate::sinks::redis::RedisSink;
 
@@ -123,6 +124,8 @@ pub enum SnapshotError {
     Scan(#[from] ScanError),
     #[error(transparent)]
     Sink(#[from] crate::sinks::SinkError),
+    #[error(transparent)]
+    Journal(#[from] Box<crate::enrich::journal::JournalError>),
     #[error("unexpected reply to CREATE_REPLICATION_SLOT: {0}")]
     Reply(String),
     #[error("replication slot {slot} exists but no snapshot created it (`pgfanout init` or `run` did), so its starting point has no snapshot to match; stop `pgfanout run` and pass --recreate-slot to drop and recreate it (changes not yet streamed from it become part of the snapshot)")]
@@ -359,6 +362,11 @@ pub async fn run(cfg: &Config, opts: &SnapshotOptions) -> Result<SnapshotOutcome
                 .get(0);
             let exported = create_slot_exporting(&cfg.source, slot_name, false).await?;
             let cp = exported.consistent_point;
+            // `run` enriches what it streams from `cp` with the content as
+            // of `cp`: seed its journal in the same snapshot, before the plan
+            // is saved (a crash before that drops the slot and starts over).
+            journal::ensure_schema(&state, slot_name).await.map_err(Box::new)?;
+            journal::seed(&state, slot_name, Some(&exported.name)).await.map_err(Box::new)?;
             tracing::info!(slot = %slot_name, consistent_point = %Lsn(cp).to_pg_string(), snapshot = %exported.name, "created the replication slot with an exported snapshot");
             let tables = published_tables(&state, &cfg.source.publication).await?;
             let (shapes, chunks) = plan(url, &exported.name, &tables, &HashMap::new(), opts.chunk_rows).await?;

@@ -1,0 +1,34 @@
+-- The content journal (src/enrich/journal.rs): every version of every
+-- content row the pipeline applied, with its stream position, so that after
+-- any restart the dimension is rebuilt exactly as of the slot's confirmed
+-- position and replayed events are enriched as they were the first time.
+-- Created by `pgfanout init`, `run` and `snapshot`; not part of any publication.
+CREATE SCHEMA IF NOT EXISTS pgfanout;
+
+-- One row per slot whose journal has its starting state (the content table
+-- at the slot's creation point, or, for a slot older than the journal, as
+-- it was when the journal was first seeded).
+CREATE TABLE IF NOT EXISTS pgfanout.content_journals (
+    slot       text PRIMARY KEY,
+    seeded_at  timestamptz NOT NULL DEFAULT now(),
+    -- true: seeded in the slot's exported snapshot (exact); false: seeded
+    -- from the table as it was then, for a slot that already existed.
+    exact      boolean NOT NULL
+);
+
+-- kind: 'row' (the row as of this position), 'deleted' (the id is gone) or
+-- 'truncated' (every row is gone; id is the nil UUID). The seed has
+-- position 0/0 #0, below every streamed change.
+CREATE TABLE IF NOT EXISTS pgfanout.content_versions (
+    slot            text    NOT NULL,
+    id              uuid    NOT NULL,
+    commit_lsn      pg_lsn  NOT NULL,
+    ordinal         bigint  NOT NULL,
+    kind            text    NOT NULL CHECK (kind IN ('row', 'deleted', 'truncated')),
+    slug            text,
+    title           text,
+    content_type    text,
+    length_seconds  integer,
+    publish_ts_ms   bigint,
+    PRIMARY KEY (slot, id, commit_lsn, ordinal)
+);
