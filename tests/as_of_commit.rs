@@ -222,3 +222,90 @@ async fn enrichment_is_as_of_each_commit_across_downtime() {
         downtime(&v).await;
     }
 }
+
+/// The journal's own arithmetic against real PostgreSQL: a load as of any
+/// position returns each id's latest version before it unless deleted or
+/// truncated since, and pruning below a position changes no load at or
+/// above it.
+async fn journal_as_of(v: &str) {
+    use pgfanout::enrich::{journal, Content, ContentVersion, VersionKind};
+    use pgfanout::source::Position;
+    let t = TestEnv::new(v).await;
+    let slot = format!("{}_j", t.name);
+    let uuid = |n: u128| uuid::Uuid::from_u128(n);
+    t.pg.batch_execute(&format!(
+        "INSERT INTO content VALUES ('{}', 'one', 'One', 'video', 10, '1969-12-31 23:59:59.9995+00'), \
+         ('{}', 'two', 'Two', NULL, NULL, now())",
+        uuid(1),
+        uuid(2)
+    ))
+    .await
+    .unwrap();
+    assert_eq!(journal::seed(&t.pg, &slot, None).await.unwrap(), 2);
+    let content = |id: u128, len: i32| Content {
+        id: uuid(id),
+        slug: format!("s{id}-{len}"),
+        title: "T".into(),
+        content_type: Some("podcast".into()),
+        length_seconds: Some(len),
+        publish_ts: -1,
+    };
+    let at = |lsn: u64, ordinal: u32, kind| ContentVersion { position: Position { commit_lsn: lsn, ordinal }, kind };
+    let versions = vec![
+        at(0x100, 0, VersionKind::Row(content(1, 20))),
+        at(0x100, 1, VersionKind::Row(content(3, 30))),
+        at(0x200, 0, VersionKind::Deleted(uuid(2))),
+        at(0x300, 2, VersionKind::Truncated),
+        at(0x300, 3, VersionKind::Row(content(3, 31))),
+        at(0x400, 0, VersionKind::Row(content(1, 40))),
+    ];
+    journal::append(&t.pg, &slot, &versions).await.unwrap();
+    // A replay appends the same versions again: nothing changes.
+    journal::append(&t.pg, &slot, &versions[2..]).await.unwrap();
+    let load = |as_of: u64| {
+        let (pg, slot) = (&t.pg, slot.clone());
+        async move {
+            let dim = journal::load(pg, &slot, as_of).await.unwrap();
+            let mut ids: Vec<(u128, Option<i32>)> =
+                (1..=3).filter_map(|i| dim.get(&uuid(i)).map(|c| (i, c.length_seconds))).collect();
+            ids.sort();
+            ids
+        }
+    };
+    let expect = [
+        (0x0, vec![(1, Some(10)), (2, None)]),
+        (0x100, vec![(1, Some(10)), (2, None)]),
+        (0x101, vec![(1, Some(20)), (2, None), (3, Some(30))]),
+        (0x201, vec![(1, Some(20)), (3, Some(30))]),
+        (0x301, vec![(3, Some(31))]),
+        (0x401, vec![(1, Some(40)), (3, Some(31))]),
+    ];
+    for (as_of, want) in &expect {
+        assert_eq!(&load(*as_of).await, want, "PG {v}: load as of {as_of:#x}");
+    }
+    // publish_ts floored to the millisecond, before 1970 too.
+    let dim = journal::load(&t.pg, &slot, 0x100).await.unwrap();
+    assert_eq!(dim.get(&uuid(1)).unwrap().publish_ts, -1);
+
+    assert_eq!(journal_rows(&t.pg, &slot).await, 8);
+    journal::prune(&t.pg, &slot, 0x301).await.unwrap();
+    // Left: the row after the truncate and the version not yet below the cut.
+    assert_eq!(journal_rows(&t.pg, &slot).await, 2);
+    for (as_of, want) in &expect[4..] {
+        assert_eq!(&load(*as_of).await, want, "PG {v}: load as of {as_of:#x} after pruning");
+    }
+    journal::prune(&t.pg, &slot, 0x401).await.unwrap();
+    assert_eq!(journal_rows(&t.pg, &slot).await, 2);
+    assert_eq!(load(0x401).await, expect[5].1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn journal_loads_as_of_any_position_and_prunes_what_no_load_needs() {
+    for v in pg_versions() {
+        journal_as_of(&v).await;
+    }
+}
+
+async fn journal_rows(pg: &tokio_postgres::Client, slot: &str) -> i64 {
+    pg.query_one("SELECT count(*) FROM pgfanout.content_versions WHERE slot = $1", &[&slot]).await.unwrap().get(0)
+}
