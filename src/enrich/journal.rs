@@ -296,20 +296,21 @@ pub struct JournalWriter {
     url: String,
     slot: String,
     client: Option<Client>,
+    /// Rows appended since the last prune, and about how many it left.
     since_prune: usize,
-    prune_every: usize,
+    held: usize,
 }
 
 impl JournalWriter {
     /// `client`: the connection `prepare` used; `catalogue`: the contents
-    /// loaded, which sets how many appends go between two prunes.
+    /// loaded (about what its prune left).
     pub fn new(url: &str, slot: &str, client: Client, catalogue: usize) -> Self {
         JournalWriter {
             url: url.to_string(),
             slot: slot.to_string(),
             client: Some(client),
             since_prune: 0,
-            prune_every: catalogue.max(10_000),
+            held: catalogue,
         }
     }
 
@@ -345,10 +346,13 @@ impl JournalWriter {
             }
         }
         self.since_prune += versions.len();
-        if self.since_prune >= self.prune_every {
+        // A prune reads the whole journal: one per doubling keeps the cost
+        // per append constant, and the journal within twice what it holds.
+        if self.since_prune >= self.held.max(10_000) {
             if let Some(c) = &self.client {
                 match prune(c, &self.slot, flushed).await {
                     Ok(n) => {
+                        self.held = (self.held + self.since_prune).saturating_sub(n as usize);
                         self.since_prune = 0;
                         tracing::debug!(slot = %self.slot, rows = n, "pruned the content journal");
                     }
