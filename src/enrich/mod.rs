@@ -24,13 +24,37 @@ pub fn engagement_seconds(duration_ms: Option<i32>) -> Option<f64> {
 
 /// `round(engagement_seconds / length_seconds * 100, 2)`; NULL when the
 /// length is NULL or 0 or the duration is NULL (never 0, never NaN).
+///
+/// Rounded half away from zero on the exact decimal value, as PostgreSQL's
+/// `round(numeric, 2)` and Spark's HALF_UP `round` do: in hundredths the
+/// percent is `duration_ms * 10 / length_seconds`, a ratio of integers, so
+/// it is rounded in integers (f64 would hold 1005 ms of 100 s as
+/// 1.00499999… and round the tie down). Only the final hundredths become a
+/// float, `n / 100.0` correctly rounded: the same double as parsing
+/// PostgreSQL's text `1.01`.
 pub fn engagement_percent(duration_ms: Option<i32>, length_seconds: Option<i32>) -> Option<f64> {
-    let secs = engagement_seconds(duration_ms)?;
-    let len = length_seconds.filter(|l| *l != 0)?;
-    let pct = secs / f64::from(len) * 100.0;
-    // Round half away from zero at two decimals, as SQL's round() does.
-    let rounded = (pct * 100.0).round() / 100.0;
-    rounded.is_finite().then_some(rounded)
+    let hundredths = percent_hundredths(duration_ms?, length_seconds?)?;
+    // |n| <= 10 * 2^31 < 2^53: exact as f64, and one correctly rounded division.
+    Some(hundredths as f64 / 100.0)
+}
+
+/// `round(duration_ms * 10 / length_seconds)` half away from zero, exactly;
+/// None for a length of 0. i64 holds every case: |duration_ms * 10| <=
+/// 10 * 2^31, and twice a remainder stays below 2^33.
+fn percent_hundredths(duration_ms: i32, length_seconds: i32) -> Option<i64> {
+    let num = i64::from(duration_ms) * 10;
+    let den = i64::from(length_seconds);
+    if den == 0 {
+        return None;
+    }
+    let (q, r) = (num / den, num % den);
+    // Truncating division: q is rounded toward zero and r has num's sign.
+    // Away from zero when the dropped part is at least one half.
+    if 2 * r.abs() >= den.abs() {
+        Some(if (num < 0) == (den < 0) { q + 1 } else { q - 1 })
+    } else {
+        Some(q)
+    }
 }
 
 /// One enriched engagement event: the row as stored in ClickHouse, streamed
@@ -206,15 +230,74 @@ mod tests {
         assert_eq!(engagement_percent(Some(-1000), Some(3)), Some(-33.33));
     }
 
+    #[test]
+    fn ties_round_away_from_zero() {
+        // 1005 ms of 100 s is exactly 1.005 %: PostgreSQL says 1.01.
+        assert_eq!(engagement_percent(Some(1005), Some(100)), Some(1.01));
+        assert_eq!(engagement_percent(Some(-1005), Some(100)), Some(-1.01));
+        assert_eq!(engagement_percent(Some(1005), Some(-100)), Some(-1.01));
+        assert_eq!(engagement_percent(Some(-1005), Some(-100)), Some(1.01));
+        assert_eq!(engagement_percent(Some(1), Some(20)), Some(0.01)); // 0.005
+        assert_eq!(engagement_percent(Some(-1), Some(20)), Some(-0.01));
+        assert_eq!(engagement_percent(Some(1), Some(30)), Some(0.0)); // 0.00333
+        assert_eq!(engagement_percent(Some(1), Some(3)), Some(0.03)); // 0.0333
+                                                                      // 0.015 and 2.675 are below their decimal in f64; the exact value is a tie.
+        assert_eq!(engagement_percent(Some(3), Some(20)), Some(0.02));
+        assert_eq!(engagement_percent(Some(2675), Some(100)), Some(2.68));
+    }
+
+    #[test]
+    fn extremes() {
+        assert_eq!(engagement_percent(Some(i32::MIN), Some(1)), Some(-21474836480.0 / 100.0));
+        assert_eq!(engagement_percent(Some(i32::MAX), Some(1)), Some(21474836470.0 / 100.0));
+        assert_eq!(engagement_percent(Some(i32::MIN), Some(-1)), Some(214748364.8));
+        assert_eq!(engagement_percent(Some(i32::MIN), Some(i32::MIN)), Some(0.1));
+        assert_eq!(engagement_percent(Some(i32::MAX), Some(i32::MIN)), Some(-0.1));
+        assert_eq!(engagement_percent(Some(1), Some(i32::MAX)), Some(0.0));
+        assert_eq!(engagement_percent(Some(i32::MAX), Some(i32::MAX)), Some(0.1));
+    }
+
+    /// The exact rational d*10/l against the rounded hundredths, in i128
+    /// so this reference shares no arithmetic with the function.
+    fn reference_hundredths(d: i32, l: i32) -> i128 {
+        let (num, den) = (i128::from(d) * 10, i128::from(l));
+        // Scale by 2 and compare with the two neighbours: n is the integer
+        // with |2*num - 2*n*den| < |den|, or on a tie the one farther from 0.
+        let below = num.div_euclid(den.abs()) * den.signum();
+        let mut best = below;
+        for n in [below - 1, below, below + 1] {
+            let err = (2 * num - 2 * n * den).abs();
+            let best_err = (2 * num - 2 * best * den).abs();
+            if err < best_err || (err == best_err && n.abs() > best.abs()) {
+                best = n;
+            }
+        }
+        best
+    }
+
     proptest! {
         #[test]
-        fn percent_is_finite_and_two_decimals(d in any::<i32>(), l in any::<i32>()) {
-            if let Some(p) = engagement_percent(Some(d), Some(l)) {
-                prop_assert!(p.is_finite());
-                prop_assert!(((p * 100.0).round() - p * 100.0).abs() < 1e-6 * p.abs().max(1.0));
-            } else {
-                prop_assert_eq!(l, 0);
+        fn percent_is_the_exact_ratio_rounded_half_away(d in any::<i32>(), l in any::<i32>()) {
+            match engagement_percent(Some(d), Some(l)) {
+                Some(p) => {
+                    let n = reference_hundredths(d, l);
+                    prop_assert_eq!(p, n as f64 / 100.0);
+                    // And the double PostgreSQL's text for the same value parses to.
+                    let sign = if n < 0 { "-" } else { "" };
+                    let text = format!("{sign}{}.{:02}", n.abs() / 100, n.abs() % 100);
+                    prop_assert_eq!(p, text.parse::<f64>().unwrap());
+                }
+                None => prop_assert_eq!(l, 0),
             }
+        }
+
+        #[test]
+        fn ties_round_away(half in -10_000i32..10_000, t in -50_000i32..50_000) {
+            // d = o*t over l = 20*t is exactly o/2 hundredths (o odd): a tie.
+            prop_assume!(t != 0);
+            let o = 2 * half + 1;
+            let want = (o + o.signum()) / 2;
+            prop_assert_eq!(engagement_percent(Some(o * t), Some(20 * t)), Some(f64::from(want) / 100.0));
         }
     }
 }
