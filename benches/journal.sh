@@ -45,7 +45,7 @@ bench() {
     sleep 0.05
   done
   t1=$(now_ms)
-  log "restart: journal loaded and pruned in $((t1 - t0)) ms, RSS $(awk '/VmRSS/ {print int($2 / 1024)}' "/proc/$pid/status") MB; $(grep -o 'contents=[0-9]*' "$PGFANOUT_RUN_DIR/journal-run2.log" | head -n1)"
+  log "restart: journal loaded and pruned in $((t1 - t0)) ms, RSS $(awk '/VmRSS/ {print int($2 / 1024)}' "/proc/$pid/status") MB; $(sed 's/\x1b\[[0-9;]*m//g' "$PGFANOUT_RUN_DIR/journal-run2.log" | grep -o 'contents=[0-9]*' | head -n1)"
   kill -TERM "$pid"
   wait "$pid" || true
   log "journal rows after the prune: $("${BENCH_PSQL[@]}" -c "SELECT count(*) FROM pgfanout.content_versions")"
