@@ -35,7 +35,7 @@ bench() {
   bench_run_until "$end" "$PGFANOUT_RUN_DIR/journal-run1.log"
   log "first run: streamed and journaled the catalogue in ${BENCH_RUN_MS} ms (peak RSS $((BENCH_HWM_KB / 1024)) MB)"
   bench_run_stop
-  log "journal rows before the restart: $("${BENCH_PSQL[@]}" -c "SELECT count(*) FROM pgfanout.content_versions")"
+  log "journal rows before the restart: $("${BENCH_PSQL[@]}" -c "SELECT count(*) FROM pgfanout_state.content_versions")"
   local t0 t1
   t0=$(now_ms)
   RUST_LOG=info "$BIN" -c "$BENCH_CONF" run 2>"$PGFANOUT_RUN_DIR/journal-run2.log" &
@@ -48,6 +48,6 @@ bench() {
   log "restart: journal loaded and pruned in $((t1 - t0)) ms, RSS $(awk '/VmRSS/ {print int($2 / 1024)}' "/proc/$pid/status") MB; $(sed 's/\x1b\[[0-9;]*m//g' "$PGFANOUT_RUN_DIR/journal-run2.log" | grep -o 'contents=[0-9]*' | head -n1)"
   kill -TERM "$pid"
   wait "$pid" || true
-  log "journal rows after the prune: $("${BENCH_PSQL[@]}" -c "SELECT count(*) FROM pgfanout.content_versions")"
+  log "journal rows after the prune: $("${BENCH_PSQL[@]}" -c "SELECT count(*) FROM pgfanout_state.content_versions")"
 }
 with_services bench

@@ -88,7 +88,7 @@ TOML
   # `init` created the slot; the snapshot creates its own.
   reset() {
     "${psql[@]}" -c "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = 'snapbench'" >/dev/null
-    "${psql[@]}" -c "DELETE FROM pgfanout.snapshot_chunks; DELETE FROM pgfanout.snapshots" >/dev/null 2>&1 || true
+    "${psql[@]}" -c "DELETE FROM pgfanout_state.snapshot_chunks; DELETE FROM pgfanout_state.snapshots" >/dev/null 2>&1 || true
   }
   local copy1 copy2 logonly full
   copy1=$(measure /dev/null "$pgbin/psql" -qX "$db" -c "$copy_sql")

@@ -307,5 +307,5 @@ async fn journal_loads_as_of_any_position_and_prunes_what_no_load_needs() {
 }
 
 async fn journal_rows(pg: &tokio_postgres::Client, slot: &str) -> i64 {
-    pg.query_one("SELECT count(*) FROM pgfanout.content_versions WHERE slot = $1", &[&slot]).await.unwrap().get(0)
+    pg.query_one("SELECT count(*) FROM pgfanout_state.content_versions WHERE slot = $1", &[&slot]).await.unwrap().get(0)
 }

@@ -303,7 +303,7 @@ async fn sigkill_at_random_moments_and_every_sink_ends_exact() {
     let ch_daily =
         t.ch.query(
             "SELECT toString(toDate(event_ts)) AS date, content_type, count(engagement_percent) AS rows,
-                    toInt64(sum(round(engagement_percent * 100))) AS hundredths
+                    toInt64(ifNull(sum(round(engagement_percent * 100)), 0)) AS hundredths
              FROM enriched_engagements FINAL WHERE event_ts >= now() - INTERVAL 30 DAY
              GROUP BY date, content_type ORDER BY date DESC, content_type",
         )

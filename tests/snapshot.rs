@@ -322,10 +322,13 @@ fn snapshot_command(config: &Path, log: &Path) -> Command {
 }
 
 async fn chunk_state(t: &TestEnv) -> Vec<(i32, Option<String>)> {
-    t.pg.query("SELECT chunk, done_at::text FROM pgfanout.snapshot_chunks WHERE slot = $1 ORDER BY chunk", &[&t.name])
-        .await
-        .map(|rows| rows.iter().map(|r| (r.get(0), r.get(1))).collect())
-        .unwrap_or_default()
+    t.pg.query(
+        "SELECT chunk, done_at::text FROM pgfanout_state.snapshot_chunks WHERE slot = $1 ORDER BY chunk",
+        &[&t.name],
+    )
+    .await
+    .map(|rows| rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    .unwrap_or_default()
 }
 
 async fn sigkill_and_resume(v: &str, events: u64) {

@@ -3,12 +3,12 @@
 -- any restart the dimension is rebuilt exactly as of the slot's confirmed
 -- position and replayed events are enriched as they were the first time.
 -- Created by `pgfanout init`, `run` and `snapshot`; not part of any publication.
-CREATE SCHEMA IF NOT EXISTS pgfanout;
+CREATE SCHEMA IF NOT EXISTS pgfanout_state;
 
 -- One row per slot whose journal has its starting state (the content table
 -- at the slot's creation point, or, for a slot older than the journal, as
 -- it was when the journal was first seeded).
-CREATE TABLE IF NOT EXISTS pgfanout.content_journals (
+CREATE TABLE IF NOT EXISTS pgfanout_state.content_journals (
     slot       text PRIMARY KEY,
     seeded_at  timestamptz NOT NULL DEFAULT now(),
     -- true: seeded in the slot's exported snapshot (exact); false: seeded
@@ -19,7 +19,7 @@ CREATE TABLE IF NOT EXISTS pgfanout.content_journals (
 -- kind: 'row' (the row as of this position), 'deleted' (the id is gone) or
 -- 'truncated' (every row is gone; id is the nil UUID). The seed has
 -- position 0/0 #0, below every streamed change.
-CREATE TABLE IF NOT EXISTS pgfanout.content_versions (
+CREATE TABLE IF NOT EXISTS pgfanout_state.content_versions (
     slot            text    NOT NULL,
     id              uuid    NOT NULL,
     commit_lsn      pg_lsn  NOT NULL,

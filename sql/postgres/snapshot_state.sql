@@ -1,11 +1,24 @@
 -- Progress of `pgfanout snapshot`, kept in the source database so a snapshot
 -- killed at any point resumes at chunk granularity. Created by the snapshot
 -- command; not part of any publication.
-CREATE SCHEMA IF NOT EXISTS pgfanout;
+-- The schema is not named `pgfanout`: a role of that name (the obvious name
+-- for pgfanout's role) finds a schema named after it first on the default
+-- search_path ("$user", public), so its unqualified CREATE TABLE would land
+-- there. Tables an earlier version kept in `pgfanout` move once.
+CREATE SCHEMA IF NOT EXISTS pgfanout_state;
+ALTER TABLE IF EXISTS pgfanout.snapshots SET SCHEMA pgfanout_state;
+ALTER TABLE IF EXISTS pgfanout.snapshot_chunks SET SCHEMA pgfanout_state;
+DO $$
+BEGIN
+  DROP SCHEMA IF EXISTS pgfanout;
+EXCEPTION WHEN dependent_objects_still_exist THEN
+  -- Something else lives there: leave it.
+  NULL;
+END $$;
 
 -- One row per slot whose snapshot was started. consistent_point is NULL
 -- while the slot is being created (a crash then leaves a slot nobody read).
-CREATE TABLE IF NOT EXISTS pgfanout.snapshots (
+CREATE TABLE IF NOT EXISTS pgfanout_state.snapshots (
     slot              text PRIMARY KEY,
     consistent_point  pg_lsn,
     -- Commit time given to snapshot rows (taken before the slot existed).
@@ -16,7 +29,7 @@ CREATE TABLE IF NOT EXISTS pgfanout.snapshots (
 
 -- The plan: key ranges (lo, hi] per table, in text form (NULL = unbounded).
 -- chunk is unique per slot and fixes the positions of the chunk's rows.
-CREATE TABLE IF NOT EXISTS pgfanout.snapshot_chunks (
+CREATE TABLE IF NOT EXISTS pgfanout_state.snapshot_chunks (
     slot          text    NOT NULL,
     table_name    text    NOT NULL,
     chunk         integer NOT NULL,

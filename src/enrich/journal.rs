@@ -114,7 +114,7 @@ pub async fn ensure_schema(client: &Client, slot: &str) -> Result<(), JournalErr
 
 async fn is_seeded(client: &Client, slot: &str) -> Result<bool, JournalError> {
     let row = client
-        .query_opt("SELECT 1 FROM pgfanout.content_journals WHERE slot = $1", &[&slot])
+        .query_opt("SELECT 1 FROM pgfanout_state.content_journals WHERE slot = $1", &[&slot])
         .await
         .map_err(query_err("look up", slot))?;
     Ok(row.is_some())
@@ -130,10 +130,10 @@ pub async fn seed(client: &Client, slot: &str, snapshot: Option<&str>) -> Result
         if let Some(name) = snapshot {
             client.batch_execute(&format!("SET TRANSACTION SNAPSHOT {}", quote_literal(name))).await?;
         }
-        client.execute("DELETE FROM pgfanout.content_versions WHERE slot = $1", &[&slot]).await?;
+        client.execute("DELETE FROM pgfanout_state.content_versions WHERE slot = $1", &[&slot]).await?;
         let rows = client
             .execute(
-                "INSERT INTO pgfanout.content_versions \
+                "INSERT INTO pgfanout_state.content_versions \
                  (slot, id, commit_lsn, ordinal, kind, slug, title, content_type, length_seconds, publish_ts_ms) \
                  SELECT $1, id, '0/0', 0, 'row', slug, title, content_type, length_seconds, \
                  floor(extract(epoch FROM publish_ts) * 1000)::int8 FROM public.content",
@@ -142,7 +142,7 @@ pub async fn seed(client: &Client, slot: &str, snapshot: Option<&str>) -> Result
             .await?;
         client
             .execute(
-                "INSERT INTO pgfanout.content_journals (slot, exact) VALUES ($1, $2) \
+                "INSERT INTO pgfanout_state.content_journals (slot, exact) VALUES ($1, $2) \
                  ON CONFLICT (slot) DO UPDATE SET seeded_at = now(), exact = EXCLUDED.exact",
                 &[&slot, &snapshot.is_some()],
             )
@@ -167,12 +167,12 @@ pub async fn load(client: &Client, slot: &str, as_of: u64) -> Result<ContentDim,
     // The seed sits at 0/0, below every confirmed position a slot can have.
     let as_of = Lsn(as_of.max(1)).to_pg_string();
     let sql = "WITH cut AS (
-          SELECT commit_lsn, ordinal FROM pgfanout.content_versions
+          SELECT commit_lsn, ordinal FROM pgfanout_state.content_versions
            WHERE slot = $1 AND kind = 'truncated' AND commit_lsn < $2::text::pg_lsn
           UNION ALL SELECT '0/0'::pg_lsn, -1
           ORDER BY 1 DESC, 2 DESC LIMIT 1)
         SELECT id, kind, slug, title, content_type, length_seconds, publish_ts_ms FROM (
-          SELECT DISTINCT ON (v.id) v.* FROM pgfanout.content_versions v, cut
+          SELECT DISTINCT ON (v.id) v.* FROM pgfanout_state.content_versions v, cut
            WHERE v.slot = $1 AND v.kind <> 'truncated' AND v.commit_lsn < $2::text::pg_lsn
              AND (v.commit_lsn, v.ordinal) > (cut.commit_lsn, cut.ordinal)
            ORDER BY v.id, v.commit_lsn DESC, v.ordinal DESC) latest
@@ -227,7 +227,7 @@ pub async fn append(client: &Client, slot: &str, versions: &[ContentVersion]) ->
     }
     client
         .execute(
-            "INSERT INTO pgfanout.content_versions \
+            "INSERT INTO pgfanout_state.content_versions \
              (slot, id, commit_lsn, ordinal, kind, slug, title, content_type, length_seconds, publish_ts_ms) \
              SELECT $1, * FROM unnest($2::uuid[], $3::text[]::pg_lsn[], $4::int8[], $5::text[], $6::text[], \
              $7::text[], $8::text[], $9::int4[], $10::int8[]) ON CONFLICT DO NOTHING",
@@ -250,10 +250,10 @@ pub async fn prune(client: &Client, slot: &str, below: u64) -> Result<u64, Journ
         let superseded = client
             .execute(
                 "WITH latest AS (
-                   SELECT DISTINCT ON (id) id, commit_lsn, ordinal FROM pgfanout.content_versions
+                   SELECT DISTINCT ON (id) id, commit_lsn, ordinal FROM pgfanout_state.content_versions
                     WHERE slot = $1 AND commit_lsn < $2::text::pg_lsn
                     ORDER BY id, commit_lsn DESC, ordinal DESC)
-                 DELETE FROM pgfanout.content_versions v USING latest l
+                 DELETE FROM pgfanout_state.content_versions v USING latest l
                   WHERE v.slot = $1 AND v.id = l.id AND (v.commit_lsn, v.ordinal) < (l.commit_lsn, l.ordinal)",
                 &[&slot, &below],
             )
@@ -261,8 +261,8 @@ pub async fn prune(client: &Client, slot: &str, below: u64) -> Result<u64, Journ
         // Everything before the last truncate below the cut.
         let truncated = client
             .execute(
-                "DELETE FROM pgfanout.content_versions v USING (
-                   SELECT commit_lsn, ordinal FROM pgfanout.content_versions
+                "DELETE FROM pgfanout_state.content_versions v USING (
+                   SELECT commit_lsn, ordinal FROM pgfanout_state.content_versions
                     WHERE slot = $1 AND kind = 'truncated' AND commit_lsn < $2::text::pg_lsn) t
                   WHERE v.slot = $1 AND v.kind <> 'truncated' AND (v.commit_lsn, v.ordinal) < (t.commit_lsn, t.ordinal)",
                 &[&slot, &below],
@@ -271,7 +271,7 @@ pub async fn prune(client: &Client, slot: &str, below: u64) -> Result<u64, Journ
         // Deletes and truncates below the cut now hide nothing.
         let markers = client
             .execute(
-                "DELETE FROM pgfanout.content_versions \
+                "DELETE FROM pgfanout_state.content_versions \
                  WHERE slot = $1 AND kind <> 'row' AND commit_lsn < $2::text::pg_lsn",
                 &[&slot, &below],
             )

@@ -28,7 +28,7 @@
 //! affected. The key is deleted once its chunk is recorded as done.
 //!
 //! Progress and resume. The plan and each chunk's completion are kept in
-//! `pgfanout.snapshots` and `pgfanout.snapshot_chunks` in the source
+//! `pgfanout_state.snapshots` and `pgfanout_state.snapshot_chunks` in the source
 //! database (sql/postgres/snapshot_state.sql); a chunk counts as done only
 //! after every sink flushed all of it. After a crash (even SIGKILL) the
 //! exported snapshot is gone, so the chunks not done are read under a new
@@ -219,7 +219,7 @@ async fn record(state: &Client, slot_name: &str) -> Result<Option<Record>, ScanE
     let row = state
         .query_opt(
             "SELECT consistent_point::text, (extract(epoch FROM snapshot_ts) * 1000000)::int8, completed_at IS NOT NULL \
-             FROM pgfanout.snapshots WHERE slot = $1",
+             FROM pgfanout_state.snapshots WHERE slot = $1",
             &[&slot_name],
         )
         .await
@@ -233,11 +233,11 @@ async fn record(state: &Client, slot_name: &str) -> Result<Option<Record>, ScanE
 
 async fn forget(state: &Client, slot_name: &str) -> Result<(), ScanError> {
     state
-        .execute("DELETE FROM pgfanout.snapshot_chunks WHERE slot = $1", &[&slot_name])
+        .execute("DELETE FROM pgfanout_state.snapshot_chunks WHERE slot = $1", &[&slot_name])
         .await
         .map_err(query_err("clear the snapshot state"))?;
     state
-        .execute("DELETE FROM pgfanout.snapshots WHERE slot = $1", &[&slot_name])
+        .execute("DELETE FROM pgfanout_state.snapshots WHERE slot = $1", &[&slot_name])
         .await
         .map_err(query_err("clear the snapshot state"))?;
     Ok(())
@@ -317,14 +317,14 @@ pub async fn run(cfg: &Config, opts: &SnapshotOptions) -> Result<SnapshotOutcome
         Some((cp, ts)) => {
             let pending = state
                 .query(
-                    "SELECT table_name, chunk, lo, hi, rows_planned FROM pgfanout.snapshot_chunks \
+                    "SELECT table_name, chunk, lo, hi, rows_planned FROM pgfanout_state.snapshot_chunks \
                      WHERE slot = $1 AND done_at IS NULL ORDER BY chunk",
                     &[&slot_name],
                 )
                 .await
                 .map_err(query_err("read the snapshot plan"))?;
             let total: i64 = state
-                .query_one("SELECT count(*) FROM pgfanout.snapshot_chunks WHERE slot = $1", &[&slot_name])
+                .query_one("SELECT count(*) FROM pgfanout_state.snapshot_chunks WHERE slot = $1", &[&slot_name])
                 .await
                 .map_err(query_err("read the snapshot plan"))?
                 .get(0);
@@ -352,7 +352,7 @@ pub async fn run(cfg: &Config, opts: &SnapshotOptions) -> Result<SnapshotOutcome
         None => {
             forget(&state, slot_name).await?;
             state
-                .execute("INSERT INTO pgfanout.snapshots (slot) VALUES ($1)", &[&slot_name])
+                .execute("INSERT INTO pgfanout_state.snapshots (slot) VALUES ($1)", &[&slot_name])
                 .await
                 .map_err(query_err("record the snapshot"))?;
             let ts: i64 = state
@@ -399,7 +399,7 @@ pub async fn run(cfg: &Config, opts: &SnapshotOptions) -> Result<SnapshotOutcome
         while let Some(c) = done_rx.recv().await {
             state
                 .execute(
-                    "UPDATE pgfanout.snapshot_chunks SET done_at = now() WHERE slot = $1 AND chunk = $2",
+                    "UPDATE pgfanout_state.snapshot_chunks SET done_at = now() WHERE slot = $1 AND chunk = $2",
                     &[&slot_name, &(c.seq as i32)],
                 )
                 .await
@@ -421,7 +421,7 @@ pub async fn run(cfg: &Config, opts: &SnapshotOptions) -> Result<SnapshotOutcome
     let rows = scanned?;
     marked?;
     state
-        .execute("UPDATE pgfanout.snapshots SET completed_at = now() WHERE slot = $1", &[&slot_name])
+        .execute("UPDATE pgfanout_state.snapshots SET completed_at = now() WHERE slot = $1", &[&slot_name])
         .await
         .map_err(query_err("record the snapshot as complete"))?;
     let seconds = started.elapsed().as_secs_f64();
@@ -439,14 +439,14 @@ async fn save_plan(state: &Client, slot_name: &str, cp: u64, ts_us: i64, chunks:
     let saved = async {
         state
             .execute(
-                "UPDATE pgfanout.snapshots SET consistent_point = $2::text::pg_lsn, snapshot_ts = to_timestamp($3::float8 / 1e6) \
+                "UPDATE pgfanout_state.snapshots SET consistent_point = $2::text::pg_lsn, snapshot_ts = to_timestamp($3::float8 / 1e6) \
                  WHERE slot = $1",
                 &[&slot_name, &Lsn(cp).to_pg_string(), &(ts_us as f64)],
             )
             .await?;
         state
             .execute(
-                "INSERT INTO pgfanout.snapshot_chunks (slot, table_name, chunk, lo, hi, rows_planned) \
+                "INSERT INTO pgfanout_state.snapshot_chunks (slot, table_name, chunk, lo, hi, rows_planned) \
                  SELECT $1, * FROM unnest($2::text[], $3::int4[], $4::text[], $5::text[], $6::int8[])",
                 &[&slot_name, &tables, &seqs, &los, &his, &rows],
             )
