@@ -691,7 +691,7 @@ mod tests {
     fn widths() {
         // Dense keys: about chunk_rows keys per chunk.
         assert_eq!(chunk_width(1, 1_000_000, 1_000_000, 20_000), 20_000);
-        // Sparse keys: wider ranges, never past what version() can order.
+        // Sparse keys: wider ranges, never past what a u32 ordinal holds.
         assert_eq!(chunk_width(1, 10_000_000, 1_000, 20_000), 200_000_000);
         assert_eq!(chunk_width(1, 10_000_000_000_000, 1_000, 20_000), MAX_CHUNK_WIDTH);
         assert_eq!(chunk_width(5, 5, 1, 20_000), 20_000);
