@@ -186,9 +186,10 @@ async fn null_rules_and_unknown_content_in_every_sink() {
     }
 }
 
-/// Two batches of one transaction whose ordinals `Position::version()`
-/// cannot tell apart (past 2^20, a transaction of more than a million
-/// changes): Redis applies both, and a replay of the second applies nothing.
+/// Two batches of one transaction whose ordinals the old u64
+/// `Position::version()` could not tell apart (past 2^20, a transaction of
+/// more than a million changes): Redis applies both, and a replay of the
+/// second applies nothing.
 #[tokio::test(flavor = "multi_thread")]
 async fn redis_applies_every_batch_of_a_transaction_past_a_million_changes() {
     use pgfanout::enrich::{EngagementChange, EngagementRow, Enriched};

@@ -1,7 +1,7 @@
 //! Enriched values against PostgreSQL's own arithmetic: `engagement_percent`
 //! must be exactly what `round(duration_ms / 1000.0 / length_seconds * 100, 2)`
 //! gives on the server (ties included), and timestamps the server's
-//! milliseconds, floored.
+//! milliseconds, floored, on every decoding path.
 
 mod support;
 
@@ -97,6 +97,63 @@ async fn percent_matches_postgres(v: &str) {
         }
     }
     assert!(ties >= 20_000, "PG {v}: only {ties} exact ties compared");
+}
+
+/// Random instants from 1600 to 2300 (µs), and the ones a millisecond
+/// boundary makes interesting on either side of 1970.
+fn instants_us() -> Vec<i64> {
+    let mut rng = rand::thread_rng();
+    let mut out: Vec<i64> =
+        (0..20_000).map(|_| rng.gen_range(-11_676_096_000_000_000..10_413_792_000_000_000)).collect();
+    for base in [0i64, -86_400_000_000, 1_795_867_200_000_000, -2_208_988_800_000_000] {
+        for d in [-1001, -1000, -999, -501, -500, -499, -1, 0, 1, 499, 500, 501, 999, 1000, 1001] {
+            out.push(base + d);
+        }
+    }
+    out
+}
+
+/// Every timestamp path (text as the stream sends it, binary as the stream
+/// and the COPY path send it; timestamptz and timestamp) gives PostgreSQL's
+/// `floor(extract(epoch FROM ts) * 1000)`.
+async fn timestamps_match_postgres(v: &str) {
+    use pgfanout::source::values::{oid, Value};
+    let pg = pgfanout::source::slot::connect(&pg_url(v)).await.expect("connect");
+    // A zone with offsets of whole minutes now and of seconds (local mean
+    // time) before 1900: the text form is not UTC.
+    pg.batch_execute("SET TimeZone = 'Asia/Kolkata'").await.unwrap();
+    let us = instants_us();
+    let rows = pg
+        .query(
+            "SELECT floor(extract(epoch FROM ts) * 1000)::int8, ts::text, timestamptz_send(ts),
+                    (ts AT TIME ZONE 'UTC')::text, timestamp_send(ts AT TIME ZONE 'UTC')
+               FROM unnest($1::int8[]) WITH ORDINALITY AS u(us, i),
+                    LATERAL (SELECT 'epoch'::timestamptz + us * interval '1 microsecond' AS ts) t
+              ORDER BY i",
+            &[&us],
+        )
+        .await
+        .expect("PostgreSQL's timestamps");
+    assert_eq!(rows.len(), us.len());
+    for (u, r) in us.iter().zip(&rows) {
+        let want: i64 = r.get(0);
+        let text = |i: usize, type_oid| Value::from_text(type_oid, r.get::<_, &str>(i).as_bytes()).unwrap();
+        let bin = |i: usize, type_oid| Value::from_binary(type_oid, r.get::<_, &[u8]>(i)).unwrap();
+        let got = [
+            text(1, oid::TIMESTAMPTZ).as_timestamp_millis(),
+            bin(2, oid::TIMESTAMPTZ).as_timestamp_millis(),
+            text(3, oid::TIMESTAMP).as_timestamp_millis(),
+            bin(4, oid::TIMESTAMP).as_timestamp_millis(),
+        ];
+        assert_eq!(got, [Some(want); 4], "PG {v}: {u} µs ({})", r.get::<_, &str>(1));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn timestamps_floor_to_milliseconds_like_postgres() {
+    for v in pg_versions() {
+        timestamps_match_postgres(&v).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

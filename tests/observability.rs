@@ -309,7 +309,7 @@ async fn status_reports_healthy_then_names_the_unreachable_sink() {
     let redis_at = sink(&doc, "redis")["position"].as_str().expect("redis position").to_string();
     assert_eq!(sink(&doc, "clickhouse")["position"].as_str(), Some(redis_at.as_str()));
     let stored: String = redis.get(&progress_key).await.unwrap();
-    let expected = pgfanout::sinks::redis::parse_watermark(&stored).unwrap().to_string();
+    let expected = pgfanout::source::Position::from_sortable_hex(&stored).unwrap().to_string();
     assert_eq!(redis_at, expected);
     assert_eq!(doc["sidecar"]["reachable"], true, "{doc:#}");
     assert_eq!(doc["sidecar"]["ready"], true);

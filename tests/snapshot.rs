@@ -548,12 +548,13 @@ async fn backfill_racing_updates(v: &str) {
 
     // The HTTP receiver, keeping per row the event of the highest version,
     // ends with PostgreSQL's rows too.
-    let mut latest: HashMap<i64, (u64, Option<i64>)> = HashMap::new();
+    let mut latest: HashMap<i64, (String, Option<i64>)> = HashMap::new();
     for e in http_events(&t).await {
         let Some(row) = e["event"].as_object() else { continue };
         let id = row["event_id"].as_i64().unwrap();
-        let version = e["version"].as_u64().unwrap();
-        let slot = latest.entry(id).or_insert((0, None));
+        // Fixed-width hex: string order is version order.
+        let version = e["version"].as_str().unwrap().to_string();
+        let slot = latest.entry(id).or_insert((String::new(), None));
         if version >= slot.0 {
             *slot = (version, row["duration_ms"].as_i64());
         }

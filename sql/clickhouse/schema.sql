@@ -3,8 +3,11 @@
 -- line end; table names are unqualified on purpose.
 --
 -- Engines: both tables are ReplacingMergeTree with a version from the
--- change's position in the replication stream (commit LSN, then ordinal) and
--- an _is_deleted flag. Delivery is at-least-once; a replayed row has the same
+-- change's position in the replication stream and an _is_deleted flag.
+-- _version is UInt128: commit LSN << 32 | ordinal (Position::version), exact
+-- for the whole 64-bit LSN range and every ordinal. Tables of the earlier
+-- form (UInt64 _version = lsn << 20 | ordinal, content_dim's version_ts_ms)
+-- are migrated by `pgfanout init` (src/init.rs). Delivery is at-least-once; a replayed row has the same
 -- sort key and version as the one already stored and collapses into it, and
 -- a delete writes a row with _is_deleted = 1 that hides the event. Read with
 -- FINAL, or with `SETTINGS final = 1` (a user profile setting makes the
@@ -24,10 +27,10 @@ CREATE TABLE IF NOT EXISTS content_dim (
   content_type    LowCardinality(Nullable(String)),
   length_seconds  Nullable(Int32),
   publish_ts      DateTime64(3),
-  version_ts_ms   UInt64,
+  _version        UInt128,
   _is_deleted     UInt8 DEFAULT 0
 )
-ENGINE = ReplacingMergeTree(version_ts_ms, _is_deleted)
+ENGINE = ReplacingMergeTree(_version, _is_deleted)
 ORDER BY id;
 
 CREATE TABLE IF NOT EXISTS enriched_engagements (
@@ -46,7 +49,7 @@ CREATE TABLE IF NOT EXISTS enriched_engagements (
   length_seconds  Nullable(Int32),
   publish_ts      Nullable(DateTime64(3)),
   loaded_at       DateTime DEFAULT now(),
-  _version        UInt64,
+  _version        UInt128,
   _is_deleted     UInt8 DEFAULT 0
 )
 ENGINE = ReplacingMergeTree(_version, _is_deleted)

@@ -220,8 +220,8 @@ where
 }
 
 /// A sink's stored version (`Position::version`) as a position, 0 being "nothing yet".
-pub fn position_of_version(v: u64) -> Option<Position> {
-    (v != 0).then_some(Position { commit_lsn: v >> 20, ordinal: (v & ((1 << 20) - 1)) as u32 })
+pub fn position_of_version(v: u128) -> Option<Position> {
+    (v != 0).then(|| Position::from_version(v))
 }
 
 async fn broker(cfg: &Config) -> SinkReport {
@@ -249,7 +249,7 @@ async fn broker(cfg: &Config) -> SinkReport {
 async fn clickhouse(cfg: &Config) -> SinkReport {
     let sink = crate::sinks::clickhouse::ClickHouseSink::new(&cfg.clickhouse);
     probe("clickhouse", async move {
-        let v: u64 = sink
+        let v: u128 = sink
             .client()
             .query("SELECT max(_version) FROM enriched_engagements")
             .fetch_one()
@@ -268,7 +268,7 @@ async fn redis(cfg: &Config) -> SinkReport {
         let progress: Option<String> =
             redis::cmd("GET").arg(&key).query_async(&mut conn).await.map_err(|e| e.to_string())?;
         let position = progress.map(|p| {
-            crate::sinks::redis::parse_watermark(&p)
+            Position::from_sortable_hex(&p)
                 .map(|p| p.to_string())
                 .unwrap_or_else(|| format!("unreadable position {p:?}"))
         });

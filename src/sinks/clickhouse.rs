@@ -34,12 +34,13 @@ struct EngagementRecord {
     content_type: String,
     length_seconds: Option<i32>,
     publish_ts: Option<i64>,
-    _version: u64,
+    /// `Position::version()`: UInt128, exact for every LSN and ordinal.
+    _version: u128,
     _is_deleted: u8,
 }
 
 impl EngagementRecord {
-    fn new(r: &EngagementRow, version: u64, deleted: bool) -> Self {
+    fn new(r: &EngagementRow, version: u128, deleted: bool) -> Self {
         EngagementRecord {
             event_id: r.event_id as u64,
             // The sort key cannot be Nullable: a missing content_id is the nil UUID.
@@ -75,7 +76,9 @@ struct ContentRecord {
     content_type: Option<String>,
     length_seconds: Option<i32>,
     publish_ts: i64,
-    version_ts_ms: u64,
+    /// `Position::version()`, as for events: commit milliseconds (the
+    /// earlier `version_ts_ms`) tie for two changes in one millisecond.
+    _version: u128,
     _is_deleted: u8,
 }
 
@@ -188,7 +191,7 @@ fn content_records(changes: &[ContentChange]) -> Vec<ContentRecord> {
             content_type: c.content.content_type.clone(),
             length_seconds: c.content.length_seconds,
             publish_ts: c.content.publish_ts,
-            version_ts_ms: c.commit_ts.max(0) as u64,
+            _version: c.position.version(),
             _is_deleted: u8::from(c.op == Op::Delete),
         })
         .collect()

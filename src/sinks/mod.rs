@@ -75,10 +75,12 @@ impl Sinks {
 pub struct EventJson<'a> {
     /// Stable across replays: `<commit LSN>/<ordinal>` (see `change_id`).
     pub id: String,
-    /// Orders every event of one row (`Position::version`): a receiver that
-    /// applies an event only over a lower version ends with the latest row,
-    /// whatever order snapshot, backfill and live events arrive in.
-    pub version: u64,
+    /// Orders every event of one row: a receiver that applies an event only
+    /// over a lower version ends with the latest row, whatever order
+    /// snapshot, backfill and live events arrive in. 24 hex digits
+    /// (`Position::sortable_hex`), compared as strings: the exact 96-bit
+    /// position, which a JSON number (a double in most parsers) is not.
+    pub version: String,
     pub op: Op,
     pub commit_ts: i64,
     pub event: Option<&'a EngagementRow>,
@@ -89,7 +91,7 @@ impl<'a> EventJson<'a> {
     pub fn new(c: &'a EngagementChange) -> Self {
         EventJson {
             id: change_id(c),
-            version: c.position.version(),
+            version: c.position.sortable_hex(),
             op: c.op,
             commit_ts: c.commit_ts,
             event: c.current.as_ref(),

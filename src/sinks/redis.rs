@@ -23,7 +23,6 @@ use super::SinkError;
 use crate::config::RedisConfig;
 use crate::enrich::{EngagementChange, EngagementRow, Enriched};
 use crate::retry::Backoff;
-use crate::source::Position;
 
 const BUCKET_SECS: i64 = 60;
 /// How long Redis remembers which row versions a backfill appended: a
@@ -31,29 +30,12 @@ const BUCKET_SECS: i64 = 60;
 pub const SEEN_TTL_SECS: u64 = 7 * 24 * 3600;
 
 /// `<prefix>position`: the position of the last change applied, as
-/// [`watermark`] writes it. (The key was `<prefix>progress` while it held
-/// `Position::version()`; the new name keeps a value of the old form from
-/// being compared with the new one.)
+/// [`crate::source::Position::sortable_hex`] writes it (string order is position order,
+/// so the Lua script compares them as strings). The key was
+/// `<prefix>progress` while it held the old u64 `Position::version()`; the
+/// new name keeps a value of the old form from being compared with it.
 pub fn progress_key(key_prefix: &str) -> String {
     format!("{key_prefix}position")
-}
-
-/// A position as the script compares it: the commit LSN and the ordinal in
-/// fixed-width hex, so Lua's string order is the positions' order for every
-/// ordinal. (`Position::version()` caps ordinals at 2^20, which made the
-/// later batches of a transaction of more changes look already applied.)
-pub fn watermark(p: &Position) -> String {
-    format!("{:016x}{:08x}", p.commit_lsn, p.ordinal)
-}
-
-/// The position a [`watermark`] was written from.
-pub fn parse_watermark(s: &str) -> Option<Position> {
-    if s.len() != 24 || !s.is_ascii() {
-        return None;
-    }
-    let commit_lsn = u64::from_str_radix(&s[..16], 16).ok()?;
-    let ordinal = u32::from_str_radix(&s[16..], 16).ok()?;
-    Some(Position { commit_lsn, ordinal })
 }
 
 /// ARGV: now_ms, stream maxlen, window ttl secs, union key count N, N bucket
@@ -216,7 +198,7 @@ impl RedisSink {
         args.push(buckets.len().to_string().into());
         args.extend(buckets.into_iter().map(Cow::Owned));
         for (c, json) in changes.iter().zip(events_json) {
-            let pos = watermark(&c.position);
+            let pos = c.position.sortable_hex();
             let content_type =
                 c.current.as_ref().or(c.previous.as_ref()).and_then(|r| r.content_type.as_deref()).unwrap_or("unknown");
             if let (Some(digest), Some(row)) = (c.replay_digest, &c.current) {
@@ -266,31 +248,5 @@ impl RedisSink {
             }
         }
         args
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    proptest! {
-        /// String order of watermarks is position order, ordinals past 2^20
-        /// included, and each reads back as its position.
-        #[test]
-        fn watermarks_order_like_positions(a in any::<(u64, u32)>(), b in any::<(u64, u32)>()) {
-            let (pa, pb) = (Position { commit_lsn: a.0, ordinal: a.1 }, Position { commit_lsn: b.0, ordinal: b.1 });
-            prop_assert_eq!(watermark(&pa).cmp(&watermark(&pb)), pa.cmp(&pb));
-            prop_assert_eq!(parse_watermark(&watermark(&pa)), Some(pa));
-        }
-    }
-
-    #[test]
-    fn ordinals_past_the_version_cap_stay_apart() {
-        let lsn = 0x1234_5678;
-        let at = |ordinal| watermark(&Position { commit_lsn: lsn, ordinal });
-        assert!(at(1 << 20) > at((1 << 20) - 1));
-        assert!(at((1 << 20) + 1) > at(1 << 20));
-        assert_eq!(parse_watermark("00000000000000000000012"), None);
     }
 }

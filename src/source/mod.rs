@@ -34,13 +34,36 @@ pub struct Position {
 }
 
 impl Position {
-    /// A single u64 that orders like the position itself: the commit LSN in
-    /// the high bits and the ordinal in the low 20 bits. WAL positions stay
-    /// far below 2^44 bytes (16 TiB) in practice; ordinals past 2^20 within
-    /// one transaction share the last value, which is still ordered against
-    /// every other transaction.
-    pub fn version(&self) -> u64 {
-        (self.commit_lsn << 20) | u64::from(self.ordinal.min((1 << 20) - 1))
+    /// One integer that orders exactly like the position, for every commit
+    /// LSN (all 64 bits) and every ordinal: the LSN in bits 32..96 and the
+    /// ordinal in bits 0..32. ClickHouse stores it as `_version UInt128`.
+    /// (The earlier u64 form, `lsn << 20 | min(ordinal, 2^20 - 1)`, lost the
+    /// LSN's top bits past WAL position 1000/0 and tied ordinals past 2^20.)
+    pub fn version(&self) -> u128 {
+        (u128::from(self.commit_lsn) << 32) | u128::from(self.ordinal)
+    }
+
+    /// The position a [`Position::version`] was made from.
+    pub fn from_version(v: u128) -> Position {
+        Position { commit_lsn: (v >> 32) as u64, ordinal: v as u32 }
+    }
+
+    /// The version as 24 fixed-width lowercase hex digits (commit LSN 16,
+    /// ordinal 8): string order is position order, and it survives JSON,
+    /// whose numbers most parsers hold as doubles (exact only to 2^53).
+    /// The HTTP/Redis event `version` and Redis's progress key use it.
+    pub fn sortable_hex(&self) -> String {
+        format!("{:016x}{:08x}", self.commit_lsn, self.ordinal)
+    }
+
+    /// The position a [`Position::sortable_hex`] was written from.
+    pub fn from_sortable_hex(s: &str) -> Option<Position> {
+        if s.len() != 24 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        let commit_lsn = u64::from_str_radix(&s[..16], 16).ok()?;
+        let ordinal = u32::from_str_radix(&s[16..], 16).ok()?;
+        Some(Position { commit_lsn, ordinal })
     }
 }
 
@@ -165,3 +188,42 @@ pub enum SourceEvent {
 
 /// Microseconds between the Unix epoch and PostgreSQL's epoch (2000-01-01).
 pub const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn pos((commit_lsn, ordinal): (u64, u32)) -> Position {
+        Position { commit_lsn, ordinal }
+    }
+
+    proptest! {
+        /// Versions and their hex order exactly like positions over the
+        /// whole LSN and ordinal range, and each reads back as its position.
+        #[test]
+        fn versions_order_like_positions(a in any::<(u64, u32)>(), b in any::<(u64, u32)>()) {
+            let (pa, pb) = (pos(a), pos(b));
+            prop_assert_eq!(pa.version().cmp(&pb.version()), pa.cmp(&pb));
+            prop_assert_eq!(pa.sortable_hex().cmp(&pb.sortable_hex()), pa.cmp(&pb));
+            prop_assert_eq!(Position::from_version(pa.version()), pa);
+            prop_assert_eq!(Position::from_sortable_hex(&pa.sortable_hex()), Some(pa));
+            prop_assert_eq!(pa.sortable_hex(), format!("{:024x}", pa.version()));
+        }
+    }
+
+    #[test]
+    fn no_wrap_past_lsn_1000_0_and_no_tie_past_2_pow_20_ordinals() {
+        // 1000/0 is 2^44: the old u64 form shifted it out entirely.
+        let before = pos((0xFFF_FFFF_FFFF, 7));
+        let after = pos((0x1000_0000_0000, 0));
+        assert!(after.version() > before.version());
+        assert!(pos((u64::MAX, 0)).version() > pos((u64::MAX - 1, u32::MAX)).version());
+        let lsn = 0x1234_5678;
+        assert!(pos((lsn, 1 << 20)).version() > pos((lsn, (1 << 20) - 1)).version());
+        assert!(pos((lsn, (1 << 20) + 1)).sortable_hex() > pos((lsn, 1 << 20)).sortable_hex());
+        assert_eq!(pos((0x1000_0000_0000, 3)).sortable_hex(), "0000100000000000".to_string() + "00000003");
+        assert_eq!(Position::from_sortable_hex("00000000000000000000012"), None);
+        assert_eq!(Position::from_sortable_hex("+0000000000000000000012a"), None);
+    }
+}

@@ -9,8 +9,8 @@
 //! Positions. Every row read by a scan gets a position just below the scan's
 //! consistent point `cp` (the LSN its snapshot corresponds to):
 //! `commit_lsn = cp - 1 - chunk.seq`, `ordinal` = the row's key minus the
-//! chunk's lower bound (integer keys; chunks are at most 2^20 - 1 keys wide,
-//! so `Position::version()` keeps every ordinal) or its rank in the chunk
+//! chunk's lower bound (integer keys; chunks are at most 2^32 - 1 keys wide,
+//! so the ordinal, which `Position::version()` keeps whole, holds it) or its rank in the chunk
 //! (other keys). So positions are unique per row, grow along a chunk in
 //! delivery order (what a per-chunk Redis progress watermark needs), and
 //! order below every change the slot streams after `cp` (all of which
@@ -37,8 +37,10 @@ use crate::config::Config;
 use crate::enrich::ContentDim;
 use crate::pipeline::{DeliverOptions, Delivery, PipelineError, Stats};
 
-/// Widest integer-key chunk: its ordinals must fit `Position::version()`'s 20 bits.
-pub const MAX_CHUNK_WIDTH: i64 = (1 << 20) - 1;
+/// Widest integer-key chunk: a row's ordinal (its key's offset in the
+/// chunk) must fit `Position::ordinal`'s 32 bits, which `Position::version()`
+/// keeps whole.
+pub const MAX_CHUNK_WIDTH: i64 = u32::MAX as i64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ScanError {
@@ -367,7 +369,7 @@ pub struct ScanPoint {
     /// The LSN the scan's data corresponds to (see the module docs).
     pub consistent_point: u64,
     /// Commit time given to the rows (µs since the Unix epoch): taken before
-    /// the consistent point, so content_dim's version_ts_ms keeps any later change.
+    /// the consistent point, so it is no later than any change streamed after it.
     pub commit_ts_us: i64,
 }
 
@@ -689,8 +691,9 @@ mod tests {
     fn widths() {
         // Dense keys: about chunk_rows keys per chunk.
         assert_eq!(chunk_width(1, 1_000_000, 1_000_000, 20_000), 20_000);
-        // Sparse keys: wider ranges, never past what version() can order.
-        assert_eq!(chunk_width(1, 10_000_000, 1_000, 20_000), MAX_CHUNK_WIDTH);
+        // Sparse keys: wider ranges, never past what a u32 ordinal holds.
+        assert_eq!(chunk_width(1, 10_000_000, 1_000, 20_000), 200_000_000);
+        assert_eq!(chunk_width(1, 10_000_000_000_000, 1_000, 20_000), MAX_CHUNK_WIDTH);
         assert_eq!(chunk_width(5, 5, 1, 20_000), 20_000);
         assert_eq!(chunk_width(1, 100, 100, 0), 1);
         assert_eq!(chunk_width(i64::MIN, i64::MAX, 10, 1), MAX_CHUNK_WIDTH);

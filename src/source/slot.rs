@@ -50,30 +50,135 @@ fn query_err(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> SlotEr
 }
 
 /// Checks `wal_level` and creates the publication when it is missing (the
-/// snapshot creates its slot itself, with an exported snapshot).
+/// snapshot creates its slot itself, with an exported snapshot). When it
+/// exists but its tables are not `source.tables`, warns naming the tables:
+/// changes of a table missing from it never reach pgfanout (`pgfanout init`
+/// adds them, see [`add_missing_publication_tables`]).
 pub async fn ensure_publication(client: &Client, cfg: &SourceConfig) -> Result<(), SlotError> {
     let wal_level: String = client.query_one("SHOW wal_level", &[]).await.map_err(query_err("SHOW wal_level"))?.get(0);
     if wal_level != "logical" {
         return Err(SlotError::WalLevel(wal_level));
     }
-    let has_pub = client
-        .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&cfg.publication])
-        .await
-        .map_err(query_err("look up publication"))?
-        .is_some();
-    if !has_pub {
-        let mut tables = Vec::new();
-        for t in &cfg.tables {
-            let row =
-                client.query_opt("SELECT to_regclass($1)::text", &[t]).await.map_err(query_err("look up table"))?;
-            let name: Option<String> = row.and_then(|r| r.get(0));
-            tables.push(name.ok_or_else(|| SlotError::NoSuchTable(t.clone()))?);
+    match publication_diff(client, cfg).await? {
+        None => {
+            let tables: Vec<String> = resolve_tables(client, cfg).await?.iter().map(|t| t.quoted()).collect();
+            let sql = format!("CREATE PUBLICATION {} FOR TABLE {}", quote_ident(&cfg.publication), tables.join(", "));
+            client.batch_execute(&sql).await.map_err(query_err("create publication"))?;
+            tracing::info!(publication = %cfg.publication, tables = ?cfg.tables, "created publication");
         }
-        let sql = format!("CREATE PUBLICATION {} FOR TABLE {}", quote_ident(&cfg.publication), tables.join(", "));
-        client.batch_execute(&sql).await.map_err(query_err("create publication"))?;
-        tracing::info!(publication = %cfg.publication, tables = ?cfg.tables, "created publication");
+        Some(diff) if !diff.missing.is_empty() || !diff.extra.is_empty() => {
+            tracing::warn!(
+                publication = %cfg.publication,
+                missing = %names(&diff.missing),
+                extra = %names(&diff.extra),
+                "the publication and source.tables disagree: changes of the missing tables are not streamed (`pgfanout init` adds them), those of the extra ones are"
+            );
+        }
+        Some(_) => {}
     }
     Ok(())
+}
+
+/// For `pgfanout init`: adds the tables of `source.tables` that an existing
+/// publication lacks (ALTER PUBLICATION … ADD TABLE), logs what it changed,
+/// and returns the tables added. Changes committed from then on are
+/// streamed; rows the tables already held are not (a backfill or
+/// `pgfanout snapshot` loads them). Tables the publication has beyond
+/// `source.tables` are left alone (other consumers may read them) and
+/// reported. A missing publication is left to [`ensure_publication`].
+pub async fn add_missing_publication_tables(client: &Client, cfg: &SourceConfig) -> Result<Vec<String>, SlotError> {
+    let Some(diff) = publication_diff(client, cfg).await? else { return Ok(Vec::new()) };
+    if !diff.extra.is_empty() {
+        tracing::warn!(publication = %cfg.publication, extra = %names(&diff.extra), "the publication has tables that source.tables does not name; left as they are");
+    }
+    if diff.missing.is_empty() {
+        return Ok(Vec::new());
+    }
+    let tables: Vec<String> = diff.missing.iter().map(|t| t.quoted()).collect();
+    let sql = format!("ALTER PUBLICATION {} ADD TABLE {}", quote_ident(&cfg.publication), tables.join(", "));
+    client.batch_execute(&sql).await.map_err(query_err("add tables to publication"))?;
+    let added: Vec<String> = diff.missing.iter().map(|t| t.to_string()).collect();
+    tracing::info!(publication = %cfg.publication, added = %added.join(", "), "added tables to the publication: their changes are streamed from now on, rows they already hold are not (backfill or snapshot them)");
+    Ok(added)
+}
+
+/// A table as PostgreSQL names it (schema and name, unquoted).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct PgTable {
+    schema: String,
+    name: String,
+}
+
+impl PgTable {
+    fn quoted(&self) -> String {
+        format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
+    }
+}
+
+impl std::fmt::Display for PgTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.schema, self.name)
+    }
+}
+
+fn names(tables: &[PgTable]) -> String {
+    tables.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(", ")
+}
+
+/// `source.tables` resolved the way PostgreSQL resolves them (search_path,
+/// quoting), so they compare with the publication's.
+async fn resolve_tables(client: &Client, cfg: &SourceConfig) -> Result<Vec<PgTable>, SlotError> {
+    let mut out = Vec::new();
+    for t in &cfg.tables {
+        let row = client
+            .query_opt(
+                "SELECT n.nspname::text, c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                  WHERE c.oid = to_regclass($1)",
+                &[t],
+            )
+            .await
+            .map_err(query_err("look up table"))?
+            .ok_or_else(|| SlotError::NoSuchTable(t.clone()))?;
+        out.push(PgTable { schema: row.get(0), name: row.get(1) });
+    }
+    Ok(out)
+}
+
+/// How the publication's tables differ from `source.tables`; None when
+/// there is no such publication.
+struct PublicationDiff {
+    missing: Vec<PgTable>,
+    extra: Vec<PgTable>,
+}
+
+async fn publication_diff(client: &Client, cfg: &SourceConfig) -> Result<Option<PublicationDiff>, SlotError> {
+    let Some(row) = client
+        .query_opt("SELECT puballtables FROM pg_publication WHERE pubname = $1", &[&cfg.publication])
+        .await
+        .map_err(query_err("look up publication"))?
+    else {
+        return Ok(None);
+    };
+    let all_tables: bool = row.get(0);
+    let published: Vec<PgTable> = client
+        .query(
+            "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1",
+            &[&cfg.publication],
+        )
+        .await
+        .map_err(query_err("list publication tables"))?
+        .iter()
+        .map(|r| PgTable { schema: r.get(0), name: r.get(1) })
+        .collect();
+    let wanted = resolve_tables(client, cfg).await?;
+    let mut missing: Vec<PgTable> = wanted.iter().filter(|t| !published.contains(t)).cloned().collect();
+    // FOR ALL TABLES: every table is in it, the others are not "extra".
+    let mut extra: Vec<PgTable> =
+        if all_tables { Vec::new() } else { published.into_iter().filter(|t| !wanted.contains(t)).collect() };
+    missing.sort();
+    missing.dedup();
+    extra.sort();
+    Ok(Some(PublicationDiff { missing, extra }))
 }
 
 /// The slot, when it exists, refusing one that can no longer be trusted.

@@ -1287,6 +1287,37 @@ mod tests {
         assert_eq!(t(oid::TIMETZ, "04:05:06+05:30").to_json(), "04:05:06+05:30");
     }
 
+    /// Milliseconds are floored (toward -infinity), also before 1970, where
+    /// truncating toward zero would move a timestamp 1 ms later; text and
+    /// binary (the stream and the COPY path) agree.
+    #[test]
+    fn timestamp_millis_floor_before_and_after_1970() {
+        let cases = [
+            ("1970-01-01 00:00:00.0005+00", 0),
+            ("1970-01-01 00:00:00.000999+00", 0),
+            ("1970-01-01 00:00:00.001+00", 1),
+            ("1969-12-31 23:59:59.9995+00", -1),
+            ("1969-12-31 23:59:59.999999+00", -1),
+            ("1969-12-31 23:59:59.999+00", -1),
+            ("1969-12-31 23:59:59.998001+00", -2),
+            ("1969-12-31 23:59:59+00", -1000),
+            ("1900-01-01 00:00:00.0001+00", -2_208_988_800_000),
+            ("1899-12-31 23:59:59.9999+00", -2_208_988_800_001),
+            ("2026-11-28 12:00:00.123999+00", 1_795_867_200_123),
+        ];
+        let b = |oid, d: &[u8]| Value::from_binary(oid, d).unwrap();
+        for (text, ms) in cases {
+            let v = t(oid::TIMESTAMPTZ, text);
+            assert_eq!(v.as_timestamp_millis(), Some(ms), "{text}");
+            let Value::TimestampTz(ts) = v else { panic!("{text}") };
+            let pg_us = ts.timestamp_micros() - PG_EPOCH_OFFSET_MICROS;
+            assert_eq!(b(oid::TIMESTAMPTZ, &pg_us.to_be_bytes()).as_timestamp_millis(), Some(ms), "{text} (binary)");
+            assert_eq!(b(oid::TIMESTAMP, &pg_us.to_be_bytes()).as_timestamp_millis(), Some(ms), "{text} (timestamp)");
+            let naive = text.trim_end_matches("+00");
+            assert_eq!(t(oid::TIMESTAMP, naive).as_timestamp_millis(), Some(ms), "{naive}");
+        }
+    }
+
     #[test]
     fn intervals_postgres_style() {
         let iv = |m, d, us| Value::Interval { months: m, days: d, micros: us };

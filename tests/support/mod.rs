@@ -50,13 +50,17 @@ pub struct TestEnv {
 impl TestEnv {
     /// A fresh, initialised environment (schema, slot, tables, topics) on one PostgreSQL major.
     pub async fn new(pg_version: &str) -> TestEnv {
+        Self::on_server(pg_version, &env(&format!("PGFANOUT_PG{pg_version}_URL"))).await
+    }
+
+    /// Like `new`, on the PostgreSQL server at `admin_url` (a private one).
+    pub async fn on_server(pg_version: &str, admin_url: &str) -> TestEnv {
         let name = unique_name();
-        let admin_url = env(&format!("PGFANOUT_PG{pg_version}_URL"));
-        let admin = pgfanout::source::slot::connect(&admin_url).await.expect("connect to PostgreSQL");
+        let admin = pgfanout::source::slot::connect(admin_url).await.expect("connect to PostgreSQL");
         admin.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create database");
         let url = match admin_url.rsplit_once('/') {
             Some((base, _)) => format!("{base}/{name}"),
-            None => panic!("PGFANOUT_PG{pg_version}_URL must be a postgres:// URL"),
+            None => panic!("{admin_url} must be a postgres:// URL"),
         };
         let http_base = env("PGFANOUT_HTTP_URL");
         let cfg = Config {

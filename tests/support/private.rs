@@ -250,3 +250,107 @@ impl TestEnv {
         pgfanout::init::run(&self.cfg, false).await.expect("init on the private broker");
     }
 }
+
+/// A PostgreSQL cluster of the test's own, on a free port, for tests that
+/// need a server in a state the shared ones are not in (a WAL position moved
+/// with `pg_resetwal`). Debian's PostgreSQL 15, which scripts/services always
+/// installs: the npm builds of the other majors ship no pg_resetwal. Stopped
+/// (immediate) and removed on drop.
+pub struct PrivatePostgres {
+    pub port: u16,
+    dir: PathBuf,
+    bin: PathBuf,
+}
+
+impl PrivatePostgres {
+    /// initdb, then `pg_resetwal -l <first_wal_file>` when given (the WAL
+    /// then starts at that segment), then start with wal_level=logical.
+    pub async fn start(first_wal_file: Option<&str>) -> Self {
+        let bin = std::env::var("PGFANOUT_PG15_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| PathBuf::from("/usr/lib/postgresql/15/bin"));
+        let dir = std::env::temp_dir().join(format!("pgfanout-private-pg-{}", super::unique_name()));
+        std::fs::create_dir_all(dir.join("sock")).expect("create private PostgreSQL dir");
+        let pg = PrivatePostgres { port: free_port(), dir, bin };
+        if is_root() {
+            // PostgreSQL refuses to run as root; scripts/services uses `postgres` too.
+            let ok = Command::new("chown").args(["-R", "postgres:"]).arg(&pg.dir).status().unwrap().success();
+            assert!(ok, "chown {} to postgres", pg.dir.display());
+        }
+        let data = pg.data();
+        pg.run("initdb", |c| {
+            c.arg("-D").arg(&data).args(["-U", "pgfanout", "-A", "trust", "-E", "UTF8", "--locale=C", "-N"]);
+        });
+        if let Some(file) = first_wal_file {
+            pg.run("pg_resetwal", |c| {
+                c.args(["-l", file]).arg(&data);
+            });
+        }
+        let conf = format!(
+            "\nlisten_addresses = '127.0.0.1'\nport = {}\nunix_socket_directories = '{}'\nwal_level = logical\n\
+             max_wal_senders = 10\nmax_replication_slots = 10\nfsync = off\nsynchronous_commit = off\n\
+             full_page_writes = off\n",
+            pg.port,
+            pg.dir.join("sock").display()
+        );
+        let mut f = std::fs::OpenOptions::new().append(true).open(data.join("postgresql.conf")).unwrap();
+        std::io::Write::write_all(&mut f, conf.as_bytes()).unwrap();
+        let log = pg.dir.join("postgres.log");
+        pg.run("pg_ctl", |c| {
+            c.arg("-D").arg(&data).arg("-l").arg(&log).args(["-w", "-t", "60", "start"]);
+        });
+        pg
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    /// `tool` from the cluster's bin dir, run as the PostgreSQL user from a
+    /// directory it can enter.
+    fn command(&self, tool: &str) -> Command {
+        let path = self.bin.join(tool);
+        let mut c = if is_root() {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(path);
+            c
+        } else {
+            Command::new(path)
+        };
+        c.current_dir("/");
+        c
+    }
+
+    /// `tool` from the cluster's bin dir, as the PostgreSQL user; panics with
+    /// its output when it fails.
+    fn run(&self, tool: &str, args: impl FnOnce(&mut Command)) {
+        let mut c = self.command(tool);
+        args(&mut c);
+        let out = c.output().unwrap_or_else(|e| panic!("{tool}: {e}"));
+        assert!(
+            out.status.success(),
+            "{tool} failed: {}{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(self.dir.join("postgres.log")).unwrap_or_default()
+        );
+    }
+
+    /// Admin URL (database `postgres`, user `pgfanout`, trust auth).
+    pub fn url(&self) -> String {
+        format!("postgres://pgfanout@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let data = self.data();
+        let _ = self.command("pg_ctl").arg("-D").arg(&data).args(["-m", "immediate", "-w", "stop"]).output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
