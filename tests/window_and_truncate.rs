@@ -292,7 +292,7 @@ async fn assert_clickhouse(t: &TestEnv, what: &str) {
         .collect();
     let ch: Vec<Row> =
         t.ch.query(
-            "SELECT event_id, toString(content_id), duration_ms, engagement_percent, content_slug
+            "SELECT event_id, toString(content_id) AS content_id, duration_ms, engagement_percent, content_slug
              FROM enriched_engagements FINAL ORDER BY event_id",
         )
         .fetch_all()
