@@ -220,3 +220,17 @@ fn content_records(changes: &[ContentChange]) -> Vec<ContentRecord> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_what_follows_the_last_truncate_is_written() {
+        let truncate = |x: &i32| *x == 0;
+        assert_eq!(after_last_truncate(&[1, 2, 0, 3], truncate), (true, &[3][..]));
+        assert_eq!(after_last_truncate(&[0, 1, 0], truncate), (true, &[][..]));
+        assert_eq!(after_last_truncate(&[1, 2], truncate), (false, &[1, 2][..]));
+        assert_eq!(after_last_truncate(&[], truncate), (false, &[][..]));
+    }
+}

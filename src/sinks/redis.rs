@@ -489,6 +489,26 @@ mod tests {
         }
     }
 
+    proptest! {
+        /// A percent as enrichment gives it (the double nearest a two-decimal
+        /// value) is exactly its hundredths in basis points, so the window's
+        /// integer sums cancel exactly on retraction.
+        #[test]
+        fn basis_points_are_the_exact_hundredths(h in -(1i64 << 40)..(1i64 << 40)) {
+            prop_assert_eq!(basis_points(h as f64 / 100.0), h);
+            let parsed: f64 = format!("{}.{:02}", h / 100, (h % 100).abs()).parse().unwrap();
+            if h >= 0 {
+                prop_assert_eq!(basis_points(parsed), h);
+            }
+        }
+    }
+
+    #[test]
+    fn glob_characters_of_the_prefix_are_escaped() {
+        assert_eq!(glob_escape("app:*?[x]\\:"), "app:\\*\\?\\[x\\]\\\\:");
+        assert_eq!(glob_escape("pgfanout:"), "pgfanout:");
+    }
+
     #[test]
     fn ordinals_past_the_version_cap_stay_apart() {
         let lsn = 0x1234_5678;
