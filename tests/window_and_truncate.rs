@@ -358,6 +358,9 @@ async fn assert_redis(t: &TestEnv, what: &str) {
     expected.insert("unknown".to_string(), entries(&[("c", "8")]));
     assert_eq!(got, expected, "PG {v}: {what}: streams");
     assert_eq!(truncates.len(), 2, "PG {v}: {what}: one entry id per TRUNCATE in every stream: {truncates:?}");
+    let mut r = t.redis.clone();
+    let epoch: Option<String> = r.get(format!("{}top:epoch", t.cfg.redis.key_prefix)).await.unwrap();
+    assert_eq!(epoch.as_deref(), Some("2"), "PG {v}: {what}: each TRUNCATE cleared the window once");
     // The window: PostgreSQL's own sum over the live events (no content
     // changed after its events were written, so the join is as of commit).
     let pg: BTreeMap<String, f64> =

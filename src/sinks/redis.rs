@@ -20,7 +20,9 @@
 //! see [`contrib_key`] for how they are kept. A TRUNCATE of the events table
 //! drops every bucket (`<prefix>top:buckets` lists them) and makes every
 //! record stale at once by bumping `<prefix>top:epoch`, which each record
-//! carries; it also appends an entry with op `t` to every stream.
+//! carries (the stale records expire with their buckets, as they would
+//! have anyway; the epoch is one small key without TTL, as it must outlive
+//! every record); it also appends an entry with op `t` to every stream.
 //!
 //! The live stream uses `<prefix>position`; a caller may name its own scope
 //! (`<prefix>position:<scope>`, see `DeliverOptions::progress_scope`) for
