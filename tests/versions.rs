@@ -47,14 +47,14 @@ fn batch(position: Position, duration_ms: i32, title: &str) -> Enriched {
         }],
         contents: vec![ContentChange {
             op: Op::Update,
-            content: Content {
+            content: Some(Content {
                 id: A.parse().unwrap(),
                 slug: "a".into(),
                 title: title.into(),
                 content_type: Some("podcast".into()),
                 length_seconds: Some(100),
                 publish_ts: 0,
-            },
+            }),
             position,
             commit_ts: 0,
         }],

@@ -79,9 +79,11 @@ pub struct EngagementRow {
     pub publish_ts: Option<i64>,
 }
 
-/// A change of one engagement event after enrichment. `previous` is the
-/// row before an update or delete (from REPLICA IDENTITY FULL), so sinks
-/// can retract what they counted for it.
+/// A change of one engagement event after enrichment, in stream order.
+/// `previous` is the row before an update or delete (from REPLICA IDENTITY
+/// FULL). A TRUNCATE of the events table is one of these too, with
+/// `op: Op::Truncate` and neither row, so every sink meets it at its place
+/// among the batch's events (rows before it are gone, rows after it stay).
 #[derive(Debug, Clone, PartialEq)]
 pub struct EngagementChange {
     pub op: Op,
@@ -96,11 +98,13 @@ pub struct EngagementChange {
     pub replay_digest: Option<u64>,
 }
 
-/// A content change, for ClickHouse's `content_dim`.
+/// A content change, for ClickHouse's `content_dim`. `content` is None only
+/// for a TRUNCATE of the content table (`op: Op::Truncate`), which clears
+/// the dimension at its place in the batch.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ContentChange {
     pub op: Op,
-    pub content: Content,
+    pub content: Option<Content>,
     pub position: Position,
     pub commit_ts: i64,
 }
@@ -110,8 +114,6 @@ pub struct ContentChange {
 pub struct Enriched {
     pub engagements: Vec<EngagementChange>,
     pub contents: Vec<ContentChange>,
-    /// Positions of TRUNCATEs of the events table (sinks clear their copy).
-    pub events_truncated: Vec<Position>,
     /// Changes that could not be enriched, with the reason; they are parked
     /// by the pipeline, never dropped.
     pub rejected: Vec<(Change, String)>,
@@ -134,15 +136,25 @@ pub fn enrich(dim: &mut ContentDim, changes: &[Change]) -> Enriched {
         let commit_ts = c.tx.commit_ts_us.div_euclid(1000);
         if c.table.is(CONTENT_TABLE.0, CONTENT_TABLE.1) {
             match dim.apply(c) {
-                Ok(Some(content)) => {
+                Ok(content @ Some(_)) => {
                     out.contents.push(ContentChange { op: c.op, content, position: c.position, commit_ts })
+                }
+                Ok(None) if c.op == Op::Truncate => {
+                    out.contents.push(ContentChange { op: c.op, content: None, position: c.position, commit_ts })
                 }
                 Ok(None) => {}
                 Err(e) => out.rejected.push((c.clone(), e.to_string())),
             }
         } else if c.table.is(EVENTS_TABLE.0, EVENTS_TABLE.1) {
             if c.op == Op::Truncate {
-                out.events_truncated.push(c.position);
+                out.engagements.push(EngagementChange {
+                    op: c.op,
+                    current: None,
+                    previous: None,
+                    position: c.position,
+                    commit_ts,
+                    replay_digest: None,
+                });
                 continue;
             }
             let row = |r: &Option<Row>| r.as_ref().map(|r| engagement_row(dim, r, c.position)).transpose();
@@ -273,6 +285,52 @@ mod tests {
             }
         }
         best
+    }
+
+    fn change(table: &str, op: Op, ordinal: u32, after: Option<Row>) -> Change {
+        Change {
+            table: crate::source::TableName::new("public", table),
+            op,
+            key: Row::default(),
+            before: None,
+            after,
+            lsn: 0,
+            tx: Default::default(),
+            position: Position { commit_lsn: 1, ordinal },
+        }
+    }
+
+    fn event(id: i64) -> Row {
+        use crate::source::values::Value;
+        let ts = chrono::DateTime::from_timestamp_millis(1_700_000_000_000).unwrap();
+        Row(vec![("id".into(), Value::Int8(id)), ("event_ts".into(), Value::TimestampTz(ts))])
+    }
+
+    /// A TRUNCATE keeps its place among the batch's changes: each sink
+    /// hides what precedes it and keeps what follows.
+    #[test]
+    fn truncates_stay_in_stream_order() {
+        let mut dim = ContentDim::default();
+        let batch = [
+            change("engagement_events", Op::Create, 0, Some(event(1))),
+            change("engagement_events", Op::Truncate, 1, None),
+            change("content", Op::Truncate, 2, None),
+            change("engagement_events", Op::Create, 3, Some(event(2))),
+        ];
+        let out = enrich(&mut dim, &batch);
+        let ops: Vec<(Op, u32, Option<i64>)> = out
+            .engagements
+            .iter()
+            .map(|c| (c.op, c.position.ordinal, c.current.as_ref().map(|r| r.event_id)))
+            .collect();
+        assert_eq!(ops, [(Op::Create, 0, Some(1)), (Op::Truncate, 1, None), (Op::Create, 3, Some(2))]);
+        assert!(out.engagements[1].previous.is_none());
+        assert_eq!(out.contents.len(), 1);
+        assert_eq!(
+            (out.contents[0].op, out.contents[0].content.as_ref(), out.contents[0].position.ordinal),
+            (Op::Truncate, None, 2)
+        );
+        assert!(out.rejected.is_empty());
     }
 
     proptest! {

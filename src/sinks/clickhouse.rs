@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use clickhouse::{Client, Row};
+use clickhouse::{Client, Row, RowOwned, RowWrite};
 use serde::Serialize;
 use uuid::Uuid;
 
@@ -110,11 +110,14 @@ impl ClickHouseSink {
     /// Writes a batch, retrying (with backoff) until ClickHouse takes it:
     /// an outage stalls the pipeline, it never drops data.
     pub async fn write(&self, batch: &Enriched) -> Result<(), SinkError> {
-        let events = engagement_records(&batch.engagements);
-        let contents = content_records(&batch.contents);
+        let (events_truncated, events) = after_last_truncate(&batch.engagements, |c| c.op == Op::Truncate);
+        let (contents_truncated, contents) = after_last_truncate(&batch.contents, |c| c.op == Op::Truncate);
+        let events =
+            Table { name: "enriched_engagements", truncate: events_truncated, rows: engagement_records(events) };
+        let contents = Table { name: "content_dim", truncate: contents_truncated, rows: content_records(contents) };
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
-            let attempt = tokio::time::timeout(REQUEST_TIMEOUT, self.write_once(batch, &events, &contents));
+            let attempt = tokio::time::timeout(REQUEST_TIMEOUT, self.write_once(&events, &contents));
             match attempt.await.unwrap_or(Err(SinkError::ClickHouse(clickhouse::error::Error::TimedOut))) {
                 Ok(()) => {
                     crate::observe::sink_flushed("clickhouse", backoff.attempts());
@@ -130,30 +133,51 @@ impl ClickHouseSink {
         }
     }
 
+    /// One attempt. A retry repeats it whole: the TRUNCATE again, then the
+    /// same rows and versions, so it ends in the same state.
     async fn write_once(
         &self,
-        batch: &Enriched,
-        events: &[EngagementRecord],
-        contents: &[ContentRecord],
+        events: &Table<EngagementRecord>,
+        contents: &Table<ContentRecord>,
     ) -> Result<(), SinkError> {
-        if !batch.events_truncated.is_empty() {
-            self.client.query("TRUNCATE TABLE enriched_engagements").execute().await?;
+        self.write_table(events).await?;
+        self.write_table(contents).await
+    }
+
+    async fn write_table<T: RowOwned + RowWrite>(&self, table: &Table<T>) -> Result<(), SinkError> {
+        if table.truncate {
+            self.client.query(&format!("TRUNCATE TABLE {}", table.name)).execute().await?;
         }
-        if !events.is_empty() {
-            let mut ins = self.client.insert::<EngagementRecord>("enriched_engagements").await?;
-            for r in events {
-                ins.write(r).await?;
-            }
-            ins.end().await?;
-        }
-        if !contents.is_empty() {
-            let mut ins = self.client.insert::<ContentRecord>("content_dim").await?;
-            for r in contents {
+        if !table.rows.is_empty() {
+            let mut ins = self.client.insert::<T>(table.name).await?;
+            for r in &table.rows {
                 ins.write(r).await?;
             }
             ins.end().await?;
         }
         Ok(())
+    }
+}
+
+/// What a batch writes to one table: a TRUNCATE first if the batch holds
+/// one, then the rows of the changes after the last TRUNCATE.
+struct Table<T> {
+    name: &'static str,
+    truncate: bool,
+    rows: Vec<T>,
+}
+
+/// The changes a batch still has to write once its TRUNCATEs are applied in
+/// commit order: those after the last one, and whether there is one. Rows
+/// of the changes before it would be inserted only for the TRUNCATE to
+/// remove them (with every row older than the batch), so they are left out:
+/// the table ends exactly as applying every segment in turn would leave it,
+/// holding only what follows the last TRUNCATE. A replay of the batch, cut
+/// the same way or not, truncates again and rewrites the same rows.
+fn after_last_truncate<T>(changes: &[T], is_truncate: impl Fn(&T) -> bool) -> (bool, &[T]) {
+    match changes.iter().rposition(is_truncate) {
+        Some(i) => (true, &changes[i + 1..]),
+        None => (false, changes),
     }
 }
 
@@ -184,15 +208,32 @@ fn engagement_records(changes: &[EngagementChange]) -> Vec<EngagementRecord> {
 fn content_records(changes: &[ContentChange]) -> Vec<ContentRecord> {
     changes
         .iter()
-        .map(|c| ContentRecord {
-            id: c.content.id,
-            slug: c.content.slug.clone(),
-            title: c.content.title.clone(),
-            content_type: c.content.content_type.clone(),
-            length_seconds: c.content.length_seconds,
-            publish_ts: c.content.publish_ts,
-            _version: c.position.version(),
-            _is_deleted: u8::from(c.op == Op::Delete),
+        .filter_map(|c| {
+            let content = c.content.as_ref()?;
+            Some(ContentRecord {
+                id: content.id,
+                slug: content.slug.clone(),
+                title: content.title.clone(),
+                content_type: content.content_type.clone(),
+                length_seconds: content.length_seconds,
+                publish_ts: content.publish_ts,
+                _version: c.position.version(),
+                _is_deleted: u8::from(c.op == Op::Delete),
+            })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_what_follows_the_last_truncate_is_written() {
+        let truncate = |x: &i32| *x == 0;
+        assert_eq!(after_last_truncate(&[1, 2, 0, 3], truncate), (true, &[3][..]));
+        assert_eq!(after_last_truncate(&[0, 1, 0], truncate), (true, &[][..]));
+        assert_eq!(after_last_truncate(&[1, 2], truncate), (false, &[1, 2][..]));
+        assert_eq!(after_last_truncate(&[], truncate), (false, &[][..]));
+    }
 }
