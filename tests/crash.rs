@@ -351,8 +351,16 @@ async fn sigkill_at_random_moments_and_every_sink_ends_exact() {
     let mut latest: HashMap<i64, ((u64, u64), Values)> = HashMap::new();
     for k in &redis_keys {
         let stream_type = k.rsplit(':').next().unwrap();
-        let reply: redis::streams::StreamRangeReply = r.xrange_all(k).await.unwrap();
-        for entry in reply.ids {
+        // In pages: one XRANGE of a whole stream outlasts the client's response timeout.
+        let mut entries = Vec::new();
+        let mut from = "-".to_string();
+        loop {
+            let page: redis::streams::StreamRangeReply = r.xrange_count(k, &from, "+", 5_000).await.unwrap();
+            let Some(last) = page.ids.last() else { break };
+            from = format!("({}", last.id);
+            entries.extend(page.ids);
+        }
+        for entry in entries {
             let doc: serde_json::Value = serde_json::from_str(&entry.get::<String>("data").unwrap()).unwrap();
             let Some(event_id) = doc["event"]["event_id"].as_i64() else { continue };
             let values = values_of_json(&doc["event"]);
