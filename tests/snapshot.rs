@@ -571,3 +571,39 @@ async fn backfill_while_its_rows_are_updated_never_overwrites_newer_values() {
         backfill_racing_updates(&v).await;
     }
 }
+
+/// Snapshot state an earlier release kept in schema `pgfanout` moves to
+/// `pgfanout_state` with its rows, and the emptied schema goes: a role
+/// named pgfanout would otherwise create its unqualified tables there.
+#[tokio::test(flavor = "multi_thread")]
+async fn state_tables_move_out_of_the_old_schema() {
+    let v = pg_versions()[0].clone();
+    let t = TestEnv::new(&v).await;
+    t.pg.batch_execute(
+        "CREATE SCHEMA pgfanout;
+         CREATE TABLE pgfanout.snapshots (slot text PRIMARY KEY, consistent_point pg_lsn, snapshot_ts timestamptz,
+           started_at timestamptz NOT NULL DEFAULT now(), completed_at timestamptz);
+         CREATE TABLE pgfanout.snapshot_chunks (slot text NOT NULL, table_name text NOT NULL, chunk integer NOT NULL,
+           lo text, hi text, rows_planned bigint NOT NULL DEFAULT 0, done_at timestamptz, PRIMARY KEY (slot, chunk));
+         INSERT INTO pgfanout.snapshots (slot, consistent_point) VALUES ('old', '0/1234');
+         INSERT INTO pgfanout.snapshot_chunks (slot, table_name, chunk) VALUES ('old', 'public.content', 0);",
+    )
+    .await
+    .unwrap();
+    for _ in 0..2 {
+        t.pg.batch_execute(snapshot::STATE_SCHEMA).await.unwrap();
+    }
+    let moved: (i64, i64, i64) = {
+        let r =
+            t.pg.query_one(
+                "SELECT (SELECT count(*) FROM pgfanout_state.snapshots WHERE consistent_point = '0/1234'),
+                        (SELECT count(*) FROM pgfanout_state.snapshot_chunks WHERE slot = 'old'),
+                        (SELECT count(*) FROM pg_namespace WHERE nspname = 'pgfanout')",
+                &[],
+            )
+            .await
+            .unwrap();
+        (r.get(0), r.get(1), r.get(2))
+    };
+    assert_eq!(moved, (1, 1, 0), "PG {v}: rows moved, old schema dropped");
+}
