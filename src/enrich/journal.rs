@@ -125,7 +125,6 @@ async fn is_seeded(client: &Client, slot: &str) -> Result<bool, JournalError> {
 /// is now. Returns the rows copied.
 pub async fn seed(client: &Client, slot: &str, snapshot: Option<&str>) -> Result<u64, JournalError> {
     let err = |what| query_err(what, slot);
-    client.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ").await.map_err(err("seed"))?;
     let seeded = async {
         if let Some(name) = snapshot {
             client.batch_execute(&format!("SET TRANSACTION SNAPSHOT {}", quote_literal(name))).await?;
@@ -147,17 +146,9 @@ pub async fn seed(client: &Client, slot: &str, snapshot: Option<&str>) -> Result
                 &[&slot, &snapshot.is_some()],
             )
             .await?;
-        client.batch_execute("COMMIT").await?;
-        Ok::<u64, tokio_postgres::Error>(rows)
-    }
-    .await;
-    match seeded {
-        Ok(rows) => Ok(rows),
-        Err(e) => {
-            let _ = client.batch_execute("ROLLBACK").await;
-            Err(err("seed")(e))
-        }
-    }
+        Ok(rows)
+    };
+    slot::transaction(client, "BEGIN ISOLATION LEVEL REPEATABLE READ", seeded).await.map_err(err("seed"))
 }
 
 /// The dimension as of `as_of` (a confirmed flush position): each id's
@@ -243,7 +234,6 @@ pub async fn append(client: &Client, slot: &str, versions: &[ContentVersion]) ->
 pub async fn prune(client: &Client, slot: &str, below: u64) -> Result<u64, JournalError> {
     let err = |what| query_err(what, slot);
     let below = Lsn(below).to_pg_string();
-    client.batch_execute("BEGIN").await.map_err(err("prune"))?;
     let pruned = async {
         // Older versions of an id (the nil id holds the truncates) than its
         // latest one below the cut.
@@ -276,17 +266,9 @@ pub async fn prune(client: &Client, slot: &str, below: u64) -> Result<u64, Journ
                 &[&slot, &below],
             )
             .await?;
-        client.batch_execute("COMMIT").await?;
-        Ok::<u64, tokio_postgres::Error>(superseded + truncated + markers)
-    }
-    .await;
-    match pruned {
-        Ok(n) => Ok(n),
-        Err(e) => {
-            let _ = client.batch_execute("ROLLBACK").await;
-            Err(err("prune")(e))
-        }
-    }
+        Ok(superseded + truncated + markers)
+    };
+    slot::transaction(client, "BEGIN", pruned).await.map_err(err("prune"))
 }
 
 /// The live pipeline's handle on the journal: appends with retries (a lost

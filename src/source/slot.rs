@@ -38,6 +38,26 @@ pub async fn connect(url: &str) -> Result<Client, SlotError> {
     Ok(client)
 }
 
+/// Runs `body` (not started yet: futures are lazy) between `begin` and
+/// COMMIT, rolling back when it fails.
+pub async fn transaction<T>(
+    client: &Client,
+    begin: &str,
+    body: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+) -> Result<T, tokio_postgres::Error> {
+    client.batch_execute(begin).await?;
+    match body.await {
+        Ok(v) => {
+            client.batch_execute("COMMIT").await?;
+            Ok(v)
+        }
+        Err(e) => {
+            let _ = client.batch_execute("ROLLBACK").await;
+            Err(e)
+        }
+    }
+}
+
 /// The slot as PostgreSQL reports it.
 #[derive(Debug, Clone)]
 pub struct SlotState {

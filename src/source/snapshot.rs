@@ -435,7 +435,6 @@ async fn save_plan(state: &Client, slot_name: &str, cp: u64, ts_us: i64, chunks:
     let los: Vec<Option<String>> = chunks.iter().map(|c| c.lo.clone()).collect();
     let his: Vec<Option<String>> = chunks.iter().map(|c| c.hi.clone()).collect();
     let rows: Vec<i64> = chunks.iter().map(|c| c.rows as i64).collect();
-    state.batch_execute("BEGIN").await.map_err(query_err("save the snapshot plan"))?;
     let saved = async {
         state
             .execute(
@@ -451,12 +450,8 @@ async fn save_plan(state: &Client, slot_name: &str, cp: u64, ts_us: i64, chunks:
                 &[&slot_name, &tables, &seqs, &los, &his, &rows],
             )
             .await?;
-        state.batch_execute("COMMIT").await
-    }
-    .await;
-    if let Err(e) = saved {
-        let _ = state.batch_execute("ROLLBACK").await;
-        return Err(ScanError::Query { what: "save the snapshot plan".into(), source: e });
-    }
+        Ok(())
+    };
+    slot::transaction(state, "BEGIN", saved).await.map_err(query_err("save the snapshot plan"))?;
     Ok(())
 }
