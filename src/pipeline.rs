@@ -2,7 +2,8 @@
 //!
 //! Changes arrive from the replication reader in commit order and are cut
 //! into batches (by count and by a short linger), so a huge transaction
-//! flows through in bounded memory. A batch is published to the broker and
+//! flows through in bounded memory. After a restart the webhook batch that
+//! was in flight is cut again exactly as it was (`sinks::http::Replay`). A batch is published to the broker and
 //! acknowledged there before enrichment. Each sink then writes it in its own
 //! lane (a task with a queue bounded in changes), in batch order, while the loop
 //! already reads, publishes and enriches the next batches: the stages
@@ -24,7 +25,8 @@ use crate::enrich::{self, ContentDim, Enriched};
 use crate::log::{producer, LogProducer};
 use crate::observe::metrics::Tally;
 use crate::observe::{self, ReaderProgress};
-use crate::sinks::{clickhouse::ClickHouseSink, http::HttpSink, redis::RedisSink, SinkError, Sinks};
+use crate::sinks::http::{self, Boundary, HttpSink};
+use crate::sinks::{clickhouse::ClickHouseSink, redis::RedisSink, SinkError, Sinks};
 use crate::source::{self, session, slot, Change, SourceEvent};
 
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +71,7 @@ pub fn topics(cfg: &Config) -> Vec<String> {
 pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>, stats: Arc<Stats>) -> Result<(), PipelineError> {
     let pg = slot::connect(cfg.source.url.expose()).await?;
     let slot_state = slot::ensure(&pg, &cfg.source).await?;
+    let http_record = http::LiveRecord::load(&pg, &cfg.source.slot).await?;
     let dim = ContentDim::load(&pg).await?;
     let database = pg
         .query_one("SELECT current_database()", &[])
@@ -79,6 +82,11 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>, stats: Arc<St
     tracing::info!(contents = dim.len(), confirmed_flush_lsn = ?slot_state.confirmed_flush_lsn.map(|l| source::Lsn(l).to_pg_string()), "starting pipeline");
 
     let mut delivery = Delivery::connect(&cfg, &database, dim, stats.clone()).await?;
+    let replay = delivery.sinks.http.follow_live(&cfg.source, http_record);
+    let boundary = |ev: &SourceEvent| match (ev, &replay) {
+        (SourceEvent::Change(c), Some(r)) => r.boundary(c.position),
+        _ => Boundary::default(),
+    };
 
     let (events_tx, mut events) = mpsc::channel(cfg.pipeline.channel_capacity);
     let (ack_tx, ack_rx) = watch::channel(slot_state.confirmed_flush_lsn.unwrap_or(0));
@@ -92,13 +100,22 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>, stats: Arc<St
     let mut open_tx = false;
     let linger = Duration::from_millis(cfg.pipeline.batch_linger_ms);
     let mut stopping = false;
+    // A change that must start the next batch, with its boundary.
+    let mut carried: Option<(SourceEvent, Boundary)> = None;
     loop {
         // Wait for the first event of a batch, or for shutdown, or for a
         // lane that gave up.
-        let first = tokio::select! {
-            ev = events.recv() => ev,
-            _ = shutdown.changed(), if !stopping => { stopping = true; None }
-            e = fanout.failure() => return Err(e),
+        let (first, first_boundary) = match carried.take() {
+            Some((ev, b)) => (Some(ev), b),
+            None => {
+                let ev = tokio::select! {
+                    ev = events.recv() => ev,
+                    _ = shutdown.changed(), if !stopping => { stopping = true; None }
+                    e = fanout.failure() => return Err(e),
+                };
+                let b = ev.as_ref().map(boundary).unwrap_or_default();
+                (ev, b)
+            }
         };
         let mut batch: Vec<Change> = Vec::new();
         let mut ack = BatchAck::default();
@@ -114,6 +131,9 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>, stats: Arc<St
             }
             SourceEvent::Idle { wal_end } => ack.idle_wal_end = Some(wal_end),
         };
+        // `hold`: inside the replayed webhook batch, which only its last
+        // change ends; `cut`: end the batch now.
+        let (mut hold, mut cut) = (first_boundary.hold, first_boundary.cut_after);
         match first {
             Some(ev) => take(ev, &mut batch, &mut ack, &mut open_tx),
             None if stopping => break,
@@ -125,11 +145,39 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>, stats: Arc<St
             }
         }
         let deadline = tokio::time::Instant::now() + linger;
-        while batch.len() < cfg.pipeline.batch_max_changes {
-            match tokio::time::timeout_at(deadline, events.recv()).await {
-                Ok(Some(ev)) => take(ev, &mut batch, &mut ack, &mut open_tx),
-                _ => break,
+        while !cut && (hold || batch.len() < cfg.pipeline.batch_max_changes) {
+            let ev = if hold {
+                tokio::select! {
+                    ev = events.recv() => ev,
+                    _ = shutdown.changed(), if !stopping => { stopping = true; None }
+                    e = fanout.failure() => return Err(e),
+                }
+            } else {
+                match tokio::time::timeout_at(deadline, events.recv()).await {
+                    Ok(Some(ev)) => Some(ev),
+                    _ => break,
+                }
+            };
+            let Some(ev) = ev else { break };
+            let b = boundary(&ev);
+            if b.cut_before && !batch.is_empty() {
+                carried = Some((ev, b));
+                break;
             }
+            if matches!(ev, SourceEvent::Change(_)) {
+                (hold, cut) = (b.hold, b.cut_after);
+            }
+            take(ev, &mut batch, &mut ack, &mut open_tx);
+        }
+        if hold {
+            // Stopping, or the reader gone, inside the replayed webhook
+            // batch: a part of it must not go out (it would be posted under
+            // another key). Nothing of it is acknowledged, so the next start
+            // replays it whole.
+            if stopping {
+                break;
+            }
+            continue;
         }
         ack.open_tx = open_tx;
         let enriched = match batch.first() {
