@@ -93,6 +93,16 @@ async fn workload(url: String, changes: Arc<AtomicU64>, done: Arc<AtomicBool>) {
     done.store(true, Ordering::Relaxed);
 }
 
+/// The running sidecar, SIGKILLed when dropped (also when the test fails).
+struct Sidecar(std::process::Child);
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sigkilled_sidecar_resends_exactly_the_batches_it_posted() {
     let v = pg_versions()[0].clone();
@@ -105,6 +115,9 @@ async fn sigkilled_sidecar_resends_exactly_the_batches_it_posted() {
     std::fs::write(&config, toml::to_string(&t.cfg).unwrap()).unwrap();
     let log = dir.join("pgfanout.log");
 
+    // publish_ts = now(), with microseconds: the first run learns the
+    // contents from the stream, later ones from the table, and both must give
+    // the same millisecond value or a re-sent batch changes body.
     for i in 0..CONTENTS {
         let kind = ["podcast", "newsletter", "video"][i % 3];
         t.pg.execute(
@@ -115,16 +128,15 @@ async fn sigkilled_sidecar_resends_exactly_the_batches_it_posted() {
         .unwrap();
     }
 
-    let mut child = spawn_sidecar(&config, &log);
+    let mut sidecar = Sidecar(spawn_sidecar(&config, &log));
     let (changes, done) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicBool::new(false)));
     let writer = tokio::spawn(workload(t.cfg.source.url.expose().to_string(), changes.clone(), done.clone()));
     let mut rng = rand::rngs::StdRng::seed_from_u64(29);
     for kill in 0..KILLS {
-        tokio::time::sleep(Duration::from_millis(rng.gen_range(500..2_000))).await;
-        child.kill().expect("SIGKILL");
-        child.wait().unwrap();
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(1_000..3_000))).await;
+        drop(sidecar); // SIGKILL
         eprintln!("kill {kill}: after {} changes", changes.load(Ordering::Relaxed));
-        child = spawn_sidecar(&config, &log);
+        sidecar = Sidecar(spawn_sidecar(&config, &log));
     }
     writer.await.unwrap();
     assert!(done.load(Ordering::Relaxed));
@@ -186,9 +198,7 @@ async fn sigkilled_sidecar_resends_exactly_the_batches_it_posted() {
             .get(0);
     let last_id = events.last().unwrap()["id"].as_str().unwrap();
     assert!(key.ends_with(&format!("-{last_id}")), "recorded key {key}, last event applied {last_id}");
-
-    child.kill().unwrap();
-    child.wait().unwrap();
+    drop(sidecar);
 }
 
 async fn insert_event(t: &TestEnv, id: i64) {

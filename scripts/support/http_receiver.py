@@ -13,7 +13,8 @@ Usage: python http_receiver.py --host 127.0.0.1 --port 8090 --secret SECRET [--s
   POST /_control/<path>   {"fail_next": N, "status": 503, "retry_after": "2"} | {"hold": true|false}
                           | {"reset": true}
   GET  /_stats/<path>     {"batches", "events", "duplicates", "conflicts", "rejected", "failed", "keys"}
-  GET  /_events/<path>    every applied event, in order;   GET /_conflicts/<path>  their keys
+  GET  /_events/<path>    every applied event, in order
+  GET  /_conflicts/<path> [{"key", "applied", "received", "first_difference"}] for each conflict
   GET  /healthz -> 200
 """
 
@@ -56,7 +57,7 @@ class Rejected(Exception):
 def new_path_state():
     return {"events": [], "keys": [], "batches": 0, "duplicates": 0, "conflicts": 0, "rejected": 0,
             "failed": 0, "fail_next": 0, "fail_status": 503, "retry_after": None, "hold": False,
-            "conflict_keys": []}
+            "conflict_list": []}
 
 
 def digest(body):
@@ -74,7 +75,8 @@ class Receiver:
         self.webhook = webhook(secret)
         self.lock = threading.Lock()
         self.paths = {}
-        self.key_sets = {}  # path -> {key: digest of the body applied under it}
+        # path -> {key: (digest of the body applied under it, index of its first event, count)}
+        self.key_sets = {}
         self.journal = None
         if state_file:
             if os.path.exists(state_file):
@@ -97,12 +99,12 @@ class Receiver:
             self.key_sets.pop(path, None)
         st = self._path(path)
         if "key" in op:
-            st["events"].extend(op["events"])
             st["keys"].append(op["key"])
-            self.key_sets[path][op["key"]] = op.get("digest")
+            self.key_sets[path][op["key"]] = (op.get("digest"), len(st["events"]), len(op["events"]))
+            st["events"].extend(op["events"])
             st["batches"] += 1
         if "conflict" in op:
-            st["conflict_keys"].append(op["conflict"])
+            st["conflict_list"].append(op["conflict"])
         for field in op.get("incr", ()):
             st[field] += 1
         st.update(op.get("set", {}))
@@ -158,10 +160,15 @@ class Receiver:
                 return status, doc
             d = digest(body)
             if key in self.key_sets[path]:
-                if self.key_sets[path][key] not in (None, d):
+                applied_digest, start, count = self.key_sets[path][key]
+                if applied_digest not in (None, d):
                     # Already applied under this key, so ignored like any duplicate: the events
                     # it carries now are lost to a key-deduplicating receiver.
-                    self._commit({"path": path, "incr": ["duplicates", "conflicts"], "conflict": key})
+                    applied = st["events"][start:start + count]
+                    diff = next(({"index": i, "applied": a, "received": b}
+                                 for i, (a, b) in enumerate(zip(applied, events)) if a != b), None)
+                    conflict = {"key": key, "applied": count, "received": len(events), "first_difference": diff}
+                    self._commit({"path": path, "incr": ["duplicates", "conflicts"], "conflict": conflict})
                     return 200, {"duplicate": True, "conflict": True}
                 self._commit({"path": path, "incr": ["duplicates"]})
                 return 200, {"duplicate": True}
@@ -188,7 +195,7 @@ class Receiver:
 
     def conflicts(self, path):
         with self.lock:
-            return list((self.paths.get(path) or new_path_state())["conflict_keys"])
+            return list((self.paths.get(path) or new_path_state())["conflict_list"])
 
     def events(self, path):
         with self.lock:

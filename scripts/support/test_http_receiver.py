@@ -150,7 +150,12 @@ def test_same_key_other_body_is_a_conflict(port, path):
     assert post_batch(port, path, [{"id": 1}, {"id": 2}], key="batch-1") == (200, {"duplicate": True})
     s = stats(port, path)
     assert (s["batches"], s["events"], s["duplicates"], s["conflicts"]) == (1, 2, 2, 1)
-    assert call(port, "GET", "/_conflicts" + path)[1] == ["batch-1"]
+    assert call(port, "GET", "/_conflicts" + path)[1] == [{
+        "key": "batch-1", "applied": 2, "received": 1,
+        "first_difference": None}]  # the received events are a prefix of those applied
+    assert post_batch(port, path, [{"id": 1}, {"id": 3}], key="batch-1")[0] == 200
+    assert call(port, "GET", "/_conflicts" + path)[1][1]["first_difference"] == {
+        "index": 1, "applied": {"id": 2}, "received": {"id": 3}}
 
 
 def test_fail_next_and_hold(port, path):

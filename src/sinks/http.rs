@@ -249,6 +249,7 @@ impl HttpSink {
         loop {
             let Failure { error, verdict } = match self.post(&out.key, &out.body).await {
                 Ok(()) => {
+                    tracing::debug!(sink = "http", idempotency_key = %out.key, bytes = out.body.len(), "batch posted");
                     crate::observe::sink_flushed("http", backoff.attempts());
                     return Ok(());
                 }

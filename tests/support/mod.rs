@@ -206,7 +206,7 @@ pub fn spawn_sidecar(config: &std::path::Path, log: &std::path::Path) -> std::pr
     let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
     std::process::Command::new(env!("CARGO_BIN_EXE_pgfanout"))
         .args(["-c", config.to_str().unwrap(), "run"])
-        .env("RUST_LOG", "info")
+        .env("RUST_LOG", std::env::var("PGFANOUT_SIDECAR_LOG").unwrap_or_else(|_| "info".into()))
         .stdout(std::process::Stdio::null())
         .stderr(log)
         .spawn()
