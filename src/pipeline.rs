@@ -2,8 +2,7 @@
 //!
 //! Changes arrive from the replication reader in commit order and are cut
 //! into batches (by count and by a short linger), so a huge transaction
-//! flows through in bounded memory. After a restart the webhook batch that
-//! was in flight is cut again exactly as it was (`sinks::http::Replay`). A batch is published to the broker and
+//! flows through in bounded memory. A batch is published to the broker and
 //! acknowledged there before enrichment. Each sink then writes it in its own
 //! lane (a task with a queue bounded in changes), in batch order, while the loop
 //! already reads, publishes and enriches the next batches: the stages
@@ -11,6 +10,9 @@
 //! rate. A full lane stops the loop, which stops the reader (backpressure).
 //! The slot's flush position advances only past batches that every lane has
 //! flushed, to the end of the last transaction they completed (see `ack`).
+//!
+//! After a restart, the batch the webhook sink had in flight is cut again
+//! exactly as it was, whatever count and linger say (`sinks::http::Replay`).
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -70,8 +72,8 @@ pub fn topics(cfg: &Config) -> Vec<String> {
 /// sinks and reports the final flush position before returning.
 pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>, stats: Arc<Stats>) -> Result<(), PipelineError> {
     let pg = slot::connect(cfg.source.url.expose()).await?;
-    let slot_state = slot::ensure(&pg, &cfg.source).await?;
     let http_record = http::LiveRecord::load(&pg, &cfg.source.slot).await?;
+    let slot_state = slot::ensure(&pg, &cfg.source).await?;
     let dim = ContentDim::load(&pg).await?;
     let database = pg
         .query_one("SELECT current_database()", &[])

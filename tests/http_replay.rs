@@ -279,3 +279,47 @@ async fn refusals_are_parked_at_once_and_retry_after_is_waited_for() {
     assert_eq!(t.http_get("_stats").await["conflicts"], 0);
     t.stop().await;
 }
+
+/// The live record's generation and in-flight key.
+async fn record(t: &TestEnv) -> (i64, Option<String>) {
+    let q = "SELECT generation, inflight_key FROM pgfanout.http_progress WHERE slot = $1";
+    let r = t.pg.query_one(q, &[&t.cfg.source.slot]).await.unwrap();
+    (r.get(0), r.get(1))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_whose_record_was_taken_over_stops_before_posting() {
+    let v = pg_versions()[0].clone();
+    let t = TestEnv::new(&v).await;
+    t.pg.execute(
+        "INSERT INTO content VALUES ($1::text::uuid, 'slug-0', 'Content 0', 'podcast', 600, now())",
+        &[&content_id(0)],
+    )
+    .await
+    .unwrap();
+    let (_stop, rx) = tokio::sync::watch::channel(false);
+    let run = tokio::spawn(pgfanout::pipeline::run(t.cfg.clone(), rx, Default::default()));
+    insert_event(&t, 1).await;
+    wait_delivered(&t, 1).await;
+    let (generation, key) = record(&t).await;
+    assert_eq!(generation, 1, "the first run's generation");
+    assert_eq!(delivered_ids(&t).await, [1]);
+
+    // What a later `pgfanout run` does when it starts (the slot keeps this
+    // one from streaming beside it; a SIGKILLed one's late write is the case).
+    t.pg.execute(
+        "UPDATE pgfanout.http_progress SET generation = generation + 1 WHERE slot = $1",
+        &[&t.cfg.source.slot],
+    )
+    .await
+    .unwrap();
+    insert_event(&t, 2).await;
+    let err = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("the run stops")
+        .unwrap()
+        .expect_err("the run stops with an error");
+    assert!(err.to_string().contains("taken over"), "{err}");
+    assert_eq!(delivered_ids(&t).await, [1], "nothing posted after the take-over");
+    assert_eq!(record(&t).await, (2, key), "the record is the later run's");
+}

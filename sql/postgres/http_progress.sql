@@ -11,11 +11,16 @@ CREATE SCHEMA IF NOT EXISTS pgfanout;
 -- have arrived.
 CREATE TABLE IF NOT EXISTS pgfanout.http_progress (
     slot            text PRIMARY KEY,
+    -- Bumped by each `pgfanout run` when it starts; its writes carry it, so
+    -- a write of a killed predecessor that PostgreSQL executes late cannot
+    -- overwrite the record of the run after it.
+    generation      bigint      NOT NULL DEFAULT 1,
     -- Every event at or below this position was delivered.
     posted_through  text,
-    -- The batch in flight: its first and last event and its Idempotency-Key.
-    inflight_first  text        NOT NULL,
-    inflight_last   text        NOT NULL,
-    inflight_key    text        NOT NULL,
+    -- The batch in flight: its first and last event and its Idempotency-Key
+    -- (NULL until a run posted one).
+    inflight_first  text,
+    inflight_last   text,
+    inflight_key    text,
     updated_at      timestamptz NOT NULL DEFAULT now()
 );

@@ -18,7 +18,10 @@
 //! `posted_through` = the last event of the batch before (which was
 //! delivered or parked), `inflight_first` / `inflight_last` / `inflight_key`
 //! = the batch about to leave. Posts are sequential, so at most one batch is
-//! in flight and it is recorded before it can reach the receiver.
+//! in flight and it is recorded before it can reach the receiver. Each run
+//! bumps the row's `generation` when it loads it and writes only while the
+//! generation is its own: a SIGKILLed run's last write, which PostgreSQL
+//! may still execute after the next run started, cannot overwrite it.
 //!
 //! On start, `pipeline::run` loads the record ([`LiveRecord::load`]) and
 //! hands it to the sink ([`HttpSink::follow_live`]), which returns the
@@ -206,6 +209,7 @@ impl HttpSink {
         let progress = LiveProgress {
             url: source.url.clone(),
             slot: source.slot.clone(),
+            generation: record.generation,
             pg: None,
             posted_through: record.posted_through,
             replay: replay.clone(),
@@ -235,7 +239,7 @@ impl HttpSink {
                 tracing::error!(idempotency_key = %out.key, recorded = %r.key, "the replayed webhook batch differs from the one in flight at the last stop");
             }
         }
-        live.record(&out, &self.cfg).await;
+        live.record(&out, &self.cfg).await?;
         self.deliver(&out).await?;
         live.posted(out.last);
         Ok(())
@@ -316,6 +320,8 @@ impl HttpSink {
 /// The live stream's row of `pgfanout.http_progress`, as loaded at start.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LiveRecord {
+    /// This run's generation: the row's, bumped by the load.
+    pub generation: i64,
     /// Every event at or below this position was delivered.
     pub posted_through: Option<Position>,
     /// The batch that was about to be posted, or was posted, last.
@@ -334,11 +340,12 @@ fn query_err(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> SlotEr
 }
 
 impl LiveRecord {
-    /// Loads the record of `slot`, creating the table when it is missing
-    /// (only then: creating needs CREATE on the database, which a user of
-    /// an existing table may lack). A record whose positions lie beyond the
-    /// server's WAL cannot be this cluster's (a database restored elsewhere)
-    /// and is ignored, with a warning, rather than skipping new events.
+    /// Loads the record of `slot` and takes it over for this run (a new
+    /// generation), creating the table when it is missing (only then:
+    /// creating needs CREATE on the database, which a user of an existing
+    /// table may lack). A record whose positions lie beyond the server's WAL
+    /// cannot be this cluster's (a database restored elsewhere) and is
+    /// ignored, with a warning, rather than skipping new events.
     pub async fn load(pg: &Client, slot: &str) -> Result<LiveRecord, SlotError> {
         let exists: bool = pg
             .query_one("SELECT to_regclass('pgfanout.http_progress') IS NOT NULL", &[])
@@ -350,34 +357,35 @@ impl LiveRecord {
                 "create pgfanout.http_progress, the webhook sink's progress: it needs CREATE on the database once, or run sql/postgres/http_progress.sql as a user who has it",
             ))?;
         }
-        let Some(row) = pg
-            .query_opt(
-                "SELECT posted_through, inflight_first, inflight_last, inflight_key,
-                        (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END)::text
-                 FROM pgfanout.http_progress WHERE slot = $1",
+        let row = pg
+            .query_one(
+                "INSERT INTO pgfanout.http_progress AS p (slot) VALUES ($1)
+                 ON CONFLICT (slot) DO UPDATE SET generation = p.generation + 1
+                 RETURNING generation, posted_through, inflight_first, inflight_last, inflight_key,
+                     pg_current_wal_lsn()::text",
                 &[&slot],
             )
             .await
-            .map_err(query_err("read pgfanout.http_progress"))?
-        else {
-            return Ok(LiveRecord::default());
-        };
-        let texts: [Option<String>; 3] = [row.get(0), row.get(1), row.get(2)];
+            .map_err(query_err("take over pgfanout.http_progress"))?;
+        let generation: i64 = row.get(0);
+        let texts: [Option<String>; 3] = [row.get(1), row.get(2), row.get(3)];
         let parse = |i: usize| texts[i].as_deref().map(|s| parse_watermark(s).ok_or(s));
-        let wal_now = row.get::<_, Option<String>>(4).and_then(|s| Lsn::parse(&s).ok()).map(|l| l.0);
-        let record = match (parse(0).transpose(), parse(1), parse(2)) {
-            (Ok(posted_through), Some(Ok(first)), Some(Ok(last))) => {
-                LiveRecord { posted_through, inflight: Some(Inflight { first, last, key: row.get(3) }) }
+        let wal_now = row.get::<_, Option<String>>(5).and_then(|s| Lsn::parse(&s).ok()).map(|l| l.0);
+        let fresh = LiveRecord { generation, ..LiveRecord::default() };
+        let record = match (parse(0).transpose(), parse(1), parse(2), row.get::<_, Option<String>>(4)) {
+            (Ok(None), None, None, None) => return Ok(fresh),
+            (Ok(posted_through), Some(Ok(first)), Some(Ok(last)), Some(key)) => {
+                LiveRecord { generation, posted_through, inflight: Some(Inflight { first, last, key }) }
             }
             bad => {
                 tracing::warn!(slot, record = ?bad, "pgfanout.http_progress holds positions that are not <16 hex digits><8 hex digits>; ignoring it (the batch in flight, if any, may reach the receiver under a second key)");
-                return Ok(LiveRecord::default());
+                return Ok(fresh);
             }
         };
         let newest = record.inflight.as_ref().map(|i| i.last.commit_lsn).unwrap_or(0);
         if wal_now.is_some_and(|now| newest > now) {
             tracing::warn!(slot, record = ?record, "pgfanout.http_progress is ahead of this server's WAL, so it was written on another cluster; ignoring it");
-            return Ok(LiveRecord::default());
+            return Ok(fresh);
         }
         Ok(record)
     }
@@ -461,17 +469,25 @@ impl Replay {
 struct LiveProgress {
     url: Secret,
     slot: String,
+    generation: i64,
     pg: Option<(Client, Statement)>,
     posted_through: Option<Position>,
     /// Until the sink has passed it.
     replay: Option<Arc<Replay>>,
 }
 
-const UPSERT: &str =
-    "INSERT INTO pgfanout.http_progress AS p (slot, posted_through, inflight_first, inflight_last, inflight_key)
-     VALUES ($1, $2, $3, $4, $5)
-     ON CONFLICT (slot) DO UPDATE SET posted_through = $2, inflight_first = $3, inflight_last = $4,
-         inflight_key = $5, updated_at = now()";
+const RECORD: &str = "UPDATE pgfanout.http_progress
+     SET posted_through = $3, inflight_first = $4, inflight_last = $5, inflight_key = $6, updated_at = now()
+     WHERE slot = $1 AND generation = $2";
+
+/// Why a batch could not be recorded.
+#[derive(Debug, thiserror::Error)]
+enum RecordError {
+    #[error(transparent)]
+    Query(#[from] SlotError),
+    #[error("pgfanout.http_progress of slot {slot} was taken over by a later `pgfanout run` (this one has generation {generation}); stopping rather than post beside it")]
+    TakenOver { slot: String, generation: i64 },
+}
 
 impl LiveProgress {
     /// Once the batcher saw the stream start past the in-flight batch, that
@@ -504,7 +520,7 @@ impl LiveProgress {
     /// Records `out` as in flight (and everything before it as posted),
     /// retrying until PostgreSQL takes it: a batch must not leave
     /// unrecorded, or a replay could re-cut it under another key.
-    async fn record(&mut self, out: &Outgoing, cfg: &HttpConfig) {
+    async fn record(&mut self, out: &Outgoing, cfg: &HttpConfig) -> Result<(), SinkError> {
         let mut backoff =
             Backoff::new(Duration::from_millis(cfg.backoff_initial_ms), Duration::from_millis(cfg.backoff_max_ms));
         loop {
@@ -517,8 +533,9 @@ impl LiveProgress {
                             "webhook progress recorded again"
                         );
                     }
-                    return;
+                    return Ok(());
                 }
+                Err(e @ RecordError::TakenOver { .. }) => return Err(SinkError::Http(e.to_string())),
                 Err(e) => {
                     self.pg = None;
                     let wait = backoff.next_delay();
@@ -530,7 +547,7 @@ impl LiveProgress {
         }
     }
 
-    async fn try_record(&mut self, out: &Outgoing) -> Result<(), SlotError> {
+    async fn try_record(&mut self, out: &Outgoing) -> Result<(), RecordError> {
         if self.pg.is_none() {
             let pg = slot::connect(self.url.expose()).await?;
             // The record must survive a crash of PostgreSQL like the slot's
@@ -541,14 +558,19 @@ impl LiveProgress {
             )
             .await
             .map_err(query_err("set synchronous_commit"))?;
-            let upsert = pg.prepare(UPSERT).await.map_err(query_err("prepare the webhook progress upsert"))?;
-            self.pg = Some((pg, upsert));
+            let record = pg.prepare(RECORD).await.map_err(query_err("prepare the webhook progress update"))?;
+            self.pg = Some((pg, record));
         }
-        let (pg, upsert) = self.pg.as_ref().expect("connected above");
+        let (pg, record) = self.pg.as_ref().expect("connected above");
         let through = self.posted_through.as_ref().map(watermark);
-        pg.execute(upsert, &[&self.slot, &through, &watermark(&out.first), &watermark(&out.last), &out.key])
+        let (first, last) = (watermark(&out.first), watermark(&out.last));
+        let updated = pg
+            .execute(record, &[&self.slot, &self.generation, &through, &first, &last, &out.key])
             .await
             .map_err(query_err("record webhook progress"))?;
+        if updated == 0 {
+            return Err(RecordError::TakenOver { slot: self.slot.clone(), generation: self.generation });
+        }
         Ok(())
     }
 }
@@ -663,6 +685,7 @@ mod tests {
         let mut live = LiveProgress {
             url: Secret::default(),
             slot: "s".into(),
+            generation: 1,
             pg: None,
             posted_through: Some(pos(19, 4)),
             replay: Some(Arc::new(r)),
@@ -679,6 +702,7 @@ mod tests {
         let mut live = LiveProgress {
             url: Secret::default(),
             slot: "s".into(),
+            generation: 1,
             pg: None,
             posted_through: Some(pos(19, 4)),
             replay: Some(r.clone()),
