@@ -51,9 +51,13 @@ impl Config {
         if let Some(p) = path {
             fig = fig.merge(Toml::file_exact(p));
         }
-        fig.merge(Env::prefixed("PGFANOUT_").split("__").filter(|k| k.as_str().contains('.')))
+        let cfg: Config = fig
+            .merge(Env::prefixed("PGFANOUT_").split("__").filter(|k| k.as_str().contains('.')))
             .extract()
-            .map_err(|e| ConfigError(Box::new(e)))
+            .map_err(|e| ConfigError(Box::new(e)))?;
+        // A secret that cannot sign fails here, at start, not at the first batch.
+        cfg.http.signing_key().map_err(|e| ConfigError(Box::new(figment::Error::from(e.to_string()))))?;
+        Ok(cfg)
     }
 }
 
@@ -164,7 +168,9 @@ pub struct RedisConfig {
 #[serde(deny_unknown_fields)]
 pub struct HttpConfig {
     pub url: String,
-    /// Shared secret for the Standard-Webhooks HMAC-SHA256 signature.
+    /// Shared secret for the Standard Webhooks HMAC-SHA256 signature: a
+    /// Standard Webhooks secret `whsec_<base64>` (the key is the decoded
+    /// bytes), or any other string (the key is its UTF-8 bytes).
     pub secret: Secret,
     #[serde(default = "default_http_timeout_ms")]
     pub timeout_ms: u64,
@@ -175,6 +181,48 @@ pub struct HttpConfig {
     pub backoff_initial_ms: u64,
     #[serde(default = "default_backoff_max_ms")]
     pub backoff_max_ms: u64,
+}
+
+/// Why `http.secret` cannot be used as a signing key. The messages never
+/// quote the secret.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SecretError {
+    #[error("http.secret is empty")]
+    Empty,
+    #[error("http.secret starts with `whsec_` but the rest is not standard base64 ({0}); a Standard Webhooks secret is `whsec_` followed by the base64 of the key bytes")]
+    Base64(&'static str),
+}
+
+impl HttpConfig {
+    /// The HMAC key `http.secret` stands for. A secret starting with
+    /// `whsec_` is taken as a Standard Webhooks secret, as the receivers'
+    /// libraries take it (padding optional); anything else is used as is,
+    /// so existing raw secrets keep working.
+    pub fn signing_key(&self) -> Result<Vec<u8>, SecretError> {
+        use base64::engine::{general_purpose, DecodePaddingMode, GeneralPurpose};
+        use base64::Engine;
+        const WHSEC: GeneralPurpose = GeneralPurpose::new(
+            &base64::alphabet::STANDARD,
+            general_purpose::PAD.with_decode_padding_mode(DecodePaddingMode::Indifferent),
+        );
+        let secret = self.secret.expose();
+        let key = match secret.strip_prefix("whsec_") {
+            Some(b64) => WHSEC.decode(b64).map_err(|e| {
+                // Not the error's text: it quotes the offending byte, a piece of the secret.
+                SecretError::Base64(match e {
+                    base64::DecodeError::InvalidByte(..) => "a character outside the base64 alphabet",
+                    base64::DecodeError::InvalidLength(_) => "its length is not that of base64",
+                    base64::DecodeError::InvalidLastSymbol(..) => "the last character has bits set past the end",
+                    base64::DecodeError::InvalidPadding => "misplaced padding",
+                })
+            })?,
+            None => secret.as_bytes().to_vec(),
+        };
+        if key.is_empty() {
+            return Err(SecretError::Empty);
+        }
+        Ok(key)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -347,7 +395,30 @@ mod tests {
             assert_eq!(c.pipeline.shutdown_timeout_ms, 10_000);
             assert_eq!(c.metrics.listen, "127.0.0.1:9187");
             assert!(!format!("{c:?}").contains("s3cret"));
+            assert_eq!(c.http.signing_key().unwrap(), b"s3cret", "a raw secret is its UTF-8 bytes");
+            jail.set_env("PGFANOUT_HTTP__SECRET", "whsec_not base64!");
+            let err = Config::load(Some(Path::new("p.toml"))).unwrap_err().to_string();
+            assert!(err.contains("http.secret") && err.contains("base64") && !err.contains("not base64!"), "{err}");
             Ok(())
         });
+    }
+
+    #[test]
+    fn standard_webhooks_secrets_decode_to_their_key() {
+        let http = |secret: &str| HttpConfig {
+            url: String::new(),
+            secret: Secret(secret.into()),
+            timeout_ms: 1,
+            max_attempts: 1,
+            backoff_initial_ms: 1,
+            backoff_max_ms: 1,
+        };
+        let key = [0x31, 0xf2, 0x90, 0xf6, 0xbf, 0x06, 0x29, 0x8a, 0xab, 0x4f, 0x08, 0xd4, 0x3c, 0x3f, 0x08, 0x2c];
+        assert_eq!(http("whsec_MfKQ9r8GKYqrTwjUPD8ILA==").signing_key().unwrap(), key);
+        assert_eq!(http("whsec_MfKQ9r8GKYqrTwjUPD8ILA").signing_key().unwrap(), key, "padding is optional");
+        assert_eq!(http("MfKQ9r8GKYqrTwjUPD8ILA==").signing_key().unwrap(), b"MfKQ9r8GKYqrTwjUPD8ILA==");
+        assert_eq!(http("whsec_").signing_key(), Err(SecretError::Empty));
+        assert_eq!(http("").signing_key(), Err(SecretError::Empty));
+        assert!(matches!(http("whsec_Mf-Q").signing_key(), Err(SecretError::Base64(_))));
     }
 }

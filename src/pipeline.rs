@@ -10,6 +10,9 @@
 //! rate. A full lane stops the loop, which stops the reader (backpressure).
 //! The slot's flush position advances only past batches that every lane has
 //! flushed, to the end of the last transaction they completed (see `ack`).
+//!
+//! After a restart, the batch the webhook sink had in flight is cut again
+//! exactly as it was, whatever count and linger say (`sinks::http::Replay`).
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -24,7 +27,8 @@ use crate::enrich::{self, journal, ContentDim, Enriched};
 use crate::log::{producer, LogProducer};
 use crate::observe::metrics::Tally;
 use crate::observe::{self, ReaderProgress};
-use crate::sinks::{clickhouse::ClickHouseSink, http::HttpSink, redis::RedisSink, SinkError, Sinks};
+use crate::sinks::http::{self, Boundary, HttpSink};
+use crate::sinks::{clickhouse::ClickHouseSink, redis::RedisSink, SinkError, Sinks};
 use crate::source::{self, session, slot, Change, SourceEvent};
 
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +74,7 @@ pub fn topics(cfg: &Config) -> Vec<String> {
 /// sinks and reports the final flush position before returning.
 pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>, stats: Arc<Stats>) -> Result<(), PipelineError> {
     let pg = slot::connect(cfg.source.url.expose()).await?;
+    let http_record = http::LiveRecord::load(&pg, &cfg.source.slot).await?;
     // The content as of the slot's confirmed position, not as of now: the
     // slot replays from there (see `enrich::journal`).
     let journal::Prepared { slot: slot_state, mut dim } = journal::prepare(&pg, &cfg.source).await?;
@@ -83,6 +88,11 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>, stats: Arc<St
     dim.record_versions();
 
     let mut delivery = Delivery::connect(&cfg, &database, dim, stats.clone()).await?;
+    let replay = delivery.sinks.http.follow_live(&cfg.source, http_record);
+    let boundary = |ev: &SourceEvent| match (ev, &replay) {
+        (SourceEvent::Change(c), Some(r)) => r.boundary(c.position),
+        _ => Boundary::default(),
+    };
 
     let (events_tx, mut events) = mpsc::channel(cfg.pipeline.channel_capacity);
     let (ack_tx, ack_rx) = watch::channel(slot_state.confirmed_flush_lsn.unwrap_or(0));
@@ -96,13 +106,22 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>, stats: Arc<St
     let mut open_tx = false;
     let linger = Duration::from_millis(cfg.pipeline.batch_linger_ms);
     let mut stopping = false;
+    // A change that must start the next batch, with its boundary.
+    let mut carried: Option<(SourceEvent, Boundary)> = None;
     loop {
         // Wait for the first event of a batch, or for shutdown, or for a
         // lane that gave up.
-        let first = tokio::select! {
-            ev = events.recv() => ev,
-            _ = shutdown.changed(), if !stopping => { stopping = true; None }
-            e = fanout.failure() => return Err(e),
+        let (first, first_boundary) = match carried.take() {
+            Some((ev, b)) => (Some(ev), b),
+            None => {
+                let ev = tokio::select! {
+                    ev = events.recv() => ev,
+                    _ = shutdown.changed(), if !stopping => { stopping = true; None }
+                    e = fanout.failure() => return Err(e),
+                };
+                let b = ev.as_ref().map(boundary).unwrap_or_default();
+                (ev, b)
+            }
         };
         let mut batch: Vec<Change> = Vec::new();
         let mut ack = BatchAck::default();
@@ -118,6 +137,9 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>, stats: Arc<St
             }
             SourceEvent::Idle { wal_end } => ack.idle_wal_end = Some(wal_end),
         };
+        // `hold`: inside the replayed webhook batch, which only its last
+        // change ends; `cut`: end the batch now.
+        let (mut hold, mut cut) = (first_boundary.hold, first_boundary.cut_after);
         match first {
             Some(ev) => take(ev, &mut batch, &mut ack, &mut open_tx),
             None if stopping => break,
@@ -129,11 +151,39 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>, stats: Arc<St
             }
         }
         let deadline = tokio::time::Instant::now() + linger;
-        while batch.len() < cfg.pipeline.batch_max_changes {
-            match tokio::time::timeout_at(deadline, events.recv()).await {
-                Ok(Some(ev)) => take(ev, &mut batch, &mut ack, &mut open_tx),
-                _ => break,
+        while !cut && (hold || batch.len() < cfg.pipeline.batch_max_changes) {
+            let ev = if hold {
+                tokio::select! {
+                    ev = events.recv() => ev,
+                    _ = shutdown.changed(), if !stopping => { stopping = true; None }
+                    e = fanout.failure() => return Err(e),
+                }
+            } else {
+                match tokio::time::timeout_at(deadline, events.recv()).await {
+                    Ok(Some(ev)) => Some(ev),
+                    _ => break,
+                }
+            };
+            let Some(ev) = ev else { break };
+            let b = boundary(&ev);
+            if b.cut_before && !batch.is_empty() {
+                carried = Some((ev, b));
+                break;
             }
+            if matches!(ev, SourceEvent::Change(_)) {
+                (hold, cut) = (b.hold, b.cut_after);
+            }
+            take(ev, &mut batch, &mut ack, &mut open_tx);
+        }
+        if hold {
+            // Stopping, or the reader gone, inside the replayed webhook
+            // batch: a part of it must not go out (it would be posted under
+            // another key). Nothing of it is acknowledged, so the next start
+            // replays it whole.
+            if stopping {
+                break;
+            }
+            continue;
         }
         ack.open_tx = open_tx;
         let enriched = match batch.first() {

@@ -5,28 +5,17 @@
 mod support;
 
 use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
 use redis::AsyncCommands;
-use support::{pg_versions, wait_until, TestEnv};
+use support::{pg_versions, spawn_sidecar, wait_until, TestEnv};
 
 const TARGET_CHANGES: u64 = 100_000;
 const KILLS: usize = 10;
-
-fn spawn_sidecar(config: &std::path::Path, log: &std::path::Path) -> Child {
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
-    Command::new(env!("CARGO_BIN_EXE_pgfanout"))
-        .args(["-c", config.to_str().unwrap(), "run"])
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("start pgfanout")
-}
 
 /// Every event write also records, in the same statement (so as of the same
 /// commit), what PostgreSQL's own join gives for the rows it wrote, in
@@ -344,6 +333,11 @@ async fn sigkill_at_random_moments_and_every_sink_ends_exact() {
     assert_eq!(ids.len() as u64, total, "HTTP distinct event ids");
     let wrong = expected.iter().filter(|(id, want)| latest.get(id).map(|(_, v)| v) != Some(want)).count();
     assert_eq!(wrong, 0, "HTTP: live events whose latest change differs from PostgreSQL's as of its commit");
+    // The receiver de-duplicates by Idempotency-Key alone: replays re-sent exactly the batches
+    // posted before (src/sinks/http.rs), so no event was applied twice and no key changed body.
+    assert_eq!(events.as_array().unwrap().len() as u64, total, "HTTP events applied");
+    let stats = t.http_get("_stats").await;
+    assert_eq!(stats["conflicts"], 0, "a webhook key re-sent with another body: {stats}");
 
     // Redis streams: the same for each event's latest entry, which sits in
     // the stream of its own content type.

@@ -1,36 +1,49 @@
 """The "external HTTP system" that pgfanout's webhook sink delivers to, for tests and the demo.
 
-It verifies Standard Webhooks signatures (HMAC-SHA256 over "id.timestamp.body"), applies each
-batch at most once per idempotency key, and lets tests inject failures and read back what was
-applied, each test isolated by its own URL path (e.g. POST /t_ab12cd).
+It behaves like a strict Standard Webhooks receiver: it verifies each batch's signature with the
+official `standardwebhooks` package (a `whsec_<base64>` secret, or a raw one as its UTF-8 bytes,
+as pgfanout's `http.secret`), applies each batch at most once per Idempotency-Key, the key alone
+(never looking at the events' ids), and counts a key that arrives again with a different body
+("conflicts": a sender that re-cuts batches on replay). Tests inject failures and read back what
+was applied, each test isolated by its own URL path (e.g. POST /t_ab12cd).
 
 Usage: python http_receiver.py --host 127.0.0.1 --port 8090 --secret SECRET [--state FILE]
-  POST /<path>            a batch: JSON {"events": [...]} with webhook-id / webhook-timestamp /
-                          webhook-signature ("v1,<base64>" entries, space-separated) headers
-  POST /_control/<path>   {"fail_next": N, "status": 503} | {"hold": true|false} | {"reset": true}
-  GET  /_stats/<path>     {"batches", "events", "duplicates", "rejected", "failed", "keys"}
-  GET  /_events/<path>    every applied event, in order;   GET /healthz -> 200
+  POST /<path>            a batch: JSON {"events": [...]} with Idempotency-Key, webhook-id,
+                          webhook-timestamp and webhook-signature ("v1,<base64>" entries) headers
+  POST /_control/<path>   {"fail_next": N, "status": 503, "retry_after": "2"} | {"hold": true|false}
+                          | {"reset": true}
+  GET  /_stats/<path>     {"batches", "events", "duplicates", "conflicts", "rejected", "failed", "keys"}
+  GET  /_events/<path>    every applied event, in order
+  GET  /_conflicts/<path> [{"key", "applied", "received", "first_difference"}] for each conflict
+  GET  /healthz -> 200
 """
 
 import argparse
-import base64
 import hashlib
-import hmac
 import json
 import os
 import signal
 import threading
-import time
+from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
-TOLERANCE_SECONDS = 5 * 60  # Standard Webhooks' recommended replay window
+from standardwebhooks import Webhook
+
+
+def webhook(secret):
+    """The verifier for `secret`: a `whsec_` secret as Standard Webhooks defines it, any other
+    string as its UTF-8 bytes (the library would base64-decode it, silently dropping characters
+    outside the alphabet). Bytes are the key itself."""
+    if isinstance(secret, bytes) or secret.startswith("whsec_"):
+        return Webhook(secret)
+    return Webhook(secret.encode())
 
 
 def sign(secret, msg_id, timestamp, body):
     """The `v1,<base64>` signature a sender puts in `webhook-signature` (tests use it too)."""
-    digest = hmac.new(secret.encode(), f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
-    return "v1," + base64.b64encode(digest).decode()
+    when = datetime.fromtimestamp(int(timestamp), tz=timezone.utc)
+    return webhook(secret).sign(msg_id, when, body.decode())
 
 
 class Rejected(Exception):
@@ -42,8 +55,13 @@ class Rejected(Exception):
 
 
 def new_path_state():
-    return {"events": [], "keys": [], "batches": 0, "duplicates": 0, "rejected": 0, "failed": 0,
-            "fail_next": 0, "fail_status": 503, "hold": False}
+    return {"events": [], "keys": [], "batches": 0, "duplicates": 0, "conflicts": 0, "rejected": 0,
+            "failed": 0, "fail_next": 0, "fail_status": 503, "retry_after": None, "hold": False,
+            "conflict_list": []}
+
+
+def digest(body):
+    return hashlib.sha256(body).hexdigest()
 
 
 class Receiver:
@@ -54,10 +72,11 @@ class Receiver:
     benchmark spent its time here, not in pgfanout)."""
 
     def __init__(self, secret, state_file=None):
-        self.secret = secret
+        self.webhook = webhook(secret)
         self.lock = threading.Lock()
         self.paths = {}
-        self.key_sets = {}  # path -> set(keys)
+        # path -> {key: (digest of the body applied under it, index of its first event, count)}
+        self.key_sets = {}
         self.journal = None
         if state_file:
             if os.path.exists(state_file):
@@ -70,7 +89,7 @@ class Receiver:
     def _path(self, path):
         if path not in self.paths:
             self.paths[path] = new_path_state()
-            self.key_sets[path] = set()
+            self.key_sets[path] = {}
         return self.paths[path]
 
     def _apply(self, op):
@@ -80,10 +99,12 @@ class Receiver:
             self.key_sets.pop(path, None)
         st = self._path(path)
         if "key" in op:
-            st["events"].extend(op["events"])
             st["keys"].append(op["key"])
-            self.key_sets[path].add(op["key"])
+            self.key_sets[path][op["key"]] = (op.get("digest"), len(st["events"]), len(op["events"]))
+            st["events"].extend(op["events"])
             st["batches"] += 1
+        if "conflict" in op:
+            st["conflict_list"].append(op["conflict"])
         for field in op.get("incr", ()):
             st[field] += 1
         st.update(op.get("set", {}))
@@ -101,31 +122,22 @@ class Receiver:
 
     def verify(self, headers, body):
         """The batch's idempotency key and events, or Rejected."""
-        msg_id = headers.get("webhook-id")
-        timestamp = headers.get("webhook-timestamp")
-        signatures = headers.get("webhook-signature")
-        if not (msg_id and timestamp and signatures):
-            raise Rejected(401, "missing webhook-id, webhook-timestamp or webhook-signature")
         try:
-            ts = int(timestamp)
-        except ValueError:
-            raise Rejected(401, "webhook-timestamp is not an integer") from None
-        if abs(time.time() - ts) > TOLERANCE_SECONDS:
-            raise Rejected(401, "webhook-timestamp outside the 5 minute tolerance")
-        expected = sign(self.secret, msg_id, timestamp, body)
-        # Several signatures may be sent (secret rotation); one valid v1 entry is enough.
-        if not any(hmac.compare_digest(expected, s) for s in signatures.split()):
-            raise Rejected(401, "no valid v1 signature")
+            # Checks the headers, the 5 minute timestamp tolerance and the signatures (one valid
+            # v1 entry of several is enough: secret rotation); parses the JSON.
+            doc = self.webhook.verify(body, dict(headers.items()))
+        except Exception as e:  # WebhookVerificationError, or a malformed header or body
+            raise Rejected(401, f"signature verification failed: {e}") from None
+        # The key a receiver de-duplicates by; it must be the signed webhook-id, or anyone could
+        # replay a signed batch under a fresh key.
         idem = headers.get("Idempotency-Key")
-        if idem is not None and idem != msg_id:
+        if idem is None:
+            raise Rejected(400, "no Idempotency-Key")
+        if idem != headers.get("webhook-id"):
             raise Rejected(400, "Idempotency-Key differs from webhook-id")
-        try:
-            doc = json.loads(body)
-        except ValueError:
-            doc = None
         if not isinstance(doc, dict) or not isinstance(doc.get("events"), list):
             raise Rejected(400, 'body must be a JSON object with an "events" list')
-        return msg_id, doc["events"]
+        return idem, doc["events"]
 
     def deliver(self, path, headers, body):
         """Returns (status, response dict) for one batch POST."""
@@ -142,18 +154,33 @@ class Receiver:
                 status = 503 if st["hold"] else st["fail_status"]
                 left = st["fail_next"] - (0 if st["hold"] else 1)
                 self._commit({"path": path, "incr": ["failed"], "set": {"fail_next": left}})
-                return status, {"error": "injected failure"}
+                doc = {"error": "injected failure"}
+                if st["retry_after"] is not None and not st["hold"]:
+                    doc["retry_after"] = st["retry_after"]
+                return status, doc
+            d = digest(body)
             if key in self.key_sets[path]:
+                applied_digest, start, count = self.key_sets[path][key]
+                if applied_digest not in (None, d):
+                    # Already applied under this key, so ignored like any duplicate: the events
+                    # it carries now are lost to a key-deduplicating receiver.
+                    applied = st["events"][start:start + count]
+                    diff = next(({"index": i, "applied": a, "received": b}
+                                 for i, (a, b) in enumerate(zip(applied, events)) if a != b), None)
+                    conflict = {"key": key, "applied": count, "received": len(events), "first_difference": diff}
+                    self._commit({"path": path, "incr": ["duplicates", "conflicts"], "conflict": conflict})
+                    return 200, {"duplicate": True, "conflict": True}
                 self._commit({"path": path, "incr": ["duplicates"]})
                 return 200, {"duplicate": True}
-            self._commit({"path": path, "key": key, "events": events})
+            self._commit({"path": path, "key": key, "events": events, "digest": d})
             return 200, {"accepted": len(events)}
 
     def control(self, path, cmd):
         with self.lock:
             op = {"path": path, "reset": bool(cmd.get("reset")), "set": {}}
             if "fail_next" in cmd:
-                op["set"].update(fail_next=int(cmd["fail_next"]), fail_status=int(cmd.get("status", 503)))
+                op["set"].update(fail_next=int(cmd["fail_next"]), fail_status=int(cmd.get("status", 503)),
+                                 retry_after=cmd.get("retry_after"))
             if "hold" in cmd:
                 op["set"]["hold"] = bool(cmd["hold"])
             st = self._commit(op)
@@ -163,7 +190,12 @@ class Receiver:
         with self.lock:
             st = self.paths.get(path) or new_path_state()
             return {"batches": st["batches"], "events": len(st["events"]), "duplicates": st["duplicates"],
-                    "rejected": st["rejected"], "failed": st["failed"], "keys": len(st["keys"])}
+                    "conflicts": st["conflicts"], "rejected": st["rejected"], "failed": st["failed"],
+                    "keys": len(st["keys"])}
+
+    def conflicts(self, path):
+        with self.lock:
+            return list((self.paths.get(path) or new_path_state())["conflict_list"])
 
     def events(self, path):
         with self.lock:
@@ -181,9 +213,13 @@ class Handler(BaseHTTPRequestHandler):
         if self.verbose:
             super().log_message(fmt, *args)
 
-    def _json(self, status, doc):
+    def _json(self, status, doc, retry_after=None):
         body = json.dumps(doc).encode()
         self.send_response(status)
+        if retry_after is not None:
+            self.send_header("Retry-After", str(retry_after))
+        if 300 <= status < 400:
+            self.send_header("Location", "/_moved" + urlsplit(self.path).path)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -206,7 +242,8 @@ class Handler(BaseHTTPRequestHandler):
         path = urlsplit(self.path).path
         if path == "/healthz":
             return self._json(200, {"ok": True})
-        for prefix, fn in (("/_stats/", self.receiver.stats), ("/_events/", self.receiver.events)):
+        for prefix, fn in (("/_stats/", self.receiver.stats), ("/_events/", self.receiver.events),
+                           ("/_conflicts/", self.receiver.conflicts)):
             if path.startswith(prefix):
                 return self._json(200, fn("/" + path[len(prefix):]))
         self._json(404, {"error": "not found"})
@@ -221,14 +258,15 @@ class Handler(BaseHTTPRequestHandler):
                 return self._json(400, {"error": "control body must be JSON"})
             return self._json(200, self.receiver.control("/" + path[len("/_control/"):], cmd))
         status, doc = self.receiver.deliver(path, self.headers, body)
-        self._json(status, doc)
+        self._json(status, doc, doc.pop("retry_after", None))
 
 
 def main():
     ap = argparse.ArgumentParser(description="pgfanout's test/demo webhook receiver")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8090, help="0 picks a free port (printed on start)")
-    ap.add_argument("--secret", required=True, help="HMAC key (its UTF-8 bytes)")
+    ap.add_argument("--secret", required=True,
+                    help="whsec_<base64 of the key>, or any other string: the key is its UTF-8 bytes")
     ap.add_argument("--state", help="journal file (JSON lines) that keeps applied batches across restarts")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args()

@@ -1,29 +1,93 @@
 //! The external HTTP system: enriched events POSTed as JSON batches, signed
 //! the Standard Webhooks way (`webhook-id`, `webhook-timestamp`,
-//! `webhook-signature: v1,<base64 HMAC-SHA256>`), with an `Idempotency-Key`
-//! from the batch's first and last positions. Failures are retried with
-//! backoff and jitter; a batch that still fails is parked in the broker's
-//! dead-letter topic with its error and counts as delivered: parked, never
-//! dropped. Each event carries a stable `id`, so a receiver can also
-//! de-duplicate events replayed after a crash in differently cut batches.
+//! `webhook-signature: v1,<base64 HMAC-SHA256>`; the key is `http.secret`,
+//! a `whsec_<base64>` secret decoded or a raw one as its bytes), with an
+//! `Idempotency-Key` (equal to `webhook-id`) made of the batch's first and
+//! last event ids.
+//!
+//! # Deterministic batches
+//!
+//! Receivers de-duplicate by that key alone (Standard Webhooks receivers
+//! do), so a batch must never be posted twice with other events, and an
+//! event never twice under different keys. After a crash the slot replays
+//! from the last acknowledged commit, which is usually well before the last
+//! batch posted, and the batcher (count + linger) would cut the replay
+//! differently. So the live stream's sink keeps a record in the source
+//! database, `pgfanout_state.http_progress` (sql/postgres/http_progress.sql), one
+//! row per slot, written in one statement *before* each post:
+//! `posted_through` = the last event of the batch before (which was
+//! delivered or parked), `inflight_first` / `inflight_last` / `inflight_key`
+//! = the batch about to leave. Posts are sequential, so at most one batch is
+//! in flight and it is recorded before it can reach the receiver. Each run
+//! bumps the row's `generation` when it loads it and writes only while the
+//! generation is its own: a SIGKILLed run's last write, which PostgreSQL
+//! may still execute after the next run started, cannot overwrite it.
+//!
+//! On start, `pipeline::run` loads the record ([`LiveRecord::load`]) and
+//! hands it to the sink ([`HttpSink::follow_live`]), which returns the
+//! in-flight range as a [`Replay`] for the batcher:
+//! - Events at or below `posted_through` were delivered: skipped.
+//! - If the replayed stream contains the range's first event, the batch may
+//!   not have arrived: the batcher ends a batch just before that event and
+//!   right after the range's last one, and never splits the range (whatever
+//!   `batch_max_changes` and the linger say). The batch has the same events,
+//!   hence the same key and (enrichment being a function of the commit) the
+//!   same body, and the receiver's de-duplication does the rest.
+//! - If the stream starts past the range's first event, the slot was
+//!   acknowledged past a commit in that batch, which happens only once every
+//!   sink flushed it: it was delivered, and its events are skipped too.
+//! - Everything after the range is new and cut freely; every new batch
+//!   starts after the last key ever posted, so its key is new.
+//!
+//! The record survives a new machine (it lives with the slot) and costs one
+//! small upsert per posted batch. Snapshot and backfill deliveries do not
+//! use it (their sinks never call `follow_live`): their events have their
+//! own ids and are re-posted whole when a chunk is redone.
+//!
+//! # Failures
+//!
+//! Connection errors, timeouts, 5xx, 408, 409 and 429 are transient:
+//! retried with backoff and jitter (a `Retry-After` on 429/503, seconds or
+//! an HTTP date, replaces the computed delay, at least `backoff_initial_ms`
+//! and at most [`MAX_RETRY_AFTER`]). Redirects (not followed: the signature
+//! is for `http.url`) and every other 4xx are permanent: the batch is parked
+//! in the broker's dead-letter topic at once with its error, as a batch is
+//! after `max_attempts` transient failures, and counts as delivered: parked,
+//! never dropped. Each event also carries a stable `id`, so a receiver can
+//! de-duplicate per event too.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime};
 
 use base64::Engine;
 use hmac::{Hmac, Mac};
+use reqwest::StatusCode;
 use sha2::Sha256;
+use tokio_postgres::{Client, Statement};
 
 use super::SinkError;
-use crate::config::HttpConfig;
-use crate::enrich::Enriched;
+use crate::config::{HttpConfig, Secret, SourceConfig};
+use crate::enrich::{EngagementChange, Enriched};
 use crate::log::LogProducer;
 use crate::retry::Backoff;
+use crate::source::slot::{self, SlotError};
+use crate::source::{Lsn, Position};
+
+pub const PROGRESS_SCHEMA: &str = include_str!("../../sql/postgres/http_progress.sql");
+
+/// The longest `Retry-After` honoured: a receiver asking for more (or a
+/// date far ahead) would hold the slot, and with it the WAL, for that long.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(600);
 
 pub struct HttpSink {
     client: reqwest::Client,
     cfg: HttpConfig,
+    /// The HMAC key `cfg.secret` stands for.
+    key: Vec<u8>,
     log: Arc<LogProducer>,
+    /// The live stream's progress record; set once by `follow_live`.
+    live: OnceLock<tokio::sync::Mutex<LiveProgress>>,
 }
 
 /// The Standard Webhooks signature of a message.
@@ -39,7 +103,7 @@ pub fn sign(secret: &[u8], id: &str, timestamp: i64, body: &[u8]) -> String {
 
 /// A batch as posted: `{"idempotency_key": …, "events": [EventJson…]}`,
 /// from the events' shared JSON text.
-fn body(key: &str, events: &[String]) -> Vec<u8> {
+fn body(key: &str, events: &[&str]) -> Vec<u8> {
     let mut body = Vec::with_capacity(events.iter().map(|e| e.len() + 1).sum::<usize>() + key.len() + 40);
     body.extend_from_slice(b"{\"idempotency_key\":");
     serde_json::to_writer(&mut body, key).expect("a string serializes");
@@ -54,50 +118,172 @@ fn body(key: &str, events: &[String]) -> Vec<u8> {
     body
 }
 
+/// A batch ready to post.
+struct Outgoing {
+    key: String,
+    body: Vec<u8>,
+    first: Position,
+    last: Position,
+}
+
+impl Outgoing {
+    /// The batch of these events (None if there are none).
+    fn of<'a>(events: impl Iterator<Item = (&'a EngagementChange, &'a String)>) -> Option<Outgoing> {
+        let mut ends: Option<(&EngagementChange, &EngagementChange)> = None;
+        let mut json = Vec::new();
+        for (c, j) in events {
+            ends = Some((ends.map_or(c, |(f, _)| f), c));
+            json.push(j.as_str());
+        }
+        let (first, last) = ends?;
+        let key = format!("{}-{}", super::change_id(first), super::change_id(last));
+        Some(Outgoing { body: body(&key, &json), key, first: first.position, last: last.position })
+    }
+}
+
+/// How a failed attempt is treated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// Try again, after the server's `Retry-After` if it gave one.
+    Transient(Option<Duration>),
+    /// Trying again cannot help: park the batch now.
+    Permanent,
+}
+
+/// The verdict on a non-success response. 408 (timeout), 409 (a receiver
+/// still processing the same key) and 429 are the 4xx that a retry can
+/// cure; a redirect is not followed (the signature covers the configured
+/// URL) and needs the configuration fixed, as other 4xx need the receiver
+/// or the secret fixed. 5xx and anything unexpected: transient.
+fn verdict(status: StatusCode, retry_after: Option<&str>, now: SystemTime) -> Verdict {
+    match status.as_u16() {
+        429 | 503 => Verdict::Transient(retry_after.and_then(|v| parse_retry_after(v, now))),
+        408 | 409 => Verdict::Transient(None),
+        300..=499 => Verdict::Permanent,
+        _ => Verdict::Transient(None),
+    }
+}
+
+/// A `Retry-After` value (RFC 9110 §10.2.3): delay-seconds, or an HTTP date
+/// (any of the three formats) from which the delay is counted from `now`;
+/// a date in the past means now. None for anything else.
+fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let v = value.trim();
+    if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) {
+        // More digits than a u64 holds still means "a very long time".
+        return Some(Duration::from_secs(v.parse().unwrap_or(u64::MAX)));
+    }
+    let at = httpdate::parse_http_date(v).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+/// One failed attempt.
+struct Failure {
+    error: String,
+    verdict: Verdict,
+}
+
 impl HttpSink {
     pub fn new(cfg: &HttpConfig, log: Arc<LogProducer>) -> Result<Self, SinkError> {
+        let key = cfg.signing_key().map_err(|e| SinkError::Http(e.to_string()))?;
         let client = reqwest::Client::builder()
             .timeout(Duration::from_millis(cfg.timeout_ms))
             .user_agent(concat!("pgfanout/", env!("CARGO_PKG_VERSION")))
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| SinkError::Http(e.to_string()))?;
-        Ok(HttpSink { client, cfg: cfg.clone(), log })
+        Ok(HttpSink { client, cfg: cfg.clone(), key, log, live: OnceLock::new() })
+    }
+
+    /// Makes this the live stream's sink: from now on it skips what `record`
+    /// says was delivered, re-posts the batch in flight as it was, and
+    /// records each batch in `pgfanout_state.http_progress` before posting it.
+    /// Returns the in-flight range, which the batcher must cut exactly as
+    /// before (see `Replay::boundary`). Called once, before the first write.
+    pub fn follow_live(&self, source: &SourceConfig, record: LiveRecord) -> Option<Arc<Replay>> {
+        let replay = record.inflight.map(|i| {
+            tracing::info!(first = %i.first, last = %i.last, idempotency_key = %i.key, "the webhook batch in flight at the last stop is re-posted as it was if the stream replays it");
+            Arc::new(Replay::new(i))
+        });
+        let progress = LiveProgress {
+            url: source.url.clone(),
+            slot: source.slot.clone(),
+            generation: record.generation,
+            pg: None,
+            posted_through: record.posted_through,
+            replay: replay.clone(),
+        };
+        assert!(self.live.set(tokio::sync::Mutex::new(progress)).is_ok(), "follow_live is called once per sink");
+        replay
     }
 
     pub async fn write(&self, batch: &Enriched) -> Result<(), SinkError> {
-        let (Some(first), Some(last)) = (batch.engagements.first(), batch.engagements.last()) else {
-            return Ok(());
+        let events = super::events_json(batch);
+        let Some(live) = self.live.get() else {
+            return match Outgoing::of(batch.engagements.iter().zip(events)) {
+                Some(out) => self.deliver(&out).await,
+                None => Ok(()),
+            };
         };
-        let key = format!("{}-{}", super::change_id(first), super::change_id(last));
-        let body = body(&key, super::events_json(batch));
-        let mut backoff = Backoff::new(
-            Duration::from_millis(self.cfg.backoff_initial_ms),
-            Duration::from_millis(self.cfg.backoff_max_ms),
-        );
+        let mut live = live.lock().await;
+        live.settle();
+        let fresh = batch.engagements.iter().zip(events).filter(|(c, _)| !live.delivered(c.position));
+        let Some(out) = Outgoing::of(fresh) else { return Ok(()) };
+        if let Some(r) = live.replay.as_ref().filter(|r| out.first == r.first) {
+            if out.key == r.key {
+                tracing::info!(idempotency_key = %out.key, "re-posting the webhook batch in flight at the last stop");
+            } else {
+                // Only if the stream differs from the one first read (a
+                // replayed event enriched away, the range's last change missing).
+                tracing::error!(idempotency_key = %out.key, recorded = %r.key, "the replayed webhook batch differs from the one in flight at the last stop");
+            }
+        }
+        live.record(&out, &self.cfg).await?;
+        self.deliver(&out).await?;
+        live.posted(out.last);
+        Ok(())
+    }
+
+    /// Posts a batch until it is delivered, or parks it in the dead-letter
+    /// topic once it failed permanently or `max_attempts` times.
+    async fn deliver(&self, out: &Outgoing) -> Result<(), SinkError> {
+        let initial = Duration::from_millis(self.cfg.backoff_initial_ms);
+        let mut backoff = Backoff::new(initial, Duration::from_millis(self.cfg.backoff_max_ms));
         loop {
-            let err = match self.post(&key, &body).await {
+            let Failure { error, verdict } = match self.post(&out.key, &out.body).await {
                 Ok(()) => {
+                    tracing::debug!(sink = "http", idempotency_key = %out.key, bytes = out.body.len(), "batch posted");
                     crate::observe::sink_flushed("http", backoff.attempts());
                     return Ok(());
                 }
-                Err(e) => e,
+                Err(f) => f,
             };
-            if backoff.attempts() + 1 >= self.cfg.max_attempts {
-                crate::observe::sink_failed("http", backoff.attempts() + 1, &err, false);
-                tracing::error!(sink = "http", idempotency_key = %key, error = %err, attempts = self.cfg.max_attempts, "batch undeliverable; parking it in the dead-letter topic");
-                self.log.dead_letter("http", &key, &body, &err).await?;
+            let attempts = backoff.attempts() + 1;
+            let give_up = match verdict {
+                Verdict::Permanent => Some("the receiver refused it permanently"),
+                Verdict::Transient(_) if attempts >= self.cfg.max_attempts => Some("attempts exhausted"),
+                Verdict::Transient(_) => None,
+            };
+            if let Some(why) = give_up {
+                crate::observe::sink_failed("http", attempts, &error, false);
+                tracing::error!(sink = "http", idempotency_key = %out.key, error = %error, attempts, "batch undeliverable ({why}); parking it in the dead-letter topic");
+                self.log.dead_letter("http", &out.key, &out.body, &error).await?;
                 return Ok(());
             }
-            let wait = backoff.next_delay();
-            tracing::warn!(sink = "http", idempotency_key = %key, error = %err, attempt = backoff.attempts(), "post failed; retrying");
-            crate::observe::sink_failed("http", backoff.attempts(), &err, true);
+            let delay = backoff.next_delay();
+            let wait = match verdict {
+                Verdict::Transient(Some(asked)) => asked.clamp(initial, MAX_RETRY_AFTER.max(initial)),
+                _ => delay,
+            };
+            tracing::warn!(sink = "http", idempotency_key = %out.key, error = %error, attempt = attempts, retry_in_ms = wait.as_millis() as u64, "post failed; retrying");
+            crate::observe::sink_failed("http", attempts, &error, true);
             tokio::time::sleep(wait).await;
         }
     }
 
-    async fn post(&self, key: &str, body: &[u8]) -> Result<(), String> {
+    async fn post(&self, key: &str, body: &[u8]) -> Result<(), Failure> {
         let ts = chrono::Utc::now().timestamp();
-        let signature = sign(self.cfg.secret.expose().as_bytes(), key, ts, body);
+        let signature = sign(&self.key, key, ts, body);
         let resp = self
             .client
             .post(&self.cfg.url)
@@ -109,14 +295,282 @@ impl HttpSink {
             .body(body.to_vec())
             .send()
             .await
-            .map_err(|e| e.without_url().to_string())?;
+            .map_err(|e| Failure { error: e.without_url().to_string(), verdict: Verdict::Transient(None) })?;
         let status = resp.status();
         if status.is_success() {
-            Ok(())
+            return Ok(());
+        }
+        let header = |name| resp.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let retry_after = header(reqwest::header::RETRY_AFTER);
+        let verdict = verdict(status, retry_after.as_deref(), SystemTime::now());
+        let error = if status.is_redirection() {
+            // Without the query: it may carry a token.
+            let to = header(reqwest::header::LOCATION).unwrap_or_default();
+            let to = to.split('?').next().unwrap_or_default();
+            format!("HTTP {status}, a redirect to {to:?}: not followed (the signature is for http.url); set http.url to the final address")
         } else {
             let text = resp.text().await.unwrap_or_default();
-            Err(format!("HTTP {status}: {}", text.chars().take(200).collect::<String>()))
+            format!("HTTP {status}: {}", text.chars().take(200).collect::<String>())
+        };
+        Err(Failure { error, verdict })
+    }
+}
+
+/// The live stream's row of `pgfanout_state.http_progress`, as loaded at start.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LiveRecord {
+    /// This run's generation: the row's, bumped by the load.
+    pub generation: i64,
+    /// Every event at or below this position was delivered.
+    pub posted_through: Option<Position>,
+    /// The batch that was about to be posted, or was posted, last.
+    pub inflight: Option<Inflight>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inflight {
+    pub first: Position,
+    pub last: Position,
+    pub key: String,
+}
+
+fn query_err(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> SlotError {
+    move |source| SlotError::Query { what, source }
+}
+
+impl LiveRecord {
+    /// Loads the record of `slot` and takes it over for this run (a new
+    /// generation), creating the table when it is missing (only then:
+    /// creating needs CREATE on the database, which a user of an existing
+    /// table may lack). A record whose positions lie beyond the server's WAL
+    /// cannot be this cluster's (a database restored elsewhere) and is
+    /// ignored, with a warning, rather than skipping new events.
+    pub async fn load(pg: &Client, slot: &str) -> Result<LiveRecord, SlotError> {
+        let exists: bool = pg
+            .query_one("SELECT to_regclass('pgfanout_state.http_progress') IS NOT NULL", &[])
+            .await
+            .map_err(query_err("look up pgfanout_state.http_progress"))?
+            .get(0);
+        if !exists {
+            pg.batch_execute(PROGRESS_SCHEMA).await.map_err(query_err(
+                "create pgfanout_state.http_progress, the webhook sink's progress: it needs CREATE on the database once, or run sql/postgres/http_progress.sql as a user who has it",
+            ))?;
         }
+        let row = pg
+            .query_one(
+                "INSERT INTO pgfanout_state.http_progress AS p (slot) VALUES ($1)
+                 ON CONFLICT (slot) DO UPDATE SET generation = p.generation + 1
+                 RETURNING generation, posted_through, inflight_first, inflight_last, inflight_key,
+                     pg_current_wal_lsn()::text",
+                &[&slot],
+            )
+            .await
+            .map_err(query_err("take over pgfanout_state.http_progress"))?;
+        let generation: i64 = row.get(0);
+        let texts: [Option<String>; 3] = [row.get(1), row.get(2), row.get(3)];
+        let parse = |i: usize| texts[i].as_deref().map(|s| Position::from_sortable_hex(s).ok_or(s));
+        let wal_now = row.get::<_, Option<String>>(5).and_then(|s| Lsn::parse(&s).ok()).map(|l| l.0);
+        let fresh = LiveRecord { generation, ..LiveRecord::default() };
+        let record = match (parse(0).transpose(), parse(1), parse(2), row.get::<_, Option<String>>(4)) {
+            (Ok(None), None, None, None) => return Ok(fresh),
+            (Ok(posted_through), Some(Ok(first)), Some(Ok(last)), Some(key)) => {
+                LiveRecord { generation, posted_through, inflight: Some(Inflight { first, last, key }) }
+            }
+            bad => {
+                tracing::warn!(slot, record = ?bad, "pgfanout_state.http_progress holds positions that are not <16 hex digits><8 hex digits>; ignoring it (the batch in flight, if any, may reach the receiver under a second key)");
+                return Ok(fresh);
+            }
+        };
+        let newest = record.inflight.as_ref().map(|i| i.last.commit_lsn).unwrap_or(0);
+        if wal_now.is_some_and(|now| newest > now) {
+            tracing::warn!(slot, record = ?record, "pgfanout_state.http_progress is ahead of this server's WAL, so it was written on another cluster; ignoring it");
+            return Ok(fresh);
+        }
+        Ok(record)
+    }
+}
+
+/// The batch in flight when the live stream last stopped, for the batcher
+/// to cut again exactly, and for the sink to know whether it did.
+#[derive(Debug)]
+pub struct Replay {
+    pub first: Position,
+    pub last: Position,
+    pub key: String,
+    /// `UNSEEN`, `REPLAYING`, `REPLAYED` or `PASSED`; written by the batcher
+    /// before it hands on any batch at or past `first`, read by the sink.
+    state: AtomicU8,
+}
+
+const UNSEEN: u8 = 0;
+/// The batcher took `first` and is holding the batch open until `last`.
+const REPLAYING: u8 = 1;
+/// The batcher cut the replayed batch.
+const REPLAYED: u8 = 2;
+/// The stream started past `first`: the batch was delivered.
+const PASSED: u8 = 3;
+
+/// Where batch boundaries go around one change.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Boundary {
+    /// End the batch being cut before this change (unless it is empty).
+    pub cut_before: bool,
+    /// After this change the batch stays open, whatever its size or age:
+    /// it is inside the replayed range.
+    pub hold: bool,
+    /// End the batch right after this change.
+    pub cut_after: bool,
+}
+
+impl Replay {
+    fn new(i: Inflight) -> Self {
+        Replay { first: i.first, last: i.last, key: i.key, state: AtomicU8::new(UNSEEN) }
+    }
+
+    /// Where batch boundaries go around the change at `p`; the batcher asks
+    /// for every change, in stream order, before it hands the batch on.
+    pub fn boundary(&self, p: Position) -> Boundary {
+        let set = |s| self.state.store(s, Ordering::Release);
+        match self.state.load(Ordering::Acquire) {
+            UNSEEN if p < self.first => Boundary::default(),
+            UNSEEN if p == self.first => {
+                let whole = p >= self.last;
+                set(if whole { REPLAYED } else { REPLAYING });
+                Boundary { cut_before: true, hold: !whole, cut_after: whole }
+            }
+            UNSEEN => {
+                set(PASSED);
+                Boundary::default()
+            }
+            REPLAYING if p < self.last => Boundary { hold: true, ..Boundary::default() },
+            REPLAYING if p == self.last => {
+                set(REPLAYED);
+                Boundary { cut_after: true, ..Boundary::default() }
+            }
+            REPLAYING => {
+                // The range's last change is not in this stream (it differs
+                // from the first reading): close the batch before going on.
+                set(REPLAYED);
+                Boundary { cut_before: true, ..Boundary::default() }
+            }
+            _ => Boundary::default(),
+        }
+    }
+
+    /// Whether the batcher took the range's first change (the batch is being
+    /// or was re-cut), as opposed to seeing the stream start past it.
+    fn replayed(&self) -> bool {
+        matches!(self.state.load(Ordering::Acquire), REPLAYING | REPLAYED)
+    }
+}
+
+/// The live sink's side of the record.
+struct LiveProgress {
+    url: Secret,
+    slot: String,
+    generation: i64,
+    pg: Option<(Client, Statement)>,
+    posted_through: Option<Position>,
+    /// Until the sink has passed it.
+    replay: Option<Arc<Replay>>,
+}
+
+const RECORD: &str = "UPDATE pgfanout_state.http_progress
+     SET posted_through = $3, inflight_first = $4, inflight_last = $5, inflight_key = $6, updated_at = now()
+     WHERE slot = $1 AND generation = $2";
+
+/// Why a batch could not be recorded.
+#[derive(Debug, thiserror::Error)]
+enum RecordError {
+    #[error(transparent)]
+    Query(#[from] SlotError),
+    #[error("pgfanout_state.http_progress of slot {slot} was taken over by a later `pgfanout run` (this one has generation {generation}); stopping rather than post beside it")]
+    TakenOver { slot: String, generation: i64 },
+}
+
+impl LiveProgress {
+    /// Once the batcher saw the stream start past the in-flight batch, that
+    /// batch counts as posted.
+    fn settle(&mut self) {
+        if let Some(r) = self.replay.as_ref().filter(|r| r.state.load(Ordering::Acquire) == PASSED) {
+            self.posted_through = self.posted_through.max(Some(r.last));
+            self.replay = None;
+        }
+    }
+
+    /// Whether the event at `p` reached the receiver in an earlier batch.
+    fn delivered(&self, p: Position) -> bool {
+        if let Some(r) = self.replay.as_ref().filter(|r| (r.first..=r.last).contains(&p)) {
+            // The batcher resolves the range before any batch reaching into
+            // it is handed on, so here it is either re-cut or passed.
+            return !r.replayed();
+        }
+        self.posted_through.is_some_and(|t| p <= t)
+    }
+
+    /// After `last` was delivered (or parked).
+    fn posted(&mut self, last: Position) {
+        self.posted_through = Some(last);
+        if self.replay.as_ref().is_some_and(|r| last >= r.last) {
+            self.replay = None;
+        }
+    }
+
+    /// Records `out` as in flight (and everything before it as posted),
+    /// retrying until PostgreSQL takes it: a batch must not leave
+    /// unrecorded, or a replay could re-cut it under another key.
+    async fn record(&mut self, out: &Outgoing, cfg: &HttpConfig) -> Result<(), SinkError> {
+        let mut backoff =
+            Backoff::new(Duration::from_millis(cfg.backoff_initial_ms), Duration::from_millis(cfg.backoff_max_ms));
+        loop {
+            match self.try_record(out).await {
+                Ok(()) => {
+                    if backoff.attempts() > 0 {
+                        tracing::info!(
+                            sink = "http",
+                            failed_attempts = backoff.attempts(),
+                            "webhook progress recorded again"
+                        );
+                    }
+                    return Ok(());
+                }
+                Err(e @ RecordError::TakenOver { .. }) => return Err(SinkError::Http(e.to_string())),
+                Err(e) => {
+                    self.pg = None;
+                    let wait = backoff.next_delay();
+                    tracing::warn!(sink = "http", error = %e, attempt = backoff.attempts(), "recording webhook progress in pgfanout_state.http_progress failed; the batch waits; retrying");
+                    crate::observe::sink_failed("http", backoff.attempts(), &e, true);
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+    }
+
+    async fn try_record(&mut self, out: &Outgoing) -> Result<(), RecordError> {
+        if self.pg.is_none() {
+            let pg = slot::connect(self.url.expose()).await?;
+            // The record must survive a crash of PostgreSQL like the slot's
+            // position does; a server set not to wait for its own WAL flush
+            // would lose it.
+            pg.batch_execute(
+                "SELECT set_config('synchronous_commit', 'local', false) WHERE current_setting('synchronous_commit') = 'off'",
+            )
+            .await
+            .map_err(query_err("set synchronous_commit"))?;
+            let record = pg.prepare(RECORD).await.map_err(query_err("prepare the webhook progress update"))?;
+            self.pg = Some((pg, record));
+        }
+        let (pg, record) = self.pg.as_ref().expect("connected above");
+        let through = self.posted_through.as_ref().map(Position::sortable_hex);
+        let (first, last) = (out.first.sortable_hex(), out.last.sortable_hex());
+        let updated = pg
+            .execute(record, &[&self.slot, &self.generation, &through, &first, &last, &out.key])
+            .await
+            .map_err(query_err("record webhook progress"))?;
+        if updated == 0 {
+            return Err(RecordError::TakenOver { slot: self.slot.clone(), generation: self.generation });
+        }
+        Ok(())
     }
 }
 
@@ -126,7 +580,7 @@ mod tests {
 
     #[test]
     fn body_is_the_batch_json() {
-        let events = vec![r#"{"id":"0/1"}"#.to_string(), r#"{"id":"0/2"}"#.to_string()];
+        let events = [r#"{"id":"0/1"}"#, r#"{"id":"0/2"}"#];
         let v: serde_json::Value = serde_json::from_slice(&body("a\"b", &events)).unwrap();
         assert_eq!(v, serde_json::json!({ "idempotency_key": "a\"b", "events": [{ "id": "0/1" }, { "id": "0/2" }] }));
         let empty: serde_json::Value = serde_json::from_slice(&body("k", &[])).unwrap();
@@ -135,9 +589,132 @@ mod tests {
 
     #[test]
     fn standard_webhooks_signature() {
-        // Test vector from the Standard Webhooks specification (secret decoded from base64).
-        let secret = base64::engine::general_purpose::STANDARD.decode("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
-        let sig = sign(&secret, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, br#"{"test": 2432232314}"#);
+        // Test vector from the Standard Webhooks specification, with the
+        // secret as configured (`whsec_` + base64 of the key).
+        let cfg = HttpConfig {
+            url: String::new(),
+            secret: Secret("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into()),
+            timeout_ms: 1,
+            max_attempts: 1,
+            backoff_initial_ms: 1,
+            backoff_max_ms: 1,
+        };
+        let sig =
+            sign(&cfg.signing_key().unwrap(), "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, br#"{"test": 2432232314}"#);
         assert_eq!(sig, "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
+    }
+
+    #[test]
+    fn statuses_are_transient_or_permanent() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let v = |code: u16, retry_after: Option<&str>| verdict(StatusCode::from_u16(code).unwrap(), retry_after, now);
+        for code in [500, 502, 503, 504, 599, 408, 409, 429] {
+            assert_eq!(v(code, None), Verdict::Transient(None), "{code}");
+        }
+        for code in [300, 301, 302, 303, 307, 308, 400, 401, 403, 404, 405, 410, 413, 415, 422, 451, 499] {
+            assert_eq!(v(code, Some("5")), Verdict::Permanent, "{code}");
+        }
+        assert_eq!(v(429, Some("7")), Verdict::Transient(Some(Duration::from_secs(7))));
+        assert_eq!(v(503, Some("120")), Verdict::Transient(Some(Duration::from_secs(120))));
+        // Honoured on 429 and 503 only.
+        assert_eq!(v(500, Some("7")), Verdict::Transient(None));
+        assert_eq!(v(408, Some("7")), Verdict::Transient(None));
+        assert_eq!(v(429, Some("soon")), Verdict::Transient(None));
+    }
+
+    #[test]
+    fn retry_after_seconds_or_http_date() {
+        // 2023-11-14T22:13:20Z
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let p = |s| parse_retry_after(s, now);
+        assert_eq!(p("0"), Some(Duration::ZERO));
+        assert_eq!(p(" 30 "), Some(Duration::from_secs(30)));
+        assert_eq!(p("99999999999999999999999"), Some(Duration::from_secs(u64::MAX)));
+        // The three date formats of RFC 9110, 90 s after `now`.
+        for date in ["Tue, 14 Nov 2023 22:14:50 GMT", "Tuesday, 14-Nov-23 22:14:50 GMT", "Tue Nov 14 22:14:50 2023"] {
+            assert_eq!(p(date), Some(Duration::from_secs(90)), "{date}");
+        }
+        assert_eq!(p("Tue, 14 Nov 2023 22:00:00 GMT"), Some(Duration::ZERO), "a past date means now");
+        for bad in ["", "-5", "1.5", "5s", "tomorrow", "Tue, 14 Nov 2023 25:00:00 GMT"] {
+            assert_eq!(p(bad), None, "{bad:?}");
+        }
+    }
+
+    fn pos(commit_lsn: u64, ordinal: u32) -> Position {
+        Position { commit_lsn, ordinal }
+    }
+
+    fn replay(first: Position, last: Position) -> Replay {
+        Replay::new(Inflight { first, last, key: "k".into() })
+    }
+
+    const FREE: Boundary = Boundary { cut_before: false, hold: false, cut_after: false };
+    const HOLD: Boundary = Boundary { cut_before: false, hold: true, cut_after: false };
+
+    #[test]
+    fn the_replayed_range_is_cut_exactly() {
+        let r = replay(pos(20, 1), pos(30, 2));
+        assert_eq!(r.boundary(pos(10, 5)), FREE);
+        assert_eq!(r.boundary(pos(20, 1)), Boundary { cut_before: true, hold: true, cut_after: false });
+        assert!(r.replayed());
+        assert_eq!(r.boundary(pos(20, 2)), HOLD);
+        assert_eq!(r.boundary(pos(30, 1)), HOLD);
+        assert_eq!(r.boundary(pos(30, 2)), Boundary { cut_after: true, ..FREE });
+        assert_eq!(r.boundary(pos(30, 3)), FREE);
+        assert_eq!(r.boundary(pos(40, 1)), FREE);
+        assert!(r.replayed());
+
+        let one = replay(pos(20, 1), pos(20, 1));
+        assert_eq!(one.boundary(pos(20, 1)), Boundary { cut_before: true, hold: false, cut_after: true });
+        assert_eq!(one.boundary(pos(20, 2)), FREE);
+
+        // The range's last change missing from the stream: closed before what follows.
+        let gap = replay(pos(20, 1), pos(30, 2));
+        gap.boundary(pos(20, 1));
+        assert_eq!(gap.boundary(pos(31, 0)), Boundary { cut_before: true, ..FREE });
+        assert_eq!(gap.boundary(pos(31, 1)), FREE);
+    }
+
+    #[test]
+    fn a_stream_starting_inside_the_range_passes_it() {
+        let r = replay(pos(20, 1), pos(30, 2));
+        assert_eq!(r.boundary(pos(20, 7)), FREE);
+        assert!(!r.replayed());
+        assert_eq!(r.boundary(pos(30, 2)), FREE);
+        let mut live = LiveProgress {
+            url: Secret::default(),
+            slot: "s".into(),
+            generation: 1,
+            pg: None,
+            posted_through: Some(pos(19, 4)),
+            replay: Some(Arc::new(r)),
+        };
+        live.settle();
+        assert!(live.replay.is_none());
+        assert!(live.delivered(pos(20, 7)) && live.delivered(pos(30, 2)));
+        assert!(!live.delivered(pos(30, 3)));
+    }
+
+    #[test]
+    fn the_live_sink_skips_what_was_delivered_and_reposts_the_range() {
+        let r = Arc::new(replay(pos(20, 1), pos(30, 2)));
+        let mut live = LiveProgress {
+            url: Secret::default(),
+            slot: "s".into(),
+            generation: 1,
+            pg: None,
+            posted_through: Some(pos(19, 4)),
+            replay: Some(r.clone()),
+        };
+        assert!(live.delivered(pos(10, 1)) && live.delivered(pos(19, 4)));
+        assert!(!live.delivered(pos(19, 5)), "not posted before: new");
+        r.boundary(pos(20, 1));
+        r.boundary(pos(30, 2));
+        live.settle();
+        assert!(!live.delivered(pos(20, 1)) && !live.delivered(pos(30, 2)), "the range is posted again");
+        live.posted(pos(30, 2));
+        assert!(live.replay.is_none());
+        assert!(live.delivered(pos(20, 1)) && live.delivered(pos(30, 2)));
+        assert!(!live.delivered(pos(30, 3)));
     }
 }

@@ -203,3 +203,16 @@ where
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Starts `pgfanout run` (the binary) with `config`, its log appended to
+/// `log`, for tests that kill it.
+pub fn spawn_sidecar(config: &std::path::Path, log: &std::path::Path) -> std::process::Child {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+    std::process::Command::new(env!("CARGO_BIN_EXE_pgfanout"))
+        .args(["-c", config.to_str().unwrap(), "run"])
+        .env("RUST_LOG", std::env::var("PGFANOUT_SIDECAR_LOG").unwrap_or_else(|_| "info".into()))
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start pgfanout")
+}
