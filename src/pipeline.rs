@@ -61,6 +61,9 @@ pub struct Stats {
     /// Commit time (µs) the apply loop is behind by, 0 when caught up (see
     /// `observe::health::Snapshot::lag_seconds`).
     pub behind_commit_ts_us: AtomicI64,
+    /// Batches with changes the loop started that the sinks have not all
+    /// flushed yet (see `observe::health::batch_done`).
+    pub open_batches: AtomicU64,
 }
 
 /// The topics `run` writes to, for `init`.

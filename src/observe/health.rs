@@ -135,17 +135,24 @@ pub fn now_us() -> i64 {
 /// The apply loop took the first change of a batch: from now on it is
 /// behind by at least that change's commit.
 pub fn batch_started(stats: &Stats, first_commit_ts_us: i64) {
+    stats.open_batches.fetch_add(1, Ordering::Relaxed);
     let _ = stats.behind_commit_ts_us.compare_exchange(0, first_commit_ts_us, Ordering::Relaxed, Ordering::Relaxed);
 }
 
-/// The apply loop finished a turn: every sink flushed the batch, whose last
-/// change (if it had any) committed at `last_commit_ts_us`. `drained`:
-/// nothing more waits in the channel, so the loop is caught up.
-pub fn batch_done(stats: &Stats, last_commit_ts_us: Option<i64>, drained: bool) {
+/// The acknowledgement task finished a batch: every sink flushed it; its
+/// last change (if it had any, then `batch_started` counted it) committed at
+/// `last_commit_ts_us`. `queue_empty`: no later batch waits for the sinks
+/// and nothing waits in the reader's channel. Caught up only if, besides,
+/// the loop holds no batch it started and has not pushed yet: without that
+/// count, a batch finishing while the loop was still publishing the next
+/// one reset the lag to 0 for good if that next one then stalled.
+pub fn batch_done(stats: &Stats, last_commit_ts_us: Option<i64>, queue_empty: bool) {
+    let mut open = stats.open_batches.load(Ordering::Relaxed);
     if let Some(ts) = last_commit_ts_us {
         super::metrics::delivered_commit(ts);
+        open = stats.open_batches.fetch_sub(1, Ordering::Relaxed).saturating_sub(1);
     }
-    match (drained, last_commit_ts_us) {
+    match (queue_empty && open == 0, last_commit_ts_us) {
         (true, _) => stats.behind_commit_ts_us.store(0, Ordering::Relaxed),
         (false, Some(ts)) => stats.behind_commit_ts_us.store(ts, Ordering::Relaxed),
         (false, None) => {}
@@ -251,6 +258,16 @@ mod tests {
         batch_done(&stats, None, false);
         assert_eq!(stats.behind_commit_ts_us.load(Ordering::Relaxed), 30);
         batch_done(&stats, Some(40), true);
+        assert_eq!(stats.behind_commit_ts_us.load(Ordering::Relaxed), 0);
+        // A batch the loop started but has not handed to the sinks yet: an
+        // empty queue behind the one finishing is not caught up.
+        batch_started(&stats, 50);
+        batch_started(&stats, 60);
+        batch_done(&stats, Some(55), true);
+        assert_eq!(stats.behind_commit_ts_us.load(Ordering::Relaxed), 55);
+        batch_done(&stats, None, true);
+        assert_eq!(stats.behind_commit_ts_us.load(Ordering::Relaxed), 55);
+        batch_done(&stats, Some(65), true);
         assert_eq!(stats.behind_commit_ts_us.load(Ordering::Relaxed), 0);
     }
 }
