@@ -84,9 +84,9 @@ impl ContentDim {
         Ok(ContentDim { by_id, recorded: None })
     }
 
-    /// A dimension holding exactly `contents`.
-    pub fn from_contents(contents: impl IntoIterator<Item = Content>) -> ContentDim {
-        ContentDim { by_id: contents.into_iter().map(|c| (c.id, c)).collect(), recorded: None }
+    /// Adds (or replaces) one row, as a load streams them in.
+    pub fn insert(&mut self, content: Content) {
+        self.by_id.insert(content.id, content);
     }
 
     /// From now on, every version `apply` makes is kept for `take_versions`.
