@@ -341,7 +341,15 @@ async fn sigkill_at_random_moments_and_every_sink_ends_exact() {
 
     // Redis streams: the same for each event's latest entry, which sits in
     // the stream of its own content type.
-    let mut r = t.redis.clone();
+    // Its own connection with a patient response timeout: on a loaded
+    // machine a page of big entries outlasts the default one.
+    let mut r = redis::Client::open(t.cfg.redis.url.expose())
+        .unwrap()
+        .get_multiplexed_async_connection_with_config(
+            &redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(60))),
+        )
+        .await
+        .unwrap();
     let mut latest: HashMap<i64, ((u64, u64), Values)> = HashMap::new();
     for k in &redis_keys {
         let stream_type = k.rsplit(':').next().unwrap();
@@ -349,7 +357,7 @@ async fn sigkill_at_random_moments_and_every_sink_ends_exact() {
         let mut entries = Vec::new();
         let mut from = "-".to_string();
         loop {
-            let page: redis::streams::StreamRangeReply = r.xrange_count(k, &from, "+", 5_000).await.unwrap();
+            let page: redis::streams::StreamRangeReply = r.xrange_count(k, &from, "+", 1_000).await.unwrap();
             let Some(last) = page.ids.last() else { break };
             from = format!("({}", last.id);
             entries.extend(page.ids);
