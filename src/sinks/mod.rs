@@ -45,19 +45,20 @@ pub async fn park(
 ) -> Result<(), SinkError> {
     let positions = || batch.engagements.iter().map(|c| c.position).chain(batch.contents.iter().map(|c| c.position));
     let (Some(first), Some(last)) = (positions().min(), positions().max()) else { return Ok(()) };
-    tracing::error!(sink, tables, first = %first, last = %last, changes = positions().count(), error, attempts, "batch refused permanently; parking it in the dead-letter topic and going on (on_permanent_error = \"stall\" would stop here)");
+    let (first, last) = (event_id(&first), event_id(&last));
+    tracing::error!(sink, tables, first, last, changes = positions().count(), error, attempts, "batch refused permanently; parking it in the dead-letter topic and going on (on_permanent_error = \"stall\" would stop here)");
     let payload = serde_json::json!({
         "sink": sink,
         "tables": tables,
         "error": error,
         "attempts": attempts,
-        "first": event_id(&first),
-        "last": event_id(&last),
+        "first": first,
+        "last": last,
         "changes": positions().count(),
         "engagements": batch.engagements.len(),
         "contents": batch.contents.len(),
     });
-    let key = format!("{}..{}", event_id(&first), event_id(&last));
+    let key = format!("{first}..{last}");
     log.dead_letter(sink, &key, &serde_json::to_vec(&payload).unwrap_or_default(), error).await?;
     Ok(())
 }
