@@ -51,9 +51,12 @@
 //! an HTTP date, replaces the computed delay, at least `backoff_initial_ms`
 //! and at most [`MAX_RETRY_AFTER`]). Redirects (not followed: the signature
 //! is for `http.url`) and every other 4xx are permanent: the batch is parked
-//! in the broker's dead-letter topic at once with its error, as a batch is
-//! after `max_attempts` transient failures, and counts as delivered: parked,
-//! never dropped. Each event also carries a stable `id`, so a receiver can
+//! in the broker's dead-letter topic after `permanent_attempts` (1 by
+//! default: at once) with its error, as a batch is after `max_attempts`
+//! transient failures, and counts as delivered: parked, never dropped (with
+//! `on_permanent_error = "stall"` a permanent refusal is retried like a
+//! failure would be without `max_attempts`: until the receiver takes it). All of it goes through
+//! `retry::run`, as the other sinks' writes do. Each event also carries a stable `id`, so a receiver can
 //! de-duplicate per event too.
 
 use std::sync::atomic::{AtomicU8, Ordering};
