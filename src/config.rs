@@ -147,6 +147,13 @@ pub struct ClickHouseConfig {
     pub user: String,
     #[serde(default)]
     pub password: Secret,
+    /// What a batch ClickHouse refuses for good (a type mismatch, an
+    /// unknown column) becomes; see `sinks::clickhouse::classify`.
+    #[serde(default)]
+    pub on_permanent_error: OnPermanentError,
+    /// Attempts of a permanently failing batch before it is parked.
+    #[serde(default = "default_permanent_attempts")]
+    pub permanent_attempts: u32,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -162,6 +169,12 @@ pub struct RedisConfig {
     /// Width of the "most engaged" window.
     #[serde(default = "default_top_window_secs")]
     pub top_window_secs: u64,
+    /// What a batch Redis refuses for good (WRONGTYPE, a script error)
+    /// becomes; see `sinks::redis::classify`.
+    #[serde(default)]
+    pub on_permanent_error: OnPermanentError,
+    #[serde(default = "default_permanent_attempts")]
+    pub permanent_attempts: u32,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -181,6 +194,38 @@ pub struct HttpConfig {
     pub backoff_initial_ms: u64,
     #[serde(default = "default_backoff_max_ms")]
     pub backoff_max_ms: u64,
+    /// What a batch the receiver refuses for good (a 4xx, a redirect)
+    /// becomes; `max_attempts` bounds the transient failures as before.
+    #[serde(default)]
+    pub on_permanent_error: OnPermanentError,
+    /// 1 by default: a refusal is parked at once.
+    #[serde(default = "default_http_permanent_attempts")]
+    pub permanent_attempts: u32,
+}
+
+/// What a sink does with a batch that failed permanently
+/// (`on_permanent_error` in its config section).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnPermanentError {
+    /// After `permanent_attempts`, park the batch in the dead-letter topic
+    /// (with the error and its change positions), count it as flushed, go on.
+    #[default]
+    DeadLetter,
+    /// Retry it like a transient failure, for as long as it takes: the
+    /// stream stops there (and alerts) until someone fixes the cause; nothing
+    /// is skipped.
+    Stall,
+}
+
+impl OnPermanentError {
+    /// `retry::Policy::permanent_attempts` for this choice and `permanent_attempts`.
+    pub fn attempts(self, permanent_attempts: u32) -> Option<u32> {
+        match self {
+            OnPermanentError::DeadLetter => Some(permanent_attempts.max(1)),
+            OnPermanentError::Stall => None,
+        }
+    }
 }
 
 /// Why `http.secret` cannot be used as a signing key. The messages never
@@ -332,6 +377,12 @@ fn default_http_timeout_ms() -> u64 {
 fn default_http_max_attempts() -> u32 {
     8
 }
+fn default_permanent_attempts() -> u32 {
+    3
+}
+fn default_http_permanent_attempts() -> u32 {
+    1
+}
 fn default_backoff_initial_ms() -> u64 {
     100
 }
@@ -412,6 +463,8 @@ mod tests {
             max_attempts: 1,
             backoff_initial_ms: 1,
             backoff_max_ms: 1,
+            on_permanent_error: Default::default(),
+            permanent_attempts: 1,
         };
         let key = [0x31, 0xf2, 0x90, 0xf6, 0xbf, 0x06, 0x29, 0x8a, 0xab, 0x4f, 0x08, 0xd4, 0x3c, 0x3f, 0x08, 0x2c];
         assert_eq!(http("whsec_MfKQ9r8GKYqrTwjUPD8ILA==").signing_key().unwrap(), key);

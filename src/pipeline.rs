@@ -27,6 +27,7 @@ use crate::enrich::{self, journal, ContentDim, Enriched};
 use crate::log::{producer, LogProducer};
 use crate::observe::metrics::Tally;
 use crate::observe::{self, ReaderProgress};
+use crate::retry;
 use crate::sinks::http::{self, Boundary, HttpSink};
 use crate::sinks::{clickhouse::ClickHouseSink, redis::RedisSink, SinkError, Sinks};
 use crate::source::{self, session, slot, Change, SourceEvent};
@@ -411,8 +412,8 @@ impl Delivery {
         producer::ensure_topics(&cfg.log, &topics(cfg)).await?;
         let log = Arc::new(LogProducer::new(&cfg.log, database)?);
         let sinks = Sinks {
-            clickhouse: Arc::new(ClickHouseSink::new(&cfg.clickhouse)),
-            redis: Arc::new(RedisSink::connect(&cfg.redis).await?),
+            clickhouse: Arc::new(ClickHouseSink::new(&cfg.clickhouse).with_dead_letter(log.clone())),
+            redis: Arc::new(RedisSink::connect(&cfg.redis).await?.with_dead_letter(log.clone())),
             http: Arc::new(HttpSink::new(&cfg.http, log.clone())?),
         };
         Ok(Delivery { log, dim, sinks, stats })
@@ -446,17 +447,13 @@ impl Delivery {
         batch: &[Change],
         opts: &DeliverOptions,
     ) -> Result<Option<Enriched>, PipelineError> {
-        let mut backoff = crate::retry::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
-        observe::timed("broker", async {
-            while let Err(e) = self.log.publish(batch).await {
-                tracing::warn!(error = %e, attempt = backoff.attempts(), "publishing to the broker failed; retrying");
-                let wait = backoff.next_delay();
-                observe::sink_failed("broker", backoff.attempts(), &e, true);
-                tokio::time::sleep(wait).await;
-            }
-        })
-        .await;
-        observe::sink_flushed("broker", backoff.attempts());
+        // The broker's errors are all transient: an oversized message, the
+        // one that no retry can fix, is parked by `publish` itself.
+        let policy = retry::Policy::sink("broker", None).failed("publishing to the broker failed; retrying");
+        let log = &self.log;
+        let published = retry::run(&policy, |_| retry::ErrorClass::Transient, |_| log.publish(batch));
+        // Never given up (every error is transient); `?` only for the types.
+        observe::timed("broker", published).await.map_err(|g| g.error)?;
         observe::count_changes("published", batch);
         if opts.log_only {
             self.stats.changes.fetch_add(batch.len() as u64, Ordering::Relaxed);

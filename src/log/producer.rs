@@ -1,6 +1,12 @@
 //! Writes changes to the broker: idempotent producer, acks=all, compressed.
 //! `publish` returns only when the broker has acknowledged every message of
 //! the batch, which is the point where the sinks may see it.
+//!
+//! Every error of `publish` is transient to its caller (the pipeline
+//! retries it through `retry::run` for as long as it takes, alerting as a
+//! failing sink `broker`): the broker unreachable, a leader moving, a
+//! timeout. The one error no retry can cure, a message larger than the
+//! broker takes, never reaches the caller: it is parked here.
 
 use std::time::Duration;
 

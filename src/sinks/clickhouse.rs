@@ -3,7 +3,29 @@
 //! taken from the change's position and an `_is_deleted` flag, so a replayed
 //! row collapses into the one already there and a delete hides the row;
 //! queries read with FINAL (or `SETTINGS final = 1`).
+//!
+//! # Failures
+//!
+//! [`classify`] sorts ClickHouse's errors. Transient (retried with backoff
+//! for as long as it takes, alerting through the sink metrics): network
+//! errors, refused or dropped connections, timeouts ([`REQUEST_TIMEOUT`]),
+//! HTTP 5xx without a code, and every server error whose code is not listed
+//! below: TOO_MANY_PARTS (252), MEMORY_LIMIT_EXCEEDED (241),
+//! TOO_MANY_SIMULTANEOUS_QUERIES (202), TIMEOUT_EXCEEDED (159),
+//! TABLE_IS_READ_ONLY (242), Keeper errors, and also AUTHENTICATION_FAILED
+//! (516) and ACCESS_DENIED (497), which an operator fixes for every batch
+//! at once (parking would empty the stream into the dead-letter topic).
+//! Permanent (this batch fails the same way until the table or the data
+//! changes): the client's schema check (`SchemaMismatch`: a column's type
+//! changed, a column is missing), errors encoding the rows, and the server
+//! codes of [`PERMANENT_CODES`] (TYPE_MISMATCH 53, NO_SUCH_COLUMN_IN_TABLE
+//! 16, CANNOT_PARSE_INPUT_ASSERTION_FAILED 27, UNKNOWN_TABLE 60,
+//! SYNTAX_ERROR 62, ...). A permanent error is retried `permanent_attempts`
+//! times in all, then the batch is parked in the dead-letter topic with the
+//! error and its change positions ([`super::park`]) and counts as flushed;
+//! with `on_permanent_error = "stall"` it is retried like a transient one.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use clickhouse::{Client, Row, RowOwned, RowWrite};
@@ -13,7 +35,8 @@ use uuid::Uuid;
 use super::SinkError;
 use crate::config::ClickHouseConfig;
 use crate::enrich::{ContentChange, EngagementChange, EngagementRow, Enriched};
-use crate::retry::Backoff;
+use crate::log::LogProducer;
+use crate::retry::{self, ErrorClass, Policy};
 use crate::source::Op;
 
 #[derive(Debug, Row, Serialize)]
@@ -91,6 +114,70 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
 
 pub struct ClickHouseSink {
     client: Client,
+    policy: Policy,
+    /// `policy.permanent_attempts` once there is a dead-letter topic.
+    permanent_attempts: Option<u32>,
+    dead_letter: Option<Arc<LogProducer>>,
+}
+
+/// Server error codes that fail a batch the same way on every attempt: the
+/// rows do not fit the table (or the table is gone), not the server unwell.
+pub const PERMANENT_CODES: &[(u32, &str)] = &[
+    (6, "CANNOT_PARSE_TEXT"),
+    (16, "NO_SUCH_COLUMN_IN_TABLE"),
+    (26, "CANNOT_PARSE_QUOTED_STRING"),
+    (27, "CANNOT_PARSE_INPUT_ASSERTION_FAILED"),
+    (33, "CANNOT_READ_ALL_DATA"),
+    (36, "BAD_ARGUMENTS"),
+    (41, "CANNOT_PARSE_DATETIME"),
+    (43, "ILLEGAL_TYPE_OF_ARGUMENT"),
+    (47, "UNKNOWN_IDENTIFIER"),
+    (53, "TYPE_MISMATCH"),
+    (60, "UNKNOWN_TABLE"),
+    (62, "SYNTAX_ERROR"),
+    (69, "ARGUMENT_OUT_OF_BOUND"),
+    (70, "CANNOT_CONVERT_TYPE"),
+    (72, "CANNOT_PARSE_NUMBER"),
+    (81, "UNKNOWN_DATABASE"),
+    (117, "INCORRECT_DATA"),
+    (349, "CANNOT_INSERT_NULL_IN_ORDINARY_COLUMN"),
+];
+
+/// Whether another attempt of the same write may succeed (see the module docs).
+pub fn classify(e: &SinkError) -> ErrorClass {
+    use clickhouse::error::Error as E;
+    let SinkError::ClickHouse(e) = e else { return ErrorClass::Transient };
+    match e {
+        E::BadResponse(text) => match exception_code(text) {
+            Some(code) if PERMANENT_CODES.iter().any(|(c, _)| *c == code) => ErrorClass::Permanent,
+            _ => ErrorClass::Transient,
+        },
+        E::SchemaMismatch(_)
+        | E::InvalidColumnsHeader(_)
+        | E::InvalidParams(_)
+        | E::DataFormat(_)
+        | E::Custom(_)
+        | E::SequenceMustHaveLength
+        | E::DeserializeAnyNotSupported
+        | E::NotEnoughData
+        | E::InvalidUtf8Encoding(_)
+        | E::InvalidTagEncoding(_)
+        | E::VariantDiscriminatorIsOutOfBound(_)
+        | E::Unsupported(_) => ErrorClass::Permanent,
+        _ => ErrorClass::Transient,
+    }
+}
+
+/// The code of a server exception as the client reports it: the whole text
+/// (the `X-ClickHouse-Exception-Code` header when the body was unreadable)
+/// or `Code: 53. DB::Exception: ...`.
+fn exception_code(text: &str) -> Option<u32> {
+    let text = text.trim();
+    if let Ok(code) = text.parse() {
+        return Some(code);
+    }
+    let at = text.find("Code: ")? + "Code: ".len();
+    text[at..].split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
 }
 
 impl ClickHouseSink {
@@ -100,7 +187,21 @@ impl ClickHouseSink {
             .with_database(&cfg.database)
             .with_user(&cfg.user)
             .with_password(cfg.password.expose());
-        ClickHouseSink { client }
+        ClickHouseSink {
+            client,
+            // Without a dead-letter topic a permanent error stalls (probes never write).
+            policy: Policy::sink("clickhouse", None),
+            permanent_attempts: cfg.on_permanent_error.attempts(cfg.permanent_attempts),
+            dead_letter: None,
+        }
+    }
+
+    /// Parks batches that fail permanently in `log`'s dead-letter topic,
+    /// as `on_permanent_error` says.
+    pub fn with_dead_letter(mut self, log: Arc<LogProducer>) -> Self {
+        self.policy.permanent_attempts = self.permanent_attempts;
+        self.dead_letter = Some(log);
+        self
     }
 
     pub fn client(&self) -> &Client {
@@ -108,28 +209,27 @@ impl ClickHouseSink {
     }
 
     /// Writes a batch, retrying (with backoff) until ClickHouse takes it:
-    /// an outage stalls the pipeline, it never drops data.
+    /// an outage stalls the pipeline, it never drops data. A batch refused
+    /// permanently is parked after `permanent_attempts` (or stalls).
     pub async fn write(&self, batch: &Enriched) -> Result<(), SinkError> {
         let (events_truncated, events) = after_last_truncate(&batch.engagements, |c| c.op == Op::Truncate);
         let (contents_truncated, contents) = after_last_truncate(&batch.contents, |c| c.op == Op::Truncate);
         let events =
             Table { name: "enriched_engagements", truncate: events_truncated, rows: engagement_records(events) };
         let contents = Table { name: "content_dim", truncate: contents_truncated, rows: content_records(contents) };
-        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
-        loop {
-            let attempt = tokio::time::timeout(REQUEST_TIMEOUT, self.write_once(&events, &contents));
-            match attempt.await.unwrap_or(Err(SinkError::ClickHouse(clickhouse::error::Error::TimedOut))) {
-                Ok(()) => {
-                    crate::observe::sink_flushed("clickhouse", backoff.attempts());
-                    return Ok(());
-                }
-                Err(e) => {
-                    let wait = backoff.next_delay();
-                    tracing::warn!(sink = "clickhouse", error = %e, attempt = backoff.attempts(), "write failed; retrying");
-                    crate::observe::sink_failed("clickhouse", backoff.attempts(), &e, true);
-                    tokio::time::sleep(wait).await;
-                }
+        let (sink, tables) = (self, (&events, &contents));
+        let written = retry::run(&self.policy, classify, move |_| async move {
+            let attempt = tokio::time::timeout(REQUEST_TIMEOUT, sink.write_once(tables.0, tables.1));
+            attempt.await.unwrap_or(Err(SinkError::ClickHouse(clickhouse::error::Error::TimedOut)))
+        })
+        .await;
+        match (written, &self.dead_letter) {
+            (Ok(()), _) => Ok(()),
+            (Err(g), Some(log)) if g.may_park() => {
+                let tables: Vec<&str> = [events.written(), contents.written()].into_iter().flatten().collect();
+                super::park(log, "clickhouse", &tables.join(", "), batch, &g.error.to_string(), g.attempts).await
             }
+            (Err(g), _) => Err(g.error),
         }
     }
 
@@ -165,6 +265,13 @@ struct Table<T> {
     name: &'static str,
     truncate: bool,
     rows: Vec<T>,
+}
+
+impl<T> Table<T> {
+    /// The table's name if the batch writes to it.
+    fn written(&self) -> Option<&'static str> {
+        (self.truncate || !self.rows.is_empty()).then_some(self.name)
+    }
 }
 
 /// The changes a batch still has to write once its TRUNCATEs are applied in
@@ -227,6 +334,30 @@ fn content_records(changes: &[ContentChange]) -> Vec<ContentRecord> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn schema_and_data_errors_are_permanent_outages_transient() {
+        use clickhouse::error::Error as E;
+        let class = |e: E| classify(&SinkError::ClickHouse(e));
+        let bad = |text: &str| class(E::BadResponse(text.into()));
+        assert_eq!(
+            bad("Code: 53. DB::Exception: Type mismatch in VALUES section. (TYPE_MISMATCH)"),
+            ErrorClass::Permanent
+        );
+        assert_eq!(
+            bad("Code: 16. DB::Exception: No such column device. (NO_SUCH_COLUMN_IN_TABLE)"),
+            ErrorClass::Permanent
+        );
+        assert_eq!(bad("Code: 60. DB::Exception: Table x.enriched_engagements does not exist"), ErrorClass::Permanent);
+        assert_eq!(bad("27"), ErrorClass::Permanent, "the exception-code header alone");
+        assert_eq!(bad("Code: 252. DB::Exception: Too many parts (300). (TOO_MANY_PARTS)"), ErrorClass::Transient);
+        assert_eq!(bad("Code: 241. DB::Exception: Memory limit exceeded"), ErrorClass::Transient);
+        assert_eq!(bad("Code: 516. DB::Exception: default: Authentication failed"), ErrorClass::Transient);
+        assert_eq!(bad("503 Service Unavailable"), ErrorClass::Transient);
+        assert_eq!(class(E::SchemaMismatch("device: Nullable(String) vs UInt8".into())), ErrorClass::Permanent);
+        assert_eq!(class(E::TimedOut), ErrorClass::Transient);
+        assert_eq!(class(E::Network("connection refused".into())), ErrorClass::Transient);
+    }
 
     #[test]
     fn only_what_follows_the_last_truncate_is_written() {

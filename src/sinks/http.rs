@@ -51,9 +51,12 @@
 //! an HTTP date, replaces the computed delay, at least `backoff_initial_ms`
 //! and at most [`MAX_RETRY_AFTER`]). Redirects (not followed: the signature
 //! is for `http.url`) and every other 4xx are permanent: the batch is parked
-//! in the broker's dead-letter topic at once with its error, as a batch is
-//! after `max_attempts` transient failures, and counts as delivered: parked,
-//! never dropped. Each event also carries a stable `id`, so a receiver can
+//! in the broker's dead-letter topic after `permanent_attempts` (1 by
+//! default: at once) with its error, as a batch is after `max_attempts`
+//! transient failures, and counts as delivered: parked, never dropped (with
+//! `on_permanent_error = "stall"` a permanent refusal is retried like a
+//! failure would be without `max_attempts`: until the receiver takes it). All of it goes through
+//! `retry::run`, as the other sinks' writes do. Each event also carries a stable `id`, so a receiver can
 //! de-duplicate per event too.
 
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -70,7 +73,7 @@ use super::SinkError;
 use crate::config::{HttpConfig, Secret, SourceConfig};
 use crate::enrich::{EngagementChange, Enriched};
 use crate::log::LogProducer;
-use crate::retry::Backoff;
+use crate::retry::{self, Alert, Attempts, ErrorClass, Policy};
 use crate::source::slot::{self, SlotError};
 use crate::source::{Lsn, Position};
 
@@ -88,6 +91,7 @@ pub struct HttpSink {
     log: Arc<LogProducer>,
     /// The live stream's progress record; set once by `follow_live`.
     live: OnceLock<tokio::sync::Mutex<LiveProgress>>,
+    policy: Policy,
 }
 
 /// The Standard Webhooks signature of a message.
@@ -141,26 +145,19 @@ impl Outgoing {
     }
 }
 
-/// How a failed attempt is treated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Verdict {
-    /// Try again, after the server's `Retry-After` if it gave one.
-    Transient(Option<Duration>),
-    /// Trying again cannot help: park the batch now.
-    Permanent,
-}
-
-/// The verdict on a non-success response. 408 (timeout), 409 (a receiver
+/// The class of a non-success response. 408 (timeout), 409 (a receiver
 /// still processing the same key) and 429 are the 4xx that a retry can
 /// cure; a redirect is not followed (the signature covers the configured
 /// URL) and needs the configuration fixed, as other 4xx need the receiver
 /// or the secret fixed. 5xx and anything unexpected: transient.
-fn verdict(status: StatusCode, retry_after: Option<&str>, now: SystemTime) -> Verdict {
+/// A `Retry-After` on 429 and 503 makes it `TransientAfter`.
+fn classify(status: StatusCode, retry_after: Option<&str>, now: SystemTime) -> ErrorClass {
+    let transient = |after: Option<Duration>| after.map_or(ErrorClass::Transient, ErrorClass::TransientAfter);
     match status.as_u16() {
-        429 | 503 => Verdict::Transient(retry_after.and_then(|v| parse_retry_after(v, now))),
-        408 | 409 => Verdict::Transient(None),
-        300..=499 => Verdict::Permanent,
-        _ => Verdict::Transient(None),
+        429 | 503 => transient(retry_after.and_then(|v| parse_retry_after(v, now))),
+        408 | 409 => ErrorClass::Transient,
+        300..=499 => ErrorClass::Permanent,
+        _ => ErrorClass::Transient,
     }
 }
 
@@ -180,7 +177,13 @@ fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
 /// One failed attempt.
 struct Failure {
     error: String,
-    verdict: Verdict,
+    class: ErrorClass,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.error)
+    }
 }
 
 impl HttpSink {
@@ -192,7 +195,17 @@ impl HttpSink {
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| SinkError::Http(e.to_string()))?;
-        Ok(HttpSink { client, cfg: cfg.clone(), key, log, live: OnceLock::new() })
+        let policy = Policy {
+            what: "http",
+            failed: "post failed; retrying",
+            initial: Duration::from_millis(cfg.backoff_initial_ms),
+            max: Duration::from_millis(cfg.backoff_max_ms),
+            permanent_attempts: cfg.on_permanent_error.attempts(cfg.permanent_attempts),
+            transient_attempts: Some(cfg.max_attempts),
+            healthy_after: None,
+            alert: Alert::Sink,
+        };
+        Ok(HttpSink { client, cfg: cfg.clone(), key, log, live: OnceLock::new(), policy })
     }
 
     /// Makes this the live stream's sink: from now on it skips what `record`
@@ -238,47 +251,38 @@ impl HttpSink {
                 tracing::error!(idempotency_key = %out.key, recorded = %r.key, "the replayed webhook batch differs from the one in flight at the last stop");
             }
         }
-        live.record(&out, &self.cfg).await?;
+        live.record(&out, &self.policy).await?;
         self.deliver(&out).await?;
         live.posted(out.last);
         Ok(())
     }
 
     /// Posts a batch until it is delivered, or parks it in the dead-letter
-    /// topic once it failed permanently or `max_attempts` times.
+    /// topic once it failed permanently (`permanent_attempts`, 1 by default,
+    /// or never with `on_permanent_error = "stall"`) or `max_attempts` times.
     async fn deliver(&self, out: &Outgoing) -> Result<(), SinkError> {
-        let initial = Duration::from_millis(self.cfg.backoff_initial_ms);
-        let mut backoff = Backoff::new(initial, Duration::from_millis(self.cfg.backoff_max_ms));
-        loop {
-            let Failure { error, verdict } = match self.post(&out.key, &out.body).await {
-                Ok(()) => {
-                    tracing::debug!(sink = "http", idempotency_key = %out.key, bytes = out.body.len(), "batch posted");
-                    crate::observe::sink_flushed("http", backoff.attempts());
-                    return Ok(());
-                }
-                Err(f) => f,
-            };
-            let attempts = backoff.attempts() + 1;
-            let give_up = match verdict {
-                Verdict::Permanent => Some("the receiver refused it permanently"),
-                Verdict::Transient(_) if attempts >= self.cfg.max_attempts => Some("attempts exhausted"),
-                Verdict::Transient(_) => None,
-            };
-            if let Some(why) = give_up {
-                crate::observe::sink_failed("http", attempts, &error, false);
-                tracing::error!(sink = "http", idempotency_key = %out.key, error = %error, attempts, "batch undeliverable ({why}); parking it in the dead-letter topic");
-                self.log.dead_letter("http", &out.key, &out.body, &error).await?;
+        let initial = self.policy.initial;
+        let classify = |f: &Failure| match f.class {
+            ErrorClass::TransientAfter(asked) => {
+                ErrorClass::TransientAfter(asked.clamp(initial, MAX_RETRY_AFTER.max(initial)))
+            }
+            class => class,
+        };
+        let gave_up = match retry::run(&self.policy, classify, |_| self.post(&out.key, &out.body)).await {
+            Ok(()) => {
+                tracing::debug!(sink = "http", idempotency_key = %out.key, bytes = out.body.len(), "batch posted");
                 return Ok(());
             }
-            let delay = backoff.next_delay();
-            let wait = match verdict {
-                Verdict::Transient(Some(asked)) => asked.clamp(initial, MAX_RETRY_AFTER.max(initial)),
-                _ => delay,
-            };
-            tracing::warn!(sink = "http", idempotency_key = %out.key, error = %error, attempt = attempts, retry_in_ms = wait.as_millis() as u64, "post failed; retrying");
-            crate::observe::sink_failed("http", attempts, &error, true);
-            tokio::time::sleep(wait).await;
-        }
+            Err(g) => g,
+        };
+        let why = match gave_up.class {
+            ErrorClass::Permanent => "the receiver refused it permanently",
+            _ => "attempts exhausted",
+        };
+        let (error, attempts) = (&gave_up.error.error, gave_up.attempts);
+        tracing::error!(sink = "http", idempotency_key = %out.key, error = %error, attempts, "batch undeliverable ({why}); parking it in the dead-letter topic");
+        self.log.dead_letter("http", &out.key, &out.body, error).await?;
+        Ok(())
     }
 
     async fn post(&self, key: &str, body: &[u8]) -> Result<(), Failure> {
@@ -295,14 +299,14 @@ impl HttpSink {
             .body(body.to_vec())
             .send()
             .await
-            .map_err(|e| Failure { error: e.without_url().to_string(), verdict: Verdict::Transient(None) })?;
+            .map_err(|e| Failure { error: e.without_url().to_string(), class: ErrorClass::Transient })?;
         let status = resp.status();
         if status.is_success() {
             return Ok(());
         }
         let header = |name| resp.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
         let retry_after = header(reqwest::header::RETRY_AFTER);
-        let verdict = verdict(status, retry_after.as_deref(), SystemTime::now());
+        let class = classify(status, retry_after.as_deref(), SystemTime::now());
         let error = if status.is_redirection() {
             // Without the query: it may carry a token.
             let to = header(reqwest::header::LOCATION).unwrap_or_default();
@@ -312,7 +316,7 @@ impl HttpSink {
             let text = resp.text().await.unwrap_or_default();
             format!("HTTP {status}: {}", text.chars().take(200).collect::<String>())
         };
-        Err(Failure { error, verdict })
+        Err(Failure { error, class })
     }
 }
 
@@ -519,30 +523,36 @@ impl LiveProgress {
     /// Records `out` as in flight (and everything before it as posted),
     /// retrying until PostgreSQL takes it: a batch must not leave
     /// unrecorded, or a replay could re-cut it under another key.
-    async fn record(&mut self, out: &Outgoing, cfg: &HttpConfig) -> Result<(), SinkError> {
-        let mut backoff =
-            Backoff::new(Duration::from_millis(cfg.backoff_initial_ms), Duration::from_millis(cfg.backoff_max_ms));
+    async fn record(&mut self, out: &Outgoing, sink: &Policy) -> Result<(), SinkError> {
+        let policy = Policy {
+            failed: "recording webhook progress in pgfanout_state.http_progress failed; the batch waits; retrying",
+            permanent_attempts: None,
+            transient_attempts: None,
+            ..sink.clone()
+        };
+        let mut attempts = Attempts::new(&policy);
         loop {
-            match self.try_record(out).await {
+            attempts.begin();
+            let e = match self.try_record(out).await {
                 Ok(()) => {
-                    if backoff.attempts() > 0 {
+                    // The sink has not flushed yet: its failure gauge stays until the post.
+                    if attempts.failures() > 0 {
                         tracing::info!(
                             sink = "http",
-                            failed_attempts = backoff.attempts(),
+                            failed_attempts = attempts.failures(),
                             "webhook progress recorded again"
                         );
                     }
                     return Ok(());
                 }
-                Err(e @ RecordError::TakenOver { .. }) => return Err(SinkError::Http(e.to_string())),
-                Err(e) => {
-                    self.pg = None;
-                    let wait = backoff.next_delay();
-                    tracing::warn!(sink = "http", error = %e, attempt = backoff.attempts(), "recording webhook progress in pgfanout_state.http_progress failed; the batch waits; retrying");
-                    crate::observe::sink_failed("http", backoff.attempts(), &e, true);
-                    tokio::time::sleep(wait).await;
-                }
-            }
+                Err(e) => e,
+            };
+            self.pg = None;
+            let class = match e {
+                RecordError::TakenOver { .. } => ErrorClass::Fatal,
+                RecordError::Query(_) => ErrorClass::Transient,
+            };
+            attempts.failed(e, class).await.map_err(|g| SinkError::Http(g.error.to_string()))?;
         }
     }
 
@@ -598,6 +608,8 @@ mod tests {
             max_attempts: 1,
             backoff_initial_ms: 1,
             backoff_max_ms: 1,
+            on_permanent_error: Default::default(),
+            permanent_attempts: 1,
         };
         let sig =
             sign(&cfg.signing_key().unwrap(), "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, br#"{"test": 2432232314}"#);
@@ -607,19 +619,19 @@ mod tests {
     #[test]
     fn statuses_are_transient_or_permanent() {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
-        let v = |code: u16, retry_after: Option<&str>| verdict(StatusCode::from_u16(code).unwrap(), retry_after, now);
+        let v = |code: u16, retry_after: Option<&str>| classify(StatusCode::from_u16(code).unwrap(), retry_after, now);
         for code in [500, 502, 503, 504, 599, 408, 409, 429] {
-            assert_eq!(v(code, None), Verdict::Transient(None), "{code}");
+            assert_eq!(v(code, None), ErrorClass::Transient, "{code}");
         }
         for code in [300, 301, 302, 303, 307, 308, 400, 401, 403, 404, 405, 410, 413, 415, 422, 451, 499] {
-            assert_eq!(v(code, Some("5")), Verdict::Permanent, "{code}");
+            assert_eq!(v(code, Some("5")), ErrorClass::Permanent, "{code}");
         }
-        assert_eq!(v(429, Some("7")), Verdict::Transient(Some(Duration::from_secs(7))));
-        assert_eq!(v(503, Some("120")), Verdict::Transient(Some(Duration::from_secs(120))));
+        assert_eq!(v(429, Some("7")), ErrorClass::TransientAfter(Duration::from_secs(7)));
+        assert_eq!(v(503, Some("120")), ErrorClass::TransientAfter(Duration::from_secs(120)));
         // Honoured on 429 and 503 only.
-        assert_eq!(v(500, Some("7")), Verdict::Transient(None));
-        assert_eq!(v(408, Some("7")), Verdict::Transient(None));
-        assert_eq!(v(429, Some("soon")), Verdict::Transient(None));
+        assert_eq!(v(500, Some("7")), ErrorClass::Transient);
+        assert_eq!(v(408, Some("7")), ErrorClass::Transient);
+        assert_eq!(v(429, Some("soon")), ErrorClass::Transient);
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The sinks. Each receives enriched batches in commit order and returns
-//! only once the batch is durably flushed (or, for HTTP, parked in the
-//! dead-letter topic). Delivery is at-least-once: after a crash the slot
+//! only once the batch is durably flushed, or parked in the dead-letter
+//! topic after a permanent error (see `retry` and [`park`]). Delivery is at-least-once: after a crash the slot
 //! replays from the last acknowledged commit, so every sink must make a
 //! repeated change count once (ClickHouse by row version, Redis by a
 //! progress watermark applied atomically with the data, HTTP by event ids
@@ -27,6 +27,40 @@ pub enum SinkError {
     Http(String),
     #[error("dead-letter topic: {0}")]
     DeadLetter(#[from] crate::log::LogError),
+}
+
+/// Parks a batch `sink` refused for good in the dead-letter topic: the
+/// payload names the sink, the error, the attempts and the change
+/// positions (first, last, count; the rows are in the log under them, to
+/// replay once the cause is fixed), keyed `<first event id>..<last>`.
+/// Logged as an error naming `tables` and the positions. Once the broker
+/// has it the batch counts as flushed.
+pub async fn park(
+    log: &crate::log::LogProducer,
+    sink: &'static str,
+    tables: &str,
+    batch: &Enriched,
+    error: &str,
+    attempts: u32,
+) -> Result<(), SinkError> {
+    let positions = || batch.engagements.iter().map(|c| c.position).chain(batch.contents.iter().map(|c| c.position));
+    let (Some(first), Some(last)) = (positions().min(), positions().max()) else { return Ok(()) };
+    let (first, last) = (event_id(&first), event_id(&last));
+    tracing::error!(sink, tables, first, last, changes = positions().count(), error, attempts, "batch refused permanently; parking it in the dead-letter topic and going on (on_permanent_error = \"stall\" would stop here)");
+    let payload = serde_json::json!({
+        "sink": sink,
+        "tables": tables,
+        "error": error,
+        "attempts": attempts,
+        "first": first,
+        "last": last,
+        "changes": positions().count(),
+        "engagements": batch.engagements.len(),
+        "contents": batch.contents.len(),
+    });
+    let key = format!("{first}..{last}");
+    log.dead_letter(sink, &key, &serde_json::to_vec(&payload).unwrap_or_default(), error).await?;
+    Ok(())
 }
 
 /// One of the sinks, as a lane of the pipeline and a metrics label.

@@ -31,9 +31,26 @@
 //! appended only if `<prefix>backfill:seen:<event_id / 128>` does not hold
 //! that digest for the row already (kept `SEEN_TTL_SECS`), and they never
 //! touch the window, which counts each live change once when it streams.
+//!
+//! # Failures
+//!
+//! [`classify`] sorts Redis's errors. Transient (retried with backoff for as
+//! long as it takes, alerting through the sink metrics): I/O errors, refused
+//! and dropped connections, timeouts, and the server's BUSY (a script still
+//! running), LOADING, TRYAGAIN, MASTERDOWN, READONLY (a failover), OOM,
+//! CLUSTERDOWN, NOSCRIPT (the client loads the script again), and
+//! authentication and ACL errors (an operator fixes them for every batch at
+//! once). Permanent: WRONGTYPE (a key under the prefix holds another type
+//! than this sink writes), an error raised in the batch's script (`ERR
+//! ... script ...`), a reply the client cannot parse or did not expect.
+//! A permanent error is retried `permanent_attempts` times in all, then the
+//! batch is parked in the dead-letter topic with the error and its change
+//! positions (`sinks::park`) and counts as flushed; with
+//! `on_permanent_error = "stall"` it is retried like a transient one.
 
 use std::borrow::Cow;
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
@@ -43,7 +60,8 @@ use uuid::Uuid;
 use super::SinkError;
 use crate::config::RedisConfig;
 use crate::enrich::{EngagementChange, EngagementRow, Enriched};
-use crate::retry::Backoff;
+use crate::log::LogProducer;
+use crate::retry::{self, ErrorClass, Policy};
 use crate::source::Op;
 
 const BUCKET_SECS: i64 = 60;
@@ -239,6 +257,29 @@ pub struct RedisSink {
     conn: ConnectionManager,
     cfg: RedisConfig,
     script: Script,
+    policy: Policy,
+    dead_letter: Option<Arc<LogProducer>>,
+}
+
+/// Whether another attempt of the same batch may succeed (see the module docs).
+pub fn classify(e: &SinkError) -> ErrorClass {
+    let SinkError::Redis(e) = e else { return ErrorClass::Transient };
+    classify_redis(e)
+}
+
+fn classify_redis(e: &redis::RedisError) -> ErrorClass {
+    use redis::ErrorKind;
+    if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal() {
+        return ErrorClass::Transient;
+    }
+    match (e.kind(), e.code()) {
+        (_, Some("WRONGTYPE")) => ErrorClass::Permanent,
+        (_, Some("ERR")) if e.detail().is_some_and(|d| d.to_ascii_lowercase().contains("script")) => {
+            ErrorClass::Permanent
+        }
+        (ErrorKind::Parse | ErrorKind::UnexpectedReturnType, _) => ErrorClass::Permanent,
+        _ => ErrorClass::Transient,
+    }
 }
 
 impl RedisSink {
@@ -249,7 +290,18 @@ impl RedisSink {
         // (and re-send) big batches whenever Redis is busy.
         let config = redis::aio::ConnectionManagerConfig::new().set_response_timeout(Some(Duration::from_secs(30)));
         let conn = ConnectionManager::new_with_config(client, config).await?;
-        Ok(RedisSink { conn, cfg: cfg.clone(), script: Script::new(APPLY) })
+        // Without a dead-letter topic a permanent error stalls (only the
+        // lanes write batches, and they have one).
+        let policy = Policy::sink("redis", None);
+        Ok(RedisSink { conn, cfg: cfg.clone(), script: Script::new(APPLY), policy, dead_letter: None })
+    }
+
+    /// Parks batches that fail permanently in `log`'s dead-letter topic,
+    /// as `on_permanent_error` says.
+    pub fn with_dead_letter(mut self, log: Arc<LogProducer>) -> Self {
+        self.policy.permanent_attempts = self.cfg.on_permanent_error.attempts(self.cfg.permanent_attempts);
+        self.dead_letter = Some(log);
+        self
     }
 
     pub fn stream_key(&self, content_type: &str) -> String {
@@ -291,20 +343,18 @@ impl RedisSink {
             return Ok(());
         }
         let progress = scope.map_or_else(|| self.progress_key(), |s| self.scoped_progress_key(s));
-        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
-        loop {
-            match self.write_once(batch, &progress).await {
-                Ok(()) => {
-                    crate::observe::sink_flushed("redis", backoff.attempts());
-                    return Ok(());
-                }
-                Err(e) => {
-                    let wait = backoff.next_delay();
-                    tracing::warn!(sink = "redis", error = %e, attempt = backoff.attempts(), "write failed; retrying");
-                    crate::observe::sink_failed("redis", backoff.attempts(), &e, true);
-                    tokio::time::sleep(wait).await;
-                }
+        let progress = progress.as_str();
+        let written = retry::run(&self.policy, classify, |_| async move {
+            self.write_once(batch, progress).await.map_err(SinkError::from)
+        })
+        .await;
+        match (written, &self.dead_letter) {
+            (Ok(()), _) => Ok(()),
+            (Err(g), Some(log)) if g.may_park() => {
+                let tables = format!("{}stream:*, {}", self.cfg.key_prefix, self.top_key());
+                super::park(log, "redis", &tables, batch, &g.error.to_string(), g.attempts).await
             }
+            (Err(g), _) => Err(g.error),
         }
     }
 
@@ -461,6 +511,24 @@ fn glob_escape(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wrongtype_and_script_errors_are_permanent_busy_and_loading_transient() {
+        let server =
+            |code: &str, detail: &str| classify_redis(&redis::make_extension_error(code.into(), Some(detail.into())));
+        assert_eq!(
+            server("WRONGTYPE", "Operation against a key holding the wrong kind of value"),
+            ErrorClass::Permanent
+        );
+        assert_eq!(
+            server("ERR", "user_script:12: Script attempted to access nonexistent global"),
+            ErrorClass::Permanent
+        );
+        assert_eq!(server("BUSY", "Redis is busy running a script"), ErrorClass::Transient);
+        assert_eq!(server("OOM", "command not allowed when used memory > 'maxmemory'"), ErrorClass::Transient);
+        let io = redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        assert_eq!(classify_redis(&io), ErrorClass::Transient);
+    }
     use proptest::prelude::*;
 
     proptest! {

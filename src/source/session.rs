@@ -21,7 +21,7 @@ use super::streamed::{InProgress, SpillError};
 use super::{Change, Op, Position, Row, SourceEvent, TxInfo, PG_EPOCH_OFFSET_US};
 use crate::config::SourceConfig;
 use crate::observe::{ReaderProgress, TableCounters};
-use crate::retry::Backoff;
+use crate::retry::{Alert, Attempts, ErrorClass, Policy};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -149,7 +149,21 @@ pub async fn read(
     mut shutdown: watch::Receiver<bool>,
     progress: Arc<ReaderProgress>,
 ) -> Result<(), SessionError> {
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    // Every error the reader retries is transient: nothing it reads can be
+    // parked, so what it cannot get past stops it (`Fatal`).
+    let policy = Policy {
+        what: "replication",
+        failed: "replication connection lost; reconnecting",
+        initial: Duration::from_millis(200),
+        max: Duration::from_secs(10),
+        permanent_attempts: None,
+        transient_attempts: None,
+        // A session that streamed for a while was healthy: the next
+        // reconnect starts from the shortest delay again.
+        healthy_after: Some(Duration::from_secs(10)),
+        alert: Alert::Errors,
+    };
+    let mut attempts = Attempts::new(&policy);
     let started = std::time::Instant::now();
     // Dropped (and so aborted) when reading ends, however it ends.
     let mut heartbeat = tokio::task::JoinSet::new();
@@ -160,37 +174,29 @@ pub async fn read(
     let mut text_only = false;
     let mut handed = Handed::default();
     loop {
-        let attempt = std::time::Instant::now();
+        attempts.begin();
         let streamed = stream_once(&cfg, text_only, &out, &mut acks, &mut shutdown, &progress, &mut handed).await;
         progress.set_connected(false);
-        // A session that streamed for a while was healthy: the next
-        // reconnect starts from the shortest delay again.
-        if attempt.elapsed() > Duration::from_secs(10) {
-            backoff.reset();
-        }
-        match streamed {
+        let e = match streamed {
             Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        let class = match &e {
             // Replaying from the acknowledged position is safe (sinks are
             // idempotent), so switching the format costs one reconnect.
-            Err(e @ SessionError::Relation(RelationError::NotBinary { .. })) if cfg.binary.is_none() => {
+            SessionError::Relation(RelationError::NotBinary { .. }) if cfg.binary.is_none() => {
                 tracing::info!(reason = %e, "reading the slot in text from here on");
                 text_only = true;
+                continue;
             }
             // After a crash the server may hold the slot for the dead
             // connection until it notices (at most wal_sender_timeout):
             // wait for it, then give up with the clear error.
-            Err(e @ SessionError::SlotBusy { .. }) if started.elapsed() < SLOT_BUSY_PATIENCE => {
-                tracing::warn!(error = %e, "waiting for the slot to be released");
-                tokio::time::sleep(backoff.next_delay()).await;
-            }
-            Err(e) if e.is_transient() && !*shutdown.borrow() => {
-                crate::observe::error("replication");
-                let wait = backoff.next_delay();
-                tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "replication connection lost; reconnecting");
-                tokio::time::sleep(wait).await;
-            }
-            Err(e) => return Err(e),
-        }
+            SessionError::SlotBusy { .. } if started.elapsed() < SLOT_BUSY_PATIENCE => ErrorClass::Transient,
+            e if e.is_transient() && !*shutdown.borrow() => ErrorClass::Transient,
+            _ => ErrorClass::Fatal,
+        };
+        attempts.failed(e, class).await.map_err(|g| g.error)?;
     }
 }
 

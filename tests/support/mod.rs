@@ -13,7 +13,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pgfanout::config::{
-    ClickHouseConfig, Config, HttpConfig, LogConfig, MetricsConfig, PipelineConfig, RedisConfig, Secret, SourceConfig,
+    ClickHouseConfig, Config, HttpConfig, LogConfig, MetricsConfig, OnPermanentError, PipelineConfig, RedisConfig,
+    Secret, SourceConfig,
 };
 use pgfanout::pipeline::{self, Stats};
 use tokio::sync::watch;
@@ -90,12 +91,16 @@ impl TestEnv {
                 database: name.clone(),
                 user: "default".into(),
                 password: Secret::default(),
+                on_permanent_error: OnPermanentError::DeadLetter,
+                permanent_attempts: 3,
             },
             redis: RedisConfig {
                 url: Secret(env("PGFANOUT_REDIS_URL")),
                 key_prefix: format!("{name}:"),
                 stream_maxlen: 100_000,
                 top_window_secs: 600,
+                on_permanent_error: OnPermanentError::DeadLetter,
+                permanent_attempts: 3,
             },
             http: HttpConfig {
                 url: format!("{http_base}/{name}"),
@@ -104,6 +109,8 @@ impl TestEnv {
                 max_attempts: 1_000,
                 backoff_initial_ms: 50,
                 backoff_max_ms: 500,
+                on_permanent_error: OnPermanentError::DeadLetter,
+                permanent_attempts: 1,
             },
             pipeline: PipelineConfig {
                 batch_max_changes: 2_000,

@@ -1,0 +1,199 @@
+//! A batch ClickHouse refuses for good: the type of a column of
+//! `enriched_engagements` is changed under the running pipeline, so every
+//! insert fails the client's schema check until it is changed back.
+//! With `on_permanent_error = "dead_letter"` (the default) the batch is
+//! parked in the dead-letter topic after `permanent_attempts`, with the
+//! error and its change positions, and the stream goes on: Redis gets the
+//! event, the slot moves past it, later events reach ClickHouse once the
+//! column is fixed. With `"stall"` the pipeline stops at the batch and
+//! alerts, the slot stays before it, and once the column is fixed the batch
+//! is written: nothing is lost.
+
+mod support;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use pgfanout::config::OnPermanentError;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Headers;
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use redis::AsyncCommands;
+use serde_json::Value as Json;
+use support::{logs, pg_versions, wait_until, TestEnv};
+
+const WAIT: Duration = Duration::from_secs(60);
+const A: &str = "00000000-0000-0000-0000-0000000000a1";
+/// Nullable(Int32) in the schema; Int64 breaks the rows' type for good.
+const BREAK: &str = "ALTER TABLE enriched_engagements MODIFY COLUMN duration_ms Nullable(Int64)";
+const FIX: &str = "ALTER TABLE enriched_engagements MODIFY COLUMN duration_ms Nullable(Int32)";
+
+#[derive(Debug)]
+struct Record {
+    key: Option<String>,
+    payload: Json,
+    headers: HashMap<String, String>,
+}
+
+async fn dead_letters(t: &TestEnv, timeout: Duration, enough: impl Fn(&[Record]) -> bool) -> Vec<Record> {
+    let topic = format!("{}dead_letter", t.cfg.log.topic_prefix);
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &t.cfg.log.brokers)
+        .set("group.id", format!("{}-reader-{}", t.name, uuid::Uuid::new_v4().simple()))
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(&topic, 0, Offset::Beginning).unwrap();
+    consumer.assign(&tpl).expect("assign");
+    let deadline = Instant::now() + timeout;
+    let mut out = Vec::new();
+    while !enough(&out) && Instant::now() < deadline {
+        let Ok(msg) = tokio::time::timeout(Duration::from_millis(500), consumer.recv()).await else { continue };
+        let msg = msg.unwrap_or_else(|e| panic!("reading {topic}: {e}"));
+        let headers = msg
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|h| (h.key.to_string(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.push(Record {
+            key: msg.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+            payload: serde_json::from_slice(msg.payload().unwrap_or_default()).unwrap_or(Json::Null),
+            headers,
+        });
+    }
+    out
+}
+
+async fn insert_event(t: &TestEnv, id: i64, duration_ms: i32) -> u64 {
+    t.pg.batch_execute(&format!(
+        "INSERT INTO engagement_events (id, content_id, event_type, event_ts, duration_ms) VALUES ({id}, '{A}', 'play', now(), {duration_ms})"
+    ))
+    .await
+    .unwrap();
+    t.wal_insert_lsn().await
+}
+
+/// The engagement percent PostgreSQL computes for event `id`, as the sinks must.
+async fn pg_percent(t: &TestEnv, id: i64) -> f64 {
+    let row = t
+        .pg
+        .query_one(
+            "SELECT round(e.duration_ms / 10.0 / c.length_seconds, 2)::float8 FROM engagement_events e JOIN content c ON c.id = e.content_id WHERE e.id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    row.get(0)
+}
+
+async fn ch_event(t: &TestEnv, id: i64) -> Option<(Option<i32>, Option<f64>)> {
+    t.ch.query("SELECT duration_ms, engagement_percent FROM enriched_engagements FINAL WHERE event_id = ?")
+        .bind(id as u64)
+        .fetch_optional::<(Option<i32>, Option<f64>)>()
+        .await
+        .unwrap()
+}
+
+/// The ids of the events in the podcast stream of Redis.
+async fn redis_ids(t: &TestEnv) -> Vec<i64> {
+    let mut r = t.redis.clone();
+    let entries: redis::streams::StreamRangeReply =
+        r.xrange_all(format!("{}stream:podcast", t.cfg.redis.key_prefix)).await.unwrap();
+    entries
+        .ids
+        .iter()
+        .filter_map(|e| e.get::<String>("data"))
+        .filter_map(|d| serde_json::from_str::<Json>(&d).ok())
+        .filter_map(|j| j["event"]["event_id"].as_i64())
+        .collect()
+}
+
+async fn start(v: &str, mode: OnPermanentError) -> TestEnv {
+    let mut t = TestEnv::new(v).await;
+    t.cfg.clickhouse.on_permanent_error = mode;
+    t.cfg.clickhouse.permanent_attempts = 3;
+    t.start();
+    t.pg.batch_execute(&format!("INSERT INTO content VALUES ('{A}', 'a', 'A', 'podcast', 1200, now())")).await.unwrap();
+    insert_event(&t, 1, 6_000).await;
+    wait_until("ClickHouse holds event 1", WAIT, || async { ch_event(&t, 1).await.is_some() }).await;
+    t.ch.query(BREAK).execute().await.expect("changing the column type");
+    t
+}
+
+async fn parked(v: &str, logs: &logs::Logs) {
+    let mut t = start(v, OnPermanentError::DeadLetter).await;
+    let end = insert_event(&t, 2, 12_000).await;
+    let dead = dead_letters(&t, WAIT, |r| !r.is_empty()).await;
+    assert_eq!(dead.len(), 1, "PG {v}: {dead:?}");
+    let d = &dead[0];
+    assert_eq!(d.headers.get("pgfanout.sink").map(String::as_str), Some("clickhouse"), "PG {v}: {d:?}");
+    let error = d.headers.get("pgfanout.error").cloned().unwrap_or_default();
+    assert!(error.contains("duration_ms"), "PG {v}: the error names the column: {error:?}");
+    assert_eq!(d.payload["attempts"], 3, "PG {v}: parked after the configured attempts: {d:?}");
+    assert_eq!(d.payload["engagements"], 1, "PG {v}: {d:?}");
+    assert_eq!(d.payload["tables"], "enriched_engagements", "PG {v}: {d:?}");
+    let (first, last) = (d.payload["first"].as_str().unwrap(), d.payload["last"].as_str().unwrap());
+    assert_eq!(first, last, "PG {v}: one change: {d:?}");
+    assert_eq!(d.key.as_deref(), Some(format!("{first}..{last}").as_str()));
+    let commit_lsn = pgfanout::source::Lsn::parse(first.rsplit_once('/').unwrap().0).unwrap().0;
+    assert!(commit_lsn <= end, "PG {v}: the parked position {first} is event 2's commit");
+    let logged = logs.lines_with(&["batch refused permanently", "enriched_engagements", first]);
+    assert!(!logged.is_empty(), "PG {v}: no error line naming the table and the position");
+    assert!(!logs.lines_with(&["sink=\"clickhouse\"", "permanent=true", "retrying"]).is_empty(), "PG {v}");
+
+    // The stream went on: Redis has event 2 and the slot moved past it.
+    wait_until("the slot acknowledged event 2", WAIT, || async { t.confirmed_flush_lsn().await >= end }).await;
+    assert_eq!(redis_ids(&t).await, vec![1, 2], "PG {v}");
+    assert!(ch_event(&t, 2).await.is_none(), "PG {v}: the parked batch is not in ClickHouse");
+
+    // Fixed: later events reach ClickHouse, with PostgreSQL's values.
+    t.ch.query(FIX).execute().await.expect("changing the column type back");
+    let end = insert_event(&t, 3, 18_000).await;
+    wait_until("ClickHouse holds event 3", WAIT, || async { ch_event(&t, 3).await.is_some() }).await;
+    assert_eq!(ch_event(&t, 3).await, Some((Some(18_000), Some(pg_percent(&t, 3).await))), "PG {v}");
+    wait_until("the slot acknowledged everything", WAIT, || async { t.confirmed_flush_lsn().await >= end }).await;
+    assert_eq!(redis_ids(&t).await, vec![1, 2, 3], "PG {v}");
+    assert!(t.pipeline_is_running());
+    t.stop().await;
+}
+
+async fn stalled(v: &str, logs: &logs::Logs) {
+    let mut t = start(v, OnPermanentError::Stall).await;
+    let before = t.confirmed_flush_lsn().await;
+    let end = insert_event(&t, 2, 12_000).await;
+    wait_until("the ClickHouse sink alerts", WAIT, || async {
+        !logs.lines_with(&["sink clickhouse keeps failing", "duration_ms"]).is_empty()
+    })
+    .await;
+    assert!(t.pipeline_is_running(), "PG {v}: stalled, not stopped");
+    assert!(t.confirmed_flush_lsn().await < end, "PG {v}: the slot must not move past the stalled batch");
+    assert!(t.confirmed_flush_lsn().await >= before);
+    assert!(dead_letters(&t, Duration::from_secs(3), |_| false).await.is_empty(), "PG {v}: nothing parked");
+
+    t.ch.query(FIX).execute().await.expect("changing the column type back");
+    wait_until("ClickHouse holds the stalled event 2", WAIT, || async { ch_event(&t, 2).await.is_some() }).await;
+    assert_eq!(ch_event(&t, 2).await, Some((Some(12_000), Some(pg_percent(&t, 2).await))), "PG {v}");
+    wait_until("the slot acknowledged everything", WAIT, || async { t.confirmed_flush_lsn().await >= end }).await;
+    assert_eq!(redis_ids(&t).await, vec![1, 2], "PG {v}");
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_permanently_refused_batch_is_parked_and_the_stream_goes_on() {
+    let logs = logs::capture();
+    for v in pg_versions() {
+        parked(&v, &logs).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_stall_a_permanently_refused_batch_stops_the_stream_and_loses_nothing() {
+    let logs = logs::capture();
+    for v in pg_versions() {
+        stalled(&v, &logs).await;
+    }
+}
