@@ -11,15 +11,12 @@
 
 mod support;
 
-use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use pgfanout::config::OnPermanentError;
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::Headers;
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use redis::AsyncCommands;
 use serde_json::Value as Json;
+use support::topics::{read_topic, Record};
 use support::{logs, pg_versions, wait_until, TestEnv};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -28,44 +25,8 @@ const A: &str = "00000000-0000-0000-0000-0000000000a1";
 const BREAK: &str = "ALTER TABLE enriched_engagements MODIFY COLUMN duration_ms Nullable(Int64)";
 const FIX: &str = "ALTER TABLE enriched_engagements MODIFY COLUMN duration_ms Nullable(Int32)";
 
-#[derive(Debug)]
-struct Record {
-    key: Option<String>,
-    payload: Json,
-    headers: HashMap<String, String>,
-}
-
 async fn dead_letters(t: &TestEnv, timeout: Duration, enough: impl Fn(&[Record]) -> bool) -> Vec<Record> {
-    let topic = format!("{}dead_letter", t.cfg.log.topic_prefix);
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &t.cfg.log.brokers)
-        .set("group.id", format!("{}-reader-{}", t.name, uuid::Uuid::new_v4().simple()))
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("consumer");
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(&topic, 0, Offset::Beginning).unwrap();
-    consumer.assign(&tpl).expect("assign");
-    let deadline = Instant::now() + timeout;
-    let mut out = Vec::new();
-    while !enough(&out) && Instant::now() < deadline {
-        let Ok(msg) = tokio::time::timeout(Duration::from_millis(500), consumer.recv()).await else { continue };
-        let msg = msg.unwrap_or_else(|e| panic!("reading {topic}: {e}"));
-        let headers = msg
-            .headers()
-            .map(|h| {
-                h.iter()
-                    .map(|h| (h.key.to_string(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned()))
-                    .collect()
-            })
-            .unwrap_or_default();
-        out.push(Record {
-            key: msg.key().map(|k| String::from_utf8_lossy(k).into_owned()),
-            payload: serde_json::from_slice(msg.payload().unwrap_or_default()).unwrap_or(Json::Null),
-            headers,
-        });
-    }
-    out
+    read_topic(t, &format!("{}dead_letter", t.cfg.log.topic_prefix), timeout, enough).await
 }
 
 async fn insert_event(t: &TestEnv, id: i64, duration_ms: i32) -> u64 {

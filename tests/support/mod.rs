@@ -7,6 +7,7 @@
 
 pub mod logs;
 pub mod private;
+pub mod topics;
 
 use std::future::Future;
 use std::sync::Arc;

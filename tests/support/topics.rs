@@ -1,0 +1,60 @@
+//! Reading a topic back, for tests that check what reached the log or the
+//! dead-letter topic.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Headers;
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use serde_json::Value as Json;
+
+use super::TestEnv;
+
+/// One record of a topic.
+#[derive(Debug)]
+pub struct Record {
+    pub key: Option<String>,
+    pub payload: Json,
+    pub headers: HashMap<String, String>,
+}
+
+/// Reads `topic` (partition 0) from the beginning until `enough` says so or
+/// `timeout` passes. Assigned, not subscribed, and read to the end by
+/// polling: Tansu's watermarks cannot be trusted.
+pub async fn read_topic(
+    t: &TestEnv,
+    topic: &str,
+    timeout: Duration,
+    enough: impl Fn(&[Record]) -> bool,
+) -> Vec<Record> {
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &t.cfg.log.brokers)
+        .set("group.id", format!("{}-reader-{}", t.name, uuid::Uuid::new_v4().simple()))
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Beginning).unwrap();
+    consumer.assign(&tpl).expect("assign");
+    let deadline = Instant::now() + timeout;
+    let mut out = Vec::new();
+    while !enough(&out) && Instant::now() < deadline {
+        let Ok(msg) = tokio::time::timeout(Duration::from_millis(500), consumer.recv()).await else { continue };
+        let msg = msg.unwrap_or_else(|e| panic!("reading {topic}: {e}"));
+        let headers = msg
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|h| (h.key.to_string(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.push(Record {
+            key: msg.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+            payload: serde_json::from_slice(msg.payload().unwrap_or_default()).unwrap_or(Json::Null),
+            headers,
+        });
+    }
+    out
+}
