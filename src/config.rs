@@ -35,9 +35,15 @@ pub struct ConfigError(#[from] Box<figment::Error>);
 pub struct Config {
     pub source: SourceConfig,
     pub log: LogConfig,
-    pub clickhouse: ClickHouseConfig,
-    pub redis: RedisConfig,
-    pub http: HttpConfig,
+    // The sinks: a section present turns its sink on (`sinks::build`).
+    #[serde(default)]
+    pub clickhouse: Option<ClickHouseConfig>,
+    #[serde(default)]
+    pub redis: Option<RedisConfig>,
+    #[serde(default)]
+    pub http: Option<HttpConfig>,
+    #[serde(default)]
+    pub file: Option<FileConfig>,
     #[serde(default)]
     pub pipeline: PipelineConfig,
     #[serde(default)]
@@ -56,7 +62,9 @@ impl Config {
             .extract()
             .map_err(|e| ConfigError(Box::new(e)))?;
         // A secret that cannot sign fails here, at start, not at the first batch.
-        cfg.http.signing_key().map_err(|e| ConfigError(Box::new(figment::Error::from(e.to_string()))))?;
+        if let Some(http) = &cfg.http {
+            http.signing_key().map_err(|e| ConfigError(Box::new(figment::Error::from(e.to_string()))))?;
+        }
         Ok(cfg)
     }
 }
@@ -154,6 +162,16 @@ pub struct ClickHouseConfig {
     /// Attempts of a permanently failing batch before it is parked.
     #[serde(default = "default_permanent_attempts")]
     pub permanent_attempts: u32,
+}
+
+/// The file sink: every enriched engagement event as one JSON line (the
+/// shape Redis streams and HTTP batches carry), appended and flushed before
+/// a batch counts as written. For debugging and for piping into other tools.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// A file to append to, or `-` for standard output.
+    pub path: String,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -292,6 +310,10 @@ pub struct PipelineConfig {
     /// non-zero without acknowledging anything more (the slot replays the rest).
     #[serde(default = "default_shutdown_timeout_ms")]
     pub shutdown_timeout_ms: u64,
+    /// Run with no sink at all: changes are published to the log and the
+    /// slot moves once the broker has them (for other consumers of the
+    /// log). Without it, a configuration with no sink section is an error.
+    pub log_only: bool,
 }
 
 impl Default for PipelineConfig {
@@ -307,6 +329,7 @@ impl Default for PipelineConfig {
             // of ~50) ten seconds of a stalled sink.
             sink_queue_changes: 10_000,
             shutdown_timeout_ms: default_shutdown_timeout_ms(),
+            log_only: false,
         }
     }
 }
@@ -438,7 +461,7 @@ mod tests {
             // One key of a section the file leaves out: the rest keep their defaults.
             jail.set_env("PGFANOUT_PIPELINE__CHANNEL_CAPACITY", "7000");
             let c = Config::load(Some(Path::new("p.toml"))).expect("loads");
-            assert_eq!(c.redis.key_prefix, "t1:");
+            assert_eq!(c.redis.as_ref().unwrap().key_prefix, "t1:");
             assert_eq!(c.source.slot, "pgfanout");
             assert_eq!(c.source.heartbeat_ms, 0, "the heartbeat is off unless asked for");
             assert_eq!(c.pipeline.batch_max_changes, 5_000);
@@ -446,10 +469,20 @@ mod tests {
             assert_eq!(c.pipeline.shutdown_timeout_ms, 10_000);
             assert_eq!(c.metrics.listen, "127.0.0.1:9187");
             assert!(!format!("{c:?}").contains("s3cret"));
-            assert_eq!(c.http.signing_key().unwrap(), b"s3cret", "a raw secret is its UTF-8 bytes");
+            assert_eq!(c.http.as_ref().unwrap().signing_key().unwrap(), b"s3cret", "a raw secret is its UTF-8 bytes");
             jail.set_env("PGFANOUT_HTTP__SECRET", "whsec_not base64!");
             let err = Config::load(Some(Path::new("p.toml"))).unwrap_err().to_string();
             assert!(err.contains("http.secret") && err.contains("base64") && !err.contains("not base64!"), "{err}");
+            // A section left out turns its sink off (an environment
+            // variable of a section would make it, wanting its other keys).
+            jail.clear_env();
+            jail.create_file(
+                "q.toml",
+                "[source]\nurl = \"postgres://localhost/db\"\n[log]\nbrokers = \"b:9092\"\n[file]\npath = \"-\"\n",
+            )?;
+            let c = Config::load(Some(Path::new("q.toml"))).expect("loads without clickhouse, redis and http");
+            assert!(c.clickhouse.is_none() && c.redis.is_none() && c.http.is_none());
+            assert_eq!(c.file.as_ref().map(|f| f.path.as_str()), Some("-"));
             Ok(())
         });
     }

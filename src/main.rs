@@ -68,10 +68,10 @@ enum Command {
         #[arg(long)]
         table: String,
         /// Start of the range, inclusive: a date (UTC midnight) or an RFC 3339 timestamp.
-        #[arg(long, value_parser = pgfanout::backfill::parse_bound)]
+        #[arg(long, value_parser = pgfanout::commands::backfill::parse_bound)]
         from: chrono::DateTime<chrono::Utc>,
         /// End of the range, exclusive.
-        #[arg(long, value_parser = pgfanout::backfill::parse_bound)]
+        #[arg(long, value_parser = pgfanout::commands::backfill::parse_bound)]
         to: chrono::DateTime<chrono::Utc>,
         /// Timestamp column the range applies to (default: event_ts, or publish_ts for content).
         #[arg(long)]
@@ -110,12 +110,12 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     if let Command::Status { json } = cli.command {
-        std::process::exit(pgfanout::observe::status::main(cli.config.as_deref(), json).await);
+        std::process::exit(pgfanout::commands::status::main(cli.config.as_deref(), json).await);
     }
     let cfg = pgfanout::config::Config::load(cli.config.as_deref()).context("loading configuration")?;
     match cli.command {
-        Command::Init { no_source_schema } => pgfanout::init::run(&cfg, !no_source_schema).await?,
-        Command::Run => pgfanout::service::run(cfg).await?,
+        Command::Init { no_source_schema } => pgfanout::commands::init::run(&cfg, !no_source_schema).await?,
+        Command::Run => pgfanout::commands::run::run(cfg).await?,
         Command::Drain { until } => {
             let until = pgfanout::source::Lsn::parse(&until).map_err(|e| anyhow::anyhow!("--until: {e:?}"))?;
             let started = std::time::Instant::now();
@@ -124,21 +124,29 @@ async fn main() -> anyhow::Result<()> {
             println!("{n} changes in {secs:.2} s ({:.0} changes/s)", n as f64 / secs);
         }
         Command::Snapshot { workers, chunk_rows, log_only, recreate_slot } => {
-            let opts = pgfanout::source::snapshot::SnapshotOptions { workers, chunk_rows, log_only, recreate_slot };
-            match pgfanout::source::snapshot::run(&cfg, &opts).await? {
-                pgfanout::source::snapshot::SnapshotOutcome::Loaded { rows, chunks, resumed, seconds } => println!(
+            let opts = pgfanout::commands::snapshot::SnapshotOptions { workers, chunk_rows, log_only, recreate_slot };
+            match pgfanout::commands::snapshot::run(&cfg, &opts).await? {
+                pgfanout::commands::snapshot::SnapshotOutcome::Loaded { rows, chunks, resumed, seconds } => println!(
                     "{}",
                     serde_json::json!({"rows": rows, "chunks": chunks, "resumed": resumed, "seconds": seconds,
                         "rows_per_sec": rows as f64 / seconds.max(1e-3)})
                 ),
-                pgfanout::source::snapshot::SnapshotOutcome::AlreadyComplete => {
+                pgfanout::commands::snapshot::SnapshotOutcome::AlreadyComplete => {
                     println!("{}", serde_json::json!({"already_complete": true}))
                 }
             }
         }
         Command::Backfill { table, from, to, column, workers, chunk_rows, log_only } => {
-            let opts = pgfanout::backfill::BackfillOptions { table, column, from, to, workers, chunk_rows, log_only };
-            let r = pgfanout::backfill::run(&cfg, &opts).await?;
+            let opts = pgfanout::commands::backfill::BackfillOptions {
+                table,
+                column,
+                from,
+                to,
+                workers,
+                chunk_rows,
+                log_only,
+            };
+            let r = pgfanout::commands::backfill::run(&cfg, &opts).await?;
             println!(
                 "{}",
                 serde_json::json!({"rows": r.rows, "chunks": r.chunks, "seconds": r.seconds,
@@ -148,14 +156,14 @@ async fn main() -> anyhow::Result<()> {
         Command::Status { .. } => unreachable!("handled before loading the configuration"),
         Command::Generate { events, contents, rate, rows_per_statement, seed } => {
             let client = pgfanout::source::slot::connect(cfg.source.url.expose()).await?;
-            let w = pgfanout::generate::Workload {
+            let w = pgfanout::commands::generate::Workload {
                 events,
                 contents,
                 rate,
                 rows_per_statement: rows_per_statement.max(1),
                 seed,
             };
-            let n = pgfanout::generate::run(&client, &w).await.context("writing the workload")?;
+            let n = pgfanout::commands::generate::run(&client, &w).await.context("writing the workload")?;
             println!("{n}");
         }
     }

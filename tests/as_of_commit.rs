@@ -194,7 +194,7 @@ async fn downtime(v: &str) {
 
     // Redis: each change's stream entry, in the stream of its own content type.
     let mut r = t.redis.clone();
-    let keys: Vec<String> = r.keys(format!("{}stream:*", t.cfg.redis.key_prefix)).await.unwrap();
+    let keys: Vec<String> = r.keys(format!("{}stream:*", t.cfg.redis.as_ref().unwrap().key_prefix)).await.unwrap();
     let mut streamed = Vec::new();
     for k in keys {
         let reply: redis::streams::StreamRangeReply = r.xrange_all(&k).await.unwrap();

@@ -37,12 +37,12 @@ async fn wait_http_events(t: &TestEnv, n: u64) {
 
 async fn stream_len(t: &TestEnv, content_type: &str) -> u64 {
     let mut r = t.redis.clone();
-    r.xlen(format!("{}stream:{content_type}", t.cfg.redis.key_prefix)).await.unwrap()
+    r.xlen(format!("{}stream:{content_type}", t.cfg.redis.as_ref().unwrap().key_prefix)).await.unwrap()
 }
 
 async fn top_score(t: &TestEnv, content_id: &str) -> Option<f64> {
     let mut r = t.redis.clone();
-    r.zscore(format!("{}top:window", t.cfg.redis.key_prefix), content_id).await.unwrap()
+    r.zscore(format!("{}top:window", t.cfg.redis.as_ref().unwrap().key_prefix), content_id).await.unwrap()
 }
 
 async fn acked_everything(t: &TestEnv) {
@@ -214,7 +214,7 @@ async fn huge_payload(v: &str, logs: &logs::Logs) {
     assert_eq!(stream_len(&t, "podcast").await, 2, "PG {v}");
     let mut r = t.redis.clone();
     let entries: redis::streams::StreamRangeReply =
-        r.xrange_all(format!("{}stream:podcast", t.cfg.redis.key_prefix)).await.unwrap();
+        r.xrange_all(format!("{}stream:podcast", t.cfg.redis.as_ref().unwrap().key_prefix)).await.unwrap();
     let data: String = entries.ids[0].get("data").unwrap();
     assert!(data.len() > 1_048_576, "PG {v}: the Redis entry carries the payload");
 

@@ -168,7 +168,7 @@ struct DailyAvg {
 async fn sigkill_at_random_moments_and_every_sink_ends_exact() {
     let v = pg_versions()[0].clone();
     let mut t = TestEnv::new(&v).await;
-    t.cfg.redis.stream_maxlen = 10_000_000;
+    t.cfg.redis.as_mut().unwrap().stream_maxlen = 10_000_000;
     let dir = std::env::temp_dir().join(&t.name);
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("pgfanout.toml");
@@ -218,7 +218,7 @@ async fn sigkill_at_random_moments_and_every_sink_ends_exact() {
     let pg_count: i64 = t.pg.query_one("SELECT count(*) FROM engagement_events", &[]).await.unwrap().get(0);
     let redis_keys: Vec<String> = ["podcast", "newsletter", "video", "unknown"]
         .iter()
-        .map(|k| format!("{}stream:{k}", t.cfg.redis.key_prefix))
+        .map(|k| format!("{}stream:{k}", t.cfg.redis.as_ref().unwrap().key_prefix))
         .collect();
     let redis = t.redis.clone();
     wait_until("every sink caught up", Duration::from_secs(300), || {
@@ -343,7 +343,7 @@ async fn sigkill_at_random_moments_and_every_sink_ends_exact() {
     // the stream of its own content type.
     // Its own connection with a patient response timeout: on a loaded
     // machine a page of big entries outlasts the default one.
-    let mut r = redis::Client::open(t.cfg.redis.url.expose())
+    let mut r = redis::Client::open(t.cfg.redis.as_ref().unwrap().url.expose())
         .unwrap()
         .get_multiplexed_async_connection_with_config(
             &redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(60))),
@@ -382,7 +382,7 @@ async fn sigkill_at_random_moments_and_every_sink_ends_exact() {
         t.pg.query(
             "SELECT content_id::text, sum(pct * 100)::int8 FROM expected
              WHERE pct IS NOT NULL AND event_ts >= now() - make_interval(secs => $1) GROUP BY 1",
-            &[&(t.cfg.redis.top_window_secs as f64)],
+            &[&(t.cfg.redis.as_ref().unwrap().top_window_secs as f64)],
         )
         .await
         .unwrap()
@@ -390,7 +390,11 @@ async fn sigkill_at_random_moments_and_every_sink_ends_exact() {
         .map(|r| (r.get(0), r.get(1)))
         .collect();
     let top: HashMap<String, f64> = r
-        .zrange_withscores::<_, Vec<(String, f64)>>(format!("{}top:window", t.cfg.redis.key_prefix), 0, -1)
+        .zrange_withscores::<_, Vec<(String, f64)>>(
+            format!("{}top:window", t.cfg.redis.as_ref().unwrap().key_prefix),
+            0,
+            -1,
+        )
         .await
         .unwrap()
         .into_iter()

@@ -54,15 +54,17 @@ async fn spec_sample(v: &str) {
     assert_eq!(t.ch_count("SELECT count() FROM content_dim FINAL").await, 1);
 
     let mut redis = t.redis.clone();
-    let stream = format!("{}stream:podcast", t.cfg.redis.key_prefix);
+    let stream = format!("{}stream:podcast", t.cfg.redis.as_ref().unwrap().key_prefix);
     wait_until("Redis podcast stream holds the event", WAIT, || {
         let mut r = redis.clone();
         let stream = stream.clone();
         async move { r.xlen::<_, u64>(&stream).await.unwrap() == 1 }
     })
     .await;
-    let top: Vec<(String, f64)> =
-        redis.zrevrange_withscores(format!("{}top:window", t.cfg.redis.key_prefix), 0, -1).await.unwrap();
+    let top: Vec<(String, f64)> = redis
+        .zrevrange_withscores(format!("{}top:window", t.cfg.redis.as_ref().unwrap().key_prefix), 0, -1)
+        .await
+        .unwrap();
     assert_eq!(top, vec![("550e8400-e29b-41d4-a716-446655440000".to_string(), 2.5)], "PG {v}");
 
     wait_until("HTTP receiver got the event", WAIT, || async { t.http_get("_stats").await["events"] == 1 }).await;
@@ -166,7 +168,7 @@ async fn nulls_and_unknown_content(v: &str) {
     assert!(unknown["event"]["content_slug"].is_null());
 
     let mut redis = t.redis.clone();
-    let p = t.cfg.redis.key_prefix.clone();
+    let p = t.cfg.redis.as_ref().unwrap().key_prefix.clone();
     let lens: Vec<u64> = futures::future::join_all(["podcast", "video", "newsletter", "unknown"].iter().map(|ty| {
         let mut r = redis.clone();
         let key = format!("{p}stream:{ty}");
@@ -195,7 +197,8 @@ async fn redis_applies_every_batch_of_a_transaction_past_a_million_changes() {
     use pgfanout::enrich::{EngagementChange, EngagementRow, Enriched};
     use pgfanout::source::{Op, Position};
     let t = TestEnv::new(&pg_versions()[0]).await;
-    let sink = pgfanout::sinks::redis::RedisSink::connect(&t.cfg.redis).await.unwrap();
+    use pgfanout::sinks::Sink;
+    let sink = pgfanout::sinks::redis::RedisSink::new(t.cfg.redis.as_ref().unwrap(), None).unwrap();
     let batch = |ordinal: u32| Enriched {
         engagements: vec![EngagementChange {
             op: Op::Create,
@@ -227,6 +230,6 @@ async fn redis_applies_every_batch_of_a_transaction_past_a_million_changes() {
         sink.write(&batch(ordinal)).await.unwrap();
     }
     let mut r = t.redis.clone();
-    let entries: u64 = r.xlen(format!("{}stream:unknown", t.cfg.redis.key_prefix)).await.unwrap();
+    let entries: u64 = r.xlen(format!("{}stream:unknown", t.cfg.redis.as_ref().unwrap().key_prefix)).await.unwrap();
     assert_eq!(entries, 2, "both batches applied once each");
 }

@@ -228,8 +228,8 @@ async fn refusals_are_parked_at_once_and_retry_after_is_waited_for() {
     let v = pg_versions()[0].clone();
     let mut t = TestEnv::new(&v).await;
     // Far from the 2 s Retry-After below: a retry before it is not the backoff's.
-    t.cfg.http.backoff_initial_ms = 50;
-    t.cfg.http.backoff_max_ms = 200;
+    t.cfg.http.as_mut().unwrap().backoff_initial_ms = 50;
+    t.cfg.http.as_mut().unwrap().backoff_max_ms = 200;
     t.pg.execute(
         "INSERT INTO content VALUES ($1::text::uuid, 'slug-0', 'Content 0', 'podcast', 600, now())",
         &[&content_id(0)],

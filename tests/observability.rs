@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pgfanout::observe::status::{parse_samples, Sample};
+use pgfanout::commands::status::{parse_samples, Sample};
 use redis::AsyncCommands;
 use support::{pg_versions, wait_until, TestEnv};
 
@@ -235,7 +235,12 @@ async fn metrics_health_and_readiness_during_a_workload() {
     ] {
         assert!(has(&m, gauge, &[]), "{gauge} exported");
     }
-    assert!(sum(&m, "pgfanout_flushed_lsn", &[]) > 0.0);
+    // Gauges are published once a second: the first after the flush may be
+    // a tick away.
+    wait_until("the flushed LSN gauge moves", WAIT, || async {
+        sum(&scrape(&t).await, "pgfanout_flushed_lsn", &[]) > 0.0
+    })
+    .await;
     assert!(sum(&m, "process_resident_memory_bytes", &[]) > 1e6);
     assert_eq!(sum(&m, "pgfanout_replication_connected", &[]), 1.0);
     assert_eq!(sum(&m, "pgfanout_dead_letters_total", &[("sink", "http")]), 0.0);
@@ -280,7 +285,7 @@ async fn status_reports_healthy_then_names_the_unreachable_sink() {
     })
     .await;
     let mut redis = t.redis.clone();
-    let progress_key = pgfanout::sinks::redis::progress_key(&t.cfg.redis.key_prefix);
+    let progress_key = pgfanout::sinks::redis::progress_key(&t.cfg.redis.as_ref().unwrap().key_prefix);
     wait_until("Redis progress written", WAIT, || {
         let (mut r, k) = (redis.clone(), progress_key.clone());
         async move { r.exists::<_, bool>(k).await.unwrap() }
@@ -317,7 +322,7 @@ async fn status_reports_healthy_then_names_the_unreachable_sink() {
 
     // Redis "stopped": the same config pointing at a port nothing listens on.
     let mut broken = t.cfg.clone();
-    broken.redis.url = pgfanout::config::Secret(format!("redis://127.0.0.1:{}", free_port()));
+    broken.redis.as_mut().unwrap().url = pgfanout::config::Secret(format!("redis://127.0.0.1:{}", free_port()));
     let broken_config = write_config(&t, &broken, "redis-down");
     let (code, doc) = status_json(&broken_config);
     assert_eq!(code, 1, "{doc:#}");
@@ -331,7 +336,7 @@ async fn status_reports_healthy_then_names_the_unreachable_sink() {
 
     // ClickHouse "stopped" the same way.
     let mut broken = t.cfg.clone();
-    broken.clickhouse.url = format!("http://127.0.0.1:{}", free_port());
+    broken.clickhouse.as_mut().unwrap().url = format!("http://127.0.0.1:{}", free_port());
     let (code, doc) = status_json(&write_config(&t, &broken, "clickhouse-down"));
     assert_eq!(code, 1, "{doc:#}");
     assert_eq!(sink(&doc, "clickhouse")["reachable"], false);
@@ -397,7 +402,7 @@ async fn sigterm_mid_workload_exits_zero_then_restart_ends_exact() {
     assert_eq!(pg_count as u64, written.load(Ordering::Relaxed));
 
     let mut sidecar = Sidecar::spawn(&config);
-    let stream = format!("{}stream:podcast", t.cfg.redis.key_prefix);
+    let stream = format!("{}stream:podcast", t.cfg.redis.as_ref().unwrap().key_prefix);
     let redis = t.redis.clone();
     wait_until("every sink holds every event", Duration::from_secs(120), || {
         let (t, mut r, stream) = (&t, redis.clone(), stream.clone());
@@ -469,7 +474,7 @@ async fn alerts_when_a_sink_keeps_failing_and_when_lag_passes_its_threshold() {
     let mut t = TestEnv::new(&v).await;
     let redis_port = free_port();
     let own = OwnRedis::start(redis_port);
-    t.cfg.redis.url = pgfanout::config::Secret(format!("redis://127.0.0.1:{redis_port}"));
+    t.cfg.redis.as_mut().unwrap().url = pgfanout::config::Secret(format!("redis://127.0.0.1:{redis_port}"));
     t.cfg.metrics.listen = format!("127.0.0.1:{}", free_port());
     t.cfg.metrics.max_lag_seconds = 2;
     let config = write_config(&t, &t.cfg, "pgfanout");

@@ -150,7 +150,8 @@ fn rss_kb() -> u64 {
 /// Every entry of the test's Redis streams: (stream length sum, entry ids).
 async fn redis_stream_ids(t: &TestEnv) -> (u64, Vec<String>) {
     let mut r = t.redis.clone();
-    let keys: Vec<String> = r.keys(format!("{}stream:*", t.cfg.redis.key_prefix)).await.expect("redis KEYS");
+    let keys: Vec<String> =
+        r.keys(format!("{}stream:*", t.cfg.redis.as_ref().unwrap().key_prefix)).await.expect("redis KEYS");
     let mut total = 0;
     let mut ids = Vec::new();
     for k in keys {

@@ -63,7 +63,7 @@ async fn ch_event(t: &TestEnv, id: i64) -> Option<(Option<i32>, Option<f64>)> {
 async fn redis_ids(t: &TestEnv) -> Vec<i64> {
     let mut r = t.redis.clone();
     let entries: redis::streams::StreamRangeReply =
-        r.xrange_all(format!("{}stream:podcast", t.cfg.redis.key_prefix)).await.unwrap();
+        r.xrange_all(format!("{}stream:podcast", t.cfg.redis.as_ref().unwrap().key_prefix)).await.unwrap();
     entries
         .ids
         .iter()
@@ -75,8 +75,8 @@ async fn redis_ids(t: &TestEnv) -> Vec<i64> {
 
 async fn start(v: &str, mode: OnPermanentError) -> TestEnv {
     let mut t = TestEnv::new(v).await;
-    t.cfg.clickhouse.on_permanent_error = mode;
-    t.cfg.clickhouse.permanent_attempts = 3;
+    t.cfg.clickhouse.as_mut().unwrap().on_permanent_error = mode;
+    t.cfg.clickhouse.as_mut().unwrap().permanent_attempts = 3;
     t.start();
     t.pg.batch_execute(&format!("INSERT INTO content VALUES ('{A}', 'a', 'A', 'podcast', 1200, now())")).await.unwrap();
     insert_event(&t, 1, 6_000).await;

@@ -30,7 +30,7 @@ async fn table_added_after_init(v: &str, logs: &logs::Logs) {
     t.pg.batch_execute(&format!("DROP PUBLICATION {}", t.name)).await.unwrap();
     let mut one = t.cfg.clone();
     one.source.tables = vec!["public.content".into()];
-    pgfanout::init::run(&one, false).await.unwrap();
+    pgfanout::commands::init::run(&one, false).await.unwrap();
     assert_eq!(published(&t).await, ["public.content"], "PG {v}");
 
     // `run` with both tables configured says which one is not published.
@@ -41,11 +41,11 @@ async fn table_added_after_init(v: &str, logs: &logs::Logs) {
     let warnings = logs.lines_with(&warned).len();
 
     // `init` with both adds it and says so; nothing more the second time.
-    pgfanout::init::run(&t.cfg, false).await.unwrap();
+    pgfanout::commands::init::run(&t.cfg, false).await.unwrap();
     assert_eq!(published(&t).await, ["public.content", "public.engagement_events"], "PG {v}");
     let added = [name.as_str(), "added tables to the publication", "added=public.engagement_events"];
     assert_eq!(logs.lines_with(&added).len(), 1, "PG {v}");
-    pgfanout::init::run(&t.cfg, false).await.unwrap();
+    pgfanout::commands::init::run(&t.cfg, false).await.unwrap();
     assert_eq!(logs.lines_with(&added).len(), 1, "PG {v}: the second init changes nothing");
 
     // Its changes now reach the sinks, enriched as PostgreSQL computes them.

@@ -18,8 +18,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use pgfanout::backfill::{self, BackfillOptions};
-use pgfanout::source::snapshot::{self, SnapshotOptions, SnapshotOutcome};
+use pgfanout::commands::backfill::{self, BackfillOptions};
+use pgfanout::commands::snapshot::{self, SnapshotOptions, SnapshotOutcome};
 use rand::{Rng, SeedableRng};
 use redis::AsyncCommands;
 use support::{pg_versions, wait_until, TestEnv};
@@ -34,7 +34,7 @@ fn snapshot_events() -> u64 {
 async fn env_without_slot(v: &str) -> TestEnv {
     let mut t = TestEnv::new(v).await;
     // Streams must not trim: their lengths are compared with event counts.
-    t.cfg.redis.stream_maxlen = 100_000_000;
+    t.cfg.redis.as_mut().unwrap().stream_maxlen = 100_000_000;
     t.pg.execute("SELECT pg_drop_replication_slot($1)", &[&t.name]).await.unwrap();
     t
 }
@@ -42,8 +42,8 @@ async fn env_without_slot(v: &str) -> TestEnv {
 /// 50 contents (some with NULL or 0 length) and `events` engagement events
 /// of the last two minutes, with NULL durations, devices and contents.
 async fn load(pg: &tokio_postgres::Client, events: u64) {
-    let w = pgfanout::generate::Workload { events: 0, contents: 50, ..Default::default() };
-    pgfanout::generate::run(pg, &w).await.unwrap();
+    let w = pgfanout::commands::generate::Workload { events: 0, contents: 50, ..Default::default() };
+    pgfanout::commands::generate::run(pg, &w).await.unwrap();
     let step = 100_000u64;
     let mut from = 0u64;
     while from < events {
@@ -178,14 +178,17 @@ async fn stream_lengths(t: &TestEnv) -> HashMap<&'static str, u64> {
     let mut r = t.redis.clone();
     let mut out = HashMap::new();
     for s in STREAMS {
-        out.insert(s, r.xlen::<_, u64>(format!("{}stream:{s}", t.cfg.redis.key_prefix)).await.unwrap());
+        out.insert(
+            s,
+            r.xlen::<_, u64>(format!("{}stream:{s}", t.cfg.redis.as_ref().unwrap().key_prefix)).await.unwrap(),
+        );
     }
     out
 }
 
 async fn window(t: &TestEnv) -> Vec<(String, f64)> {
     let mut r = t.redis.clone();
-    r.zrange_withscores(format!("{}top:window", t.cfg.redis.key_prefix), 0, -1).await.unwrap()
+    r.zrange_withscores(format!("{}top:window", t.cfg.redis.as_ref().unwrap().key_prefix), 0, -1).await.unwrap()
 }
 
 async fn http_events(t: &TestEnv) -> Vec<serde_json::Value> {
@@ -430,7 +433,7 @@ async fn sink_state(t: &TestEnv) -> SinkState {
 
 async fn backfill_twice(v: &str) {
     let mut t = TestEnv::new(v).await;
-    t.cfg.redis.stream_maxlen = 100_000_000;
+    t.cfg.redis.as_mut().unwrap().stream_maxlen = 100_000_000;
     t.start();
     load(&t.pg, 20_000).await;
     caught_up(&t).await;
@@ -476,7 +479,7 @@ struct EventRow {
 
 async fn backfill_racing_updates(v: &str) {
     let mut t = TestEnv::new(v).await;
-    t.cfg.redis.stream_maxlen = 100_000_000;
+    t.cfg.redis.as_mut().unwrap().stream_maxlen = 100_000_000;
     t.cfg.pipeline.batch_max_changes = 500;
     t.start();
     load(&t.pg, 20_000).await;

@@ -39,7 +39,7 @@ async fn acked_to_the_end(t: &TestEnv) {
 /// entries of Redis's podcast stream.
 async fn sink_counts(t: &TestEnv) -> (u64, u64, u64, u64) {
     let mut r = t.redis.clone();
-    let stream: u64 = r.xlen(format!("{}stream:podcast", t.cfg.redis.key_prefix)).await.unwrap();
+    let stream: u64 = r.xlen(format!("{}stream:podcast", t.cfg.redis.as_ref().unwrap().key_prefix)).await.unwrap();
     (
         t.ch_count("SELECT count() FROM enriched_engagements FINAL").await,
         t.ch_count("SELECT count() FROM enriched_engagements").await,

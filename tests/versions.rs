@@ -67,7 +67,8 @@ fn batch(position: Position, duration_ms: i32, title: &str) -> Enriched {
 #[tokio::test(flavor = "multi_thread")]
 async fn clickhouse_orders_versions_above_bit_64() {
     let t = TestEnv::new(&pg_versions()[0]).await;
-    let sink = pgfanout::sinks::clickhouse::ClickHouseSink::new(&t.cfg.clickhouse);
+    use pgfanout::sinks::Sink;
+    let sink = pgfanout::sinks::clickhouse::ClickHouseSink::new(t.cfg.clickhouse.as_ref().unwrap(), None);
     let high = Position { commit_lsn: 0x2_0000_0010, ordinal: 1 };
     let low = Position { commit_lsn: 0x1_0000_0010, ordinal: 1 };
     assert_eq!(high.version() as u64, low.version() as u64, "the test needs versions apart only above bit 64");
@@ -149,7 +150,7 @@ async fn init_migrates_old_version_columns() {
         (2, Some(40), v(101, 1), 1),
     ];
     for run in 0..2 {
-        pgfanout::init::run(&t.cfg, false).await.unwrap_or_else(|e| panic!("init run {run}: {e}"));
+        pgfanout::commands::init::run(&t.cfg, false).await.unwrap_or_else(|e| panic!("init run {run}: {e}"));
         let want_types = [("content_dim", "_version", "UInt128"), ("enriched_engagements", "_version", "UInt128")]
             .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()));
         assert_eq!(types().await, want_types, "init run {run}");

@@ -34,14 +34,14 @@ async fn acked_everything(t: &TestEnv) {
 async fn window(t: &TestEnv) -> BTreeMap<String, f64> {
     let mut r = t.redis.clone();
     let top: Vec<(String, f64)> =
-        r.zrange_withscores(format!("{}top:window", t.cfg.redis.key_prefix), 0, -1).await.unwrap();
+        r.zrange_withscores(format!("{}top:window", t.cfg.redis.as_ref().unwrap().key_prefix), 0, -1).await.unwrap();
     top.into_iter().collect()
 }
 
 /// Every key under `<prefix><pattern>`.
 async fn keys(t: &TestEnv, pattern: &str) -> Vec<String> {
     let mut r = t.redis.clone();
-    r.keys(format!("{}{pattern}", t.cfg.redis.key_prefix)).await.unwrap()
+    r.keys(format!("{}{pattern}", t.cfg.redis.as_ref().unwrap().key_prefix)).await.unwrap()
 }
 
 /// What each live event contributes to the window, as PostgreSQL computes
@@ -322,7 +322,7 @@ async fn streams(t: &TestEnv) -> (BTreeMap<String, Vec<(String, String)>>, HashS
     let mut truncates = HashSet::new();
     for kind in ["podcast", "video", "newsletter", "unknown"] {
         let reply: redis::streams::StreamRangeReply =
-            r.xrange_all(format!("{}stream:{kind}", t.cfg.redis.key_prefix)).await.unwrap();
+            r.xrange_all(format!("{}stream:{kind}", t.cfg.redis.as_ref().unwrap().key_prefix)).await.unwrap();
         let entries = reply
             .ids
             .iter()
@@ -359,7 +359,7 @@ async fn assert_redis(t: &TestEnv, what: &str) {
     assert_eq!(got, expected, "PG {v}: {what}: streams");
     assert_eq!(truncates.len(), 2, "PG {v}: {what}: one entry id per TRUNCATE in every stream: {truncates:?}");
     let mut r = t.redis.clone();
-    let epoch: Option<String> = r.get(format!("{}top:epoch", t.cfg.redis.key_prefix)).await.unwrap();
+    let epoch: Option<String> = r.get(format!("{}top:epoch", t.cfg.redis.as_ref().unwrap().key_prefix)).await.unwrap();
     assert_eq!(epoch.as_deref(), Some("2"), "PG {v}: {what}: each TRUNCATE cleared the window once");
     // The window: PostgreSQL's own sum over the live events (no content
     // changed after its events were written, so the join is as of commit).
@@ -422,7 +422,7 @@ async fn truncate_mid_transaction(v: &str) {
     .unwrap();
     let end = t.wal_insert_lsn().await;
     // The update of event 7 is the last change of both transactions.
-    let last = format!("{}stream:newsletter", t.cfg.redis.key_prefix);
+    let last = format!("{}stream:newsletter", t.cfg.redis.as_ref().unwrap().key_prefix);
     wait_until("ClickHouse and Redis applied both transactions", WAIT, || async {
         let mut r = t.redis.clone();
         r.xlen::<_, u64>(&last).await.unwrap() == 2

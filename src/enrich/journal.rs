@@ -47,7 +47,7 @@ use crate::config::SourceConfig;
 use crate::retry::Backoff;
 use crate::source::scan::quote_literal;
 use crate::source::slot::{self, SlotError, SlotState};
-use crate::source::snapshot::{self, SnapshotError};
+use crate::source::snapshot::{self, ExportError};
 use crate::source::Lsn;
 
 pub const SCHEMA: &str = include_str!("../../sql/postgres/content_journal.sql");
@@ -57,7 +57,7 @@ pub enum JournalError {
     #[error(transparent)]
     Slot(#[from] SlotError),
     #[error(transparent)]
-    Snapshot(#[from] Box<SnapshotError>),
+    Export(#[from] Box<ExportError>),
     #[error("content journal ({what}, slot {slot}): {source}")]
     Query { what: &'static str, slot: String, source: tokio_postgres::Error },
     #[error("content journal of slot {slot}: row {id} has kind {kind:?} without its columns")]

@@ -59,7 +59,7 @@ fn percent_hundredths(duration_ms: i32, length_seconds: i32) -> Option<i64> {
 
 /// One enriched engagement event: the row as stored in ClickHouse, streamed
 /// to Redis and posted to the HTTP system.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct EngagementRow {
     pub event_id: i64,
     pub content_id: Option<Uuid>,
@@ -112,6 +112,12 @@ pub struct ContentChange {
 /// What one batch of changes becomes.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Enriched {
+    /// Which run of positions the batch belongs to: None for the live
+    /// stream, a chunk's name (`snapshot:<table>:<chunk>`,
+    /// `backfill:<cp>:<table>:<chunk>`) for a scan. Scan chunks carry
+    /// positions below the live stream's, so a sink that keeps a progress
+    /// watermark keeps one per origin (see `sinks::Sink`).
+    pub origin: Option<String>,
     pub engagements: Vec<EngagementChange>,
     pub contents: Vec<ContentChange>,
     /// Changes that could not be enriched, with the reason; they are parked

@@ -141,7 +141,7 @@ impl LogProducer {
             }
         }
         let payload = serde_json::to_vec(&value).unwrap_or_default();
-        self.dead_letter("log", &crate::sinks::event_id(&c.position), &payload, &reason).await
+        self.dead_letter("log", &c.position.event_id(), &payload, &reason).await
     }
 
     /// Parks a payload that a sink could never deliver, with the reason, in

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
 
+use super::Stats;
 use crate::config::MetricsConfig;
-use crate::pipeline::Stats;
 
 /// Re-log a standing alert this often, so it is visible in any log window.
 const ALERT_REPEAT: Duration = Duration::from_secs(60);

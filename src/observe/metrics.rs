@@ -18,8 +18,6 @@ use ::metrics::{
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use super::health::{Readiness, Snapshot};
-use crate::sinks::Sink;
-use crate::source::{Change, TableName};
 
 /// `{table, stage}`: changes read from the slot, published to the broker,
 /// and delivered (flushed by every sink).
@@ -53,9 +51,6 @@ pub const STREAMED_TRANSACTIONS: &str = "pgfanout_streamed_transactions_total";
 pub const STREAM_BUFFER_BYTES: &str = "pgfanout_stream_buffer_bytes";
 /// Bytes of streamed transactions written to spill files.
 pub const STREAM_SPILLED_BYTES: &str = "pgfanout_stream_spilled_bytes_total";
-
-/// Sinks as they appear in the `sink` label.
-pub const SINKS: [&str; 4] = ["broker", "clickhouse", "redis", "http"];
 
 /// Failed attempts in a row after which a sink is reported as failing
 /// (the alert log line), then again every `KEEPS_FAILING_REPEAT`.
@@ -144,19 +139,23 @@ fn describe() {
         Unit::Seconds,
         "Commit time of the last delivered change, seconds since the Unix epoch."
     );
-    // Series that alert rules compare against exist from the start, at 0.
-    for sink in SINKS {
-        counter!(SINK_RETRIES, "sink" => sink).absolute(0);
-        counter!(SINK_ERRORS, "sink" => sink).absolute(0);
-        gauge!(SINK_CONSECUTIVE_FAILURES, "sink" => sink).set(0.0);
-    }
-    for sink in ["http", "enrich"] {
-        counter!(DEAD_LETTERS, "sink" => sink).absolute(0);
-    }
+    // Series that alert rules compare against exist from the start, at 0
+    // (each configured sink registers its own, see `register_sink`).
+    register_sink("broker");
+    counter!(DEAD_LETTERS, "sink" => "enrich").absolute(0);
     for kind in ["sink", "replication", "enrich", "lag"] {
         counter!(ERRORS, "kind" => kind).absolute(0);
     }
     gauge!(LAG_ALERT).set(0.0);
+}
+
+/// Creates the series of one sink (a `sink` label) at 0, so that alert
+/// rules comparing them see the sink before its first failure.
+pub fn register_sink(sink: &'static str) {
+    counter!(SINK_RETRIES, "sink" => sink).absolute(0);
+    counter!(SINK_ERRORS, "sink" => sink).absolute(0);
+    gauge!(SINK_CONSECUTIVE_FAILURES, "sink" => sink).set(0.0);
+    counter!(DEAD_LETTERS, "sink" => sink).absolute(0);
 }
 
 /// Runs `f` (one sink's write of one batch) and records how long it took.
@@ -190,72 +189,25 @@ pub fn sink_flushed(sink: &'static str, failures: u32) {
     }
 }
 
-/// Counts a batch's changes per table at `stage`.
-pub fn count_changes(stage: &'static str, batch: &[Change]) {
-    count_tables(stage, &per_table(batch));
-}
-
-/// A batch's changes per table, in order of first appearance.
-fn per_table(batch: &[Change]) -> Vec<(TableName, u64)> {
-    let mut tables: Vec<(TableName, u64)> = Vec::new();
-    for c in batch {
-        match tables.iter_mut().find(|(name, _)| *name == c.table) {
-            Some((_, n)) => *n += 1,
-            None => tables.push((c.table.clone(), 1)),
-        }
-    }
-    tables
-}
-
-/// Counts changes per table (`Tally::tables`) at `stage`.
-pub fn count_tables(stage: &'static str, tables: &[(TableName, u64)]) {
+/// Counts changes per table at `stage`.
+pub fn count_tables<T: fmt::Display>(stage: &'static str, tables: &[(T, u64)]) {
     for (table, n) in tables {
         counter!(CHANGES, "table" => table.to_string(), "stage" => stage).increment(*n);
     }
 }
 
-/// What metrics need of a batch's changes, without their rows: a batch
-/// queued for slow sinks keeps this instead of the changes, so it holds its
-/// data once (in the enriched form the sinks write).
-#[derive(Debug, Default)]
-pub struct Tally {
-    /// Commit time (µs since the epoch) of each transaction's run of
-    /// changes, with the run's length.
-    pub commits: Vec<(i64, usize)>,
-    /// Changes per table.
-    pub tables: Vec<(TableName, u64)>,
-    pub changes: usize,
-}
-
-impl Tally {
-    pub fn of(batch: &[Change]) -> Tally {
-        let mut commits: Vec<(i64, usize)> = Vec::new();
-        for c in batch {
-            match commits.last_mut() {
-                Some((ts, n)) if *ts == c.tx.commit_ts_us => *n += 1,
-                _ => commits.push((c.tx.commit_ts_us, 1)),
-            }
-        }
-        Tally { commits, tables: per_table(batch), changes: batch.len() }
-    }
-
-    pub fn last_commit_ts_us(&self) -> Option<i64> {
-        self.commits.last().map(|(ts, _)| *ts)
-    }
-}
-
 /// Per-table change counters for one stage, cached for a hot loop.
-pub struct TableCounters {
+pub struct TableCounters<T> {
     stage: &'static str,
-    by_table: HashMap<TableName, Counter>,
+    by_table: HashMap<T, Counter>,
 }
 
-impl TableCounters {
+impl<T: std::hash::Hash + Eq + Clone + fmt::Display> TableCounters<T> {
     pub fn new(stage: &'static str) -> Self {
         TableCounters { stage, by_table: HashMap::new() }
     }
 
-    pub fn add(&mut self, table: &TableName, n: u64) {
+    pub fn add(&mut self, table: &T, n: u64) {
         let stage = self.stage;
         self.by_table
             .entry(table.clone())
@@ -273,15 +225,6 @@ pub struct CommitToSink(Histogram);
 impl CommitToSink {
     pub fn new(sink: &'static str) -> Self {
         CommitToSink(histogram!(COMMIT_TO_SINK_SECONDS, "sink" => sink))
-    }
-
-    /// For the sink lane of `sink`.
-    pub fn of(sink: Sink) -> Self {
-        Self::new(match sink {
-            Sink::ClickHouse => "clickhouse",
-            Sink::Redis => "redis",
-            Sink::Http => "http",
-        })
     }
 
     /// Records every change of a batch (its `Tally::commits`) as flushed now.

@@ -19,8 +19,8 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 
 use super::health::{now_us, readiness, Snapshot};
+use super::Stats;
 use crate::config::MetricsConfig;
-use crate::pipeline::Stats;
 
 /// What the endpoint answers from.
 pub struct Endpoint {

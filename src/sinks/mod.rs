@@ -1,12 +1,11 @@
-//! The sinks. Each receives enriched batches in commit order and returns
-//! only once the batch is durably flushed, or parked in the dead-letter
-//! topic after a permanent error (see `retry` and [`park`]). Delivery is at-least-once: after a crash the slot
-//! replays from the last acknowledged commit, so every sink must make a
-//! repeated change count once (ClickHouse by row version, Redis by a
-//! progress watermark applied atomically with the data, HTTP by event ids
-//! and idempotency keys).
+//! The sinks, behind one trait. [`build`] is the only place that names the
+//! concrete sinks: a section in the configuration turns one on, and adding a
+//! sink is a folder here plus one line there. Each sink's folder keeps its
+//! pure encoding (rows, script arguments, request bodies; unit-tested
+//! without services) apart from its I/O.
 
 pub mod clickhouse;
+pub mod file;
 pub mod http;
 pub mod redis;
 
@@ -14,8 +13,154 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
+use crate::config::{Config, SourceConfig};
 use crate::enrich::{EngagementChange, EngagementRow, Enriched};
+use crate::log::LogProducer;
 use crate::source::{Op, Position};
+
+/// A destination of enriched batches.
+///
+/// # The contract
+///
+/// - **What a call receives.** [`Sink::write`] gets one [`Enriched`] batch:
+///   the engagement events and content changes of a run of consecutive
+///   changes, enriched as of each change's commit, in commit order inside
+///   the batch. A batch may end inside a transaction; it may be empty of
+///   what this sink stores (write nothing and return `Ok`).
+/// - **Ordering.** Batches of one origin ([`Enriched::origin`]: the live
+///   stream, or one snapshot or backfill chunk) arrive in position order.
+///   Origins interleave: scan chunks carry positions below the live
+///   stream's, so a sink that keeps a progress watermark keeps one per
+///   origin and forgets a chunk's on [`Sink::forget_origin`].
+/// - **One write in flight.** The pipeline calls `write` from one task per
+///   sink and awaits it before the next batch: a sink never sees two of its
+///   writes at once, and needs no locking of its own for that.
+/// - **What `Ok` promises.** The batch is durably in the destination (a
+///   later crash of pgfanout does not lose it), or it was refused for good
+///   and parked in the dead-letter topic ([`park`]) with the error and the
+///   change positions. Only then does the slot move past the batch.
+/// - **At least once, counted once.** After a crash the slot replays from
+///   the last acknowledged commit, so a sink receives again batches it may
+///   already hold, cut differently. Each sink makes the repeat count once:
+///   ClickHouse by row version (`Position::version`), Redis by a watermark
+///   per origin applied atomically with the data, HTTP by event ids and a
+///   recorded in-flight batch re-cut exactly ([`Sink::follow_live`]).
+/// - **What `Err` means, and who retries.** The sink retries transient
+///   errors itself, with backoff, for as long as it takes (through
+///   `retry::run`, which reports the sink metrics and alerts), and a
+///   permanent one `permanent_attempts` times before parking the batch
+///   (or for ever with `on_permanent_error = "stall"`). `Err` is what is
+///   left: the sink cannot go on (its dead-letter topic refused the batch,
+///   its progress was taken over). The pipeline then stops without
+///   acknowledging the batch, so the next start replays it.
+#[async_trait::async_trait]
+pub trait Sink: Send + Sync + 'static {
+    /// The sink's name in metrics (`sink` label), logs, the dead-letter
+    /// topic's payloads and `pgfanout status`.
+    fn name(&self) -> &'static str;
+
+    /// Creates what the sink needs (tables, directories); idempotent, run by
+    /// `pgfanout init` and safe to repeat.
+    async fn init(&self) -> Result<(), SinkError> {
+        Ok(())
+    }
+
+    /// Opens the sink's connections before the first write, so a run fails
+    /// at start, naming the sink, when it cannot be reached at all.
+    async fn connect(&self) -> Result<(), SinkError> {
+        Ok(())
+    }
+
+    /// For `pgfanout status`: reachable or not, with the last position the
+    /// sink holds where it keeps one.
+    async fn probe(&self) -> Result<Probe, String>;
+
+    /// Writes one batch; see the trait's contract.
+    async fn write(&self, batch: &Enriched) -> Result<(), SinkError>;
+
+    /// Makes this sink the live stream's, once, before its first write. A
+    /// sink whose replay depends on how batches were cut (HTTP's
+    /// idempotency keys) returns where the live stream's batches must be
+    /// cut after a restart; the pipeline's batcher honours it.
+    async fn follow_live(
+        &self,
+        _pg: &tokio_postgres::Client,
+        _source: &SourceConfig,
+    ) -> Result<Option<Arc<dyn Cuts>>, SinkError> {
+        Ok(None)
+    }
+
+    /// The scan chunk `origin` is complete and will never be written again:
+    /// a sink may drop what it keeps for it (a watermark).
+    async fn forget_origin(&self, _origin: &str) -> Result<(), SinkError> {
+        Ok(())
+    }
+}
+
+/// What a probe found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Probe {
+    /// The last position the sink holds, where it keeps one.
+    pub position: Option<Position>,
+    /// One line for a person (database, key, receiver's answer).
+    pub detail: Option<String>,
+}
+
+/// Where the live stream's batches must be cut for a sink to replay
+/// exactly what it had in flight (see [`Sink::follow_live`]).
+pub trait Cuts: Send + Sync {
+    /// Called with each change's position in stream order.
+    fn boundary(&self, position: Position) -> Boundary;
+}
+
+/// What [`Cuts`] asks of the batcher at one change.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Boundary {
+    /// End the batch before this change.
+    pub cut_before: bool,
+    /// Inside a range that must go out as one batch: do not cut for count
+    /// or linger.
+    pub hold: bool,
+    /// End the batch after this change.
+    pub cut_after: bool,
+}
+
+impl Boundary {
+    /// Both asks at once (any sink's cut is a cut; any hold holds).
+    pub fn union(self, other: Boundary) -> Boundary {
+        Boundary {
+            cut_before: self.cut_before || other.cut_before,
+            hold: self.hold || other.hold,
+            cut_after: self.cut_after || other.cut_after,
+        }
+    }
+}
+
+/// The configured sinks, in the order of their lanes. `dead_letter`: where
+/// sinks park batches they refuse for good (None: `status` and `init`, which
+/// never write, and a permanent error stalls).
+pub fn build(cfg: &Config, dead_letter: Option<Arc<LogProducer>>) -> Result<Vec<Arc<dyn Sink>>, SinkError> {
+    let mut sinks: Vec<Arc<dyn Sink>> = Vec::new();
+    if let Some(c) = &cfg.clickhouse {
+        sinks.push(Arc::new(clickhouse::ClickHouseSink::new(c, dead_letter.clone())));
+    }
+    if let Some(c) = &cfg.redis {
+        sinks.push(Arc::new(redis::RedisSink::new(c, dead_letter.clone())?));
+    }
+    if let Some(c) = &cfg.http {
+        sinks.push(Arc::new(http::HttpSink::new(c, dead_letter.clone())?));
+    }
+    if let Some(c) = &cfg.file {
+        sinks.push(Arc::new(file::FileSink::new(c)));
+    }
+    if sinks.is_empty() && !cfg.pipeline.log_only {
+        return Err(SinkError::NoSink);
+    }
+    for s in &sinks {
+        crate::observe::metrics::register_sink(s.name());
+    }
+    Ok(sinks)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
@@ -27,6 +172,12 @@ pub enum SinkError {
     Http(String),
     #[error("dead-letter topic: {0}")]
     DeadLetter(#[from] crate::log::LogError),
+    #[error("clickhouse: {step}: {source}")]
+    ClickHouseSchema { step: String, source: ::clickhouse::error::Error },
+    #[error("file sink {path}: {source}")]
+    File { path: String, source: std::io::Error },
+    #[error("no sink is configured: add a [clickhouse], [redis], [http] or [file] section, or set pipeline.log_only = true to publish to the log only")]
+    NoSink,
 }
 
 /// Parks a batch `sink` refused for good in the dead-letter topic: the
@@ -36,7 +187,7 @@ pub enum SinkError {
 /// Logged as an error naming `tables` and the positions. Once the broker
 /// has it the batch counts as flushed.
 pub async fn park(
-    log: &crate::log::LogProducer,
+    log: &LogProducer,
     sink: &'static str,
     tables: &str,
     batch: &Enriched,
@@ -45,7 +196,7 @@ pub async fn park(
 ) -> Result<(), SinkError> {
     let positions = || batch.engagements.iter().map(|c| c.position).chain(batch.contents.iter().map(|c| c.position));
     let (Some(first), Some(last)) = (positions().min(), positions().max()) else { return Ok(()) };
-    let (first, last) = (event_id(&first), event_id(&last));
+    let (first, last) = (first.event_id(), last.event_id());
     tracing::error!(sink, tables, first, last, changes = positions().count(), error, attempts, "batch refused permanently; parking it in the dead-letter topic and going on (on_permanent_error = \"stall\" would stop here)");
     let payload = serde_json::json!({
         "sink": sink,
@@ -61,46 +212,6 @@ pub async fn park(
     let key = format!("{first}..{last}");
     log.dead_letter(sink, &key, &serde_json::to_vec(&payload).unwrap_or_default(), error).await?;
     Ok(())
-}
-
-/// One of the sinks, as a lane of the pipeline and a metrics label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Sink {
-    ClickHouse,
-    Redis,
-    Http,
-}
-
-/// The three sinks, shared by the live lanes, snapshot and backfill.
-#[derive(Clone)]
-pub struct Sinks {
-    pub clickhouse: Arc<clickhouse::ClickHouseSink>,
-    pub redis: Arc<redis::RedisSink>,
-    pub http: Arc<http::HttpSink>,
-}
-
-impl Sinks {
-    pub const ALL: [Sink; 3] = [Sink::ClickHouse, Sink::Redis, Sink::Http];
-
-    /// Writes a batch to one sink; returns once it is flushed there.
-    /// `scope`: the Redis progress scope (see `pipeline::DeliverOptions`).
-    pub async fn write(&self, sink: Sink, batch: &Enriched, scope: Option<&str>) -> Result<(), SinkError> {
-        match sink {
-            Sink::ClickHouse => crate::observe::timed("clickhouse", self.clickhouse.write(batch)).await,
-            Sink::Redis => crate::observe::timed("redis", self.redis.write_scoped(batch, scope)).await,
-            Sink::Http => crate::observe::timed("http", self.http.write(batch)).await,
-        }
-    }
-
-    /// Writes a batch to every sink concurrently.
-    pub async fn write_all(&self, batch: &Enriched, scope: Option<&str>) -> Result<(), SinkError> {
-        tokio::try_join!(
-            self.write(Sink::ClickHouse, batch, scope),
-            self.write(Sink::Redis, batch, scope),
-            self.write(Sink::Http, batch, scope),
-        )?;
-        Ok(())
-    }
 }
 
 /// The JSON form of an enriched change, shared by the Redis stream entries
@@ -142,10 +253,6 @@ pub fn events_json(batch: &Enriched) -> &[String] {
     })
 }
 
-pub fn event_id(p: &Position) -> String {
-    format!("{}/{}", crate::source::Lsn(p.commit_lsn).to_pg_string(), p.ordinal)
-}
-
 /// The id of an engagement event in Redis streams and HTTP batches: its
 /// position, or for a re-read row (backfill) `bf:<event_id>:<digest>`, the
 /// row and a digest of its enriched content, so re-reading an unchanged row
@@ -153,7 +260,7 @@ pub fn event_id(p: &Position) -> String {
 pub fn change_id(c: &EngagementChange) -> String {
     match (c.replay_digest, &c.current) {
         (Some(digest), Some(row)) => format!("bf:{}:{digest:016x}", row.event_id),
-        _ => event_id(&c.position),
+        _ => c.position.event_id(),
     }
 }
 

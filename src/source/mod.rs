@@ -56,6 +56,12 @@ impl Position {
         format!("{:016x}{:08x}", self.commit_lsn, self.ordinal)
     }
 
+    /// The change's id in Redis streams, HTTP batches, broker keys and the
+    /// dead-letter topic: `<commit LSN>/<ordinal>`, stable across replays.
+    pub fn event_id(&self) -> String {
+        format!("{}/{}", Lsn(self.commit_lsn).to_pg_string(), self.ordinal)
+    }
+
     /// The position a [`Position::sortable_hex`] was written from.
     pub fn from_sortable_hex(s: &str) -> Option<Position> {
         if s.len() != 24 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {

@@ -1,10 +1,9 @@
-//! Reading tables through the pipeline, for the initial snapshot and for
-//! backfills: a plan of primary-key range chunks, parallel workers that each
-//! hold one REPEATABLE READ transaction (optionally on an exported snapshot)
-//! and read chunks with `COPY (SELECT … ORDER BY key) TO STDOUT (FORMAT
-//! binary)`, and rows turned into `Op::Read` changes handed to
-//! `Delivery::deliver_with` in batches of `pipeline.batch_max_changes`, so
-//! memory stays bounded by a few batches per worker.
+//! Reading tables, for the initial snapshot and for backfills: a plan of
+//! primary-key range chunks, each read in a REPEATABLE READ transaction
+//! (optionally on an exported snapshot) with `COPY (SELECT … ORDER BY key)
+//! TO STDOUT (FORMAT binary)`, its rows turned into `Op::Read` changes and
+//! handed on in batches, so memory stays bounded by a few batches per
+//! reader. The pool of workers that delivers them is `commands::scan`.
 //!
 //! Positions. Every row read by a scan gets a position just below the scan's
 //! consistent point `cp` (the LSN its snapshot corresponds to):
@@ -18,12 +17,7 @@
 //! the scanned one). Integer-key positions depend on the key alone, so a
 //! chunk re-read under another snapshot gives each row the same position.
 
-use std::any::Any;
-use std::collections::{HashMap, VecDeque};
-use std::io::IsTerminal;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 
 use futures::StreamExt;
 use tokio::sync::mpsc;
@@ -33,9 +27,6 @@ use super::copy::{CopyDecoder, CopyError};
 use super::slot::{self, quote_ident};
 use super::values::{oid, Value};
 use super::{Change, Op, Position, Row, TableName, TxInfo};
-use crate::config::Config;
-use crate::enrich::ContentDim;
-use crate::pipeline::{DeliverOptions, Delivery, PipelineError, Stats};
 
 /// Widest integer-key chunk: a row's ordinal (its key's offset in the
 /// chunk) must fit `Position::ordinal`'s 32 bits, which `Position::version()`
@@ -58,12 +49,6 @@ pub enum ScanError {
     KeySpan { table: TableName },
     #[error("table {0} does not exist")]
     NoSuchTable(String),
-    #[error(transparent)]
-    Pipeline(#[from] PipelineError),
-    #[error("loading content for enrichment: {0}")]
-    Content(#[from] crate::enrich::ContentError),
-    #[error("scan worker failed: {0}")]
-    Worker(String),
 }
 
 pub(crate) fn query_err(what: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> ScanError {
@@ -465,87 +450,6 @@ pub async fn read_chunk(
     Ok(rows)
 }
 
-/// Rows read so far against the plan: an indicatif bar on a terminal,
-/// a log line every few seconds otherwise.
-pub struct ScanProgress {
-    what: &'static str,
-    total: u64,
-    rows: AtomicU64,
-    started: Instant,
-    bar: Option<indicatif::ProgressBar>,
-}
-
-impl ScanProgress {
-    pub fn new(what: &'static str, total: u64) -> Arc<Self> {
-        let bar = std::io::stderr().is_terminal().then(|| {
-            let bar = indicatif::ProgressBar::new(total);
-            bar.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{msg} [{elapsed_precise}] {wide_bar} {human_pos}/{human_len} rows, {rate}, ETA {eta}",
-                )
-                .expect("valid template")
-                .with_key("rate", |s: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
-                    let _ = write!(w, "{:.0} rows/s", s.per_sec());
-                }),
-            );
-            bar.set_message(what);
-            bar
-        });
-        Arc::new(ScanProgress { what, total, rows: AtomicU64::new(0), started: Instant::now(), bar })
-    }
-
-    pub fn add(&self, n: u64) {
-        self.rows.fetch_add(n, Ordering::Relaxed);
-        if let Some(bar) = &self.bar {
-            bar.inc(n);
-        }
-    }
-
-    pub fn rows(&self) -> u64 {
-        self.rows.load(Ordering::Relaxed)
-    }
-
-    pub fn rate(&self) -> f64 {
-        self.rows() as f64 / self.started.elapsed().as_secs_f64().max(1e-3)
-    }
-
-    fn log_line(&self) {
-        let rows = self.rows();
-        let rate = self.rate();
-        let eta = if rate > 0.0 { self.total.saturating_sub(rows) as f64 / rate } else { f64::NAN };
-        tracing::info!(
-            "{}: {rows}/{} rows ({:.1}%), {:.0} rows/s, ETA {:.0}s",
-            self.what,
-            self.total,
-            100.0 * rows as f64 / self.total.max(1) as f64,
-            rate,
-            eta
-        );
-    }
-
-    /// Logs progress every `every` until the returned task is aborted (no-op on a terminal).
-    pub fn spawn_logger(self: &Arc<Self>, every: Duration) -> Option<tokio::task::JoinHandle<()>> {
-        if self.bar.is_some() {
-            return None;
-        }
-        let me = self.clone();
-        Some(tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.tick().await;
-            loop {
-                tick.tick().await;
-                me.log_line();
-            }
-        }))
-    }
-
-    pub fn finish(&self) {
-        if let Some(bar) = &self.bar {
-            bar.finish();
-        }
-    }
-}
-
 /// Opens the REPEATABLE READ, READ ONLY transaction a scan reads in, on the
 /// exported `snapshot` if given (else the first query takes a new one).
 pub async fn begin(client: &Client, snapshot: Option<&str>) -> Result<(), ScanError> {
@@ -560,126 +464,6 @@ pub async fn begin(client: &Client, snapshot: Option<&str>) -> Result<(), ScanEr
             .map_err(query_err("import the exported snapshot"))?;
     }
     Ok(())
-}
-
-/// Everything a pool of scan workers needs.
-pub struct ScanJob {
-    pub cfg: Config,
-    pub database: String,
-    pub tables: HashMap<TableName, Arc<ScanTable>>,
-    /// Row filter (SQL) per table, for backfills.
-    pub filters: HashMap<TableName, String>,
-    pub chunks: Vec<Chunk>,
-    pub point: ScanPoint,
-    /// Exported snapshot every worker imports (None: each takes its own).
-    pub snapshot: Option<String>,
-    pub workers: usize,
-    /// Delivery options for a chunk's batches (its Redis progress scope).
-    pub options: Box<dyn Fn(&Chunk) -> DeliverOptions + Send + Sync>,
-    pub stats: Arc<Stats>,
-}
-
-/// Runs the job's chunks on `job.workers` workers. `keep_until_imported`
-/// (the session that exported the snapshot) is dropped once every worker
-/// has imported the snapshot. Each chunk delivered to every sink is sent
-/// on `done`. Returns the rows read.
-pub async fn run(
-    job: ScanJob,
-    keep_until_imported: Option<Box<dyn Any + Send>>,
-    progress: Arc<ScanProgress>,
-    done: mpsc::UnboundedSender<Chunk>,
-) -> Result<u64, ScanError> {
-    let workers = job.workers.max(1).min(job.chunks.len().max(1));
-    let job = Arc::new(job);
-    let queue = Arc::new(Mutex::new(job.chunks.iter().cloned().collect::<VecDeque<_>>()));
-    let (imported_tx, mut imported) = mpsc::channel::<()>(workers);
-    let mut handles = futures::stream::FuturesUnordered::new();
-    for id in 0..workers {
-        let w = worker(id, job.clone(), queue.clone(), imported_tx.clone(), progress.clone(), done.clone());
-        handles.push(tokio::spawn(w));
-    }
-    drop(imported_tx);
-    let mut keep = keep_until_imported;
-    let mut waiting = true;
-    let mut rows = 0u64;
-    loop {
-        tokio::select! {
-            r = imported.recv(), if waiting => {
-                // Every worker imported (or ended): the exporting session may go.
-                if r.is_none() {
-                    waiting = false;
-                    if keep.take().is_some() {
-                        tracing::debug!("every worker imported the snapshot; closing the exporting session");
-                    }
-                }
-            }
-            joined = handles.next() => match joined {
-                None => break,
-                Some(Ok(Ok(n))) => rows += n,
-                // One failure ends the scan: the chunks in flight are not
-                // recorded as done, so the next run reads them again.
-                Some(Ok(Err(e))) => {
-                    handles.iter().for_each(|h| h.abort());
-                    return Err(e);
-                }
-                Some(Err(e)) => {
-                    handles.iter().for_each(|h| h.abort());
-                    return Err(ScanError::Worker(e.to_string()));
-                }
-            }
-        }
-    }
-    drop(keep);
-    Ok(rows)
-}
-
-async fn worker(
-    id: usize,
-    job: Arc<ScanJob>,
-    queue: Arc<Mutex<VecDeque<Chunk>>>,
-    imported: mpsc::Sender<()>,
-    progress: Arc<ScanProgress>,
-    done: mpsc::UnboundedSender<Chunk>,
-) -> Result<u64, ScanError> {
-    let client = slot::connect(job.cfg.source.url.expose()).await?;
-    begin(&client, job.snapshot.as_deref()).await?;
-    // The first query fixes the transaction's snapshot: enrichment sees
-    // content exactly as the rows it joins.
-    let dim = ContentDim::load(&client).await?;
-    let _ = imported.send(()).await;
-    drop(imported);
-    let mut delivery = Delivery::connect(&job.cfg, &job.database, dim, job.stats.clone()).await?;
-    let batch = job.cfg.pipeline.batch_max_changes.max(1);
-    let mut total = 0u64;
-    loop {
-        let Some(chunk) = queue.lock().expect("queue lock").pop_front() else { break };
-        let table = job.tables.get(&chunk.table).ok_or_else(|| ScanError::NoSuchTable(chunk.table.to_string()))?;
-        let opts = (job.options)(&chunk);
-        let filter = job.filters.get(&chunk.table).map(String::as_str);
-        let (tx, rx) = mpsc::channel::<Vec<Change>>(1);
-        let read = async {
-            let tx = tx;
-            read_chunk(&client, table, &chunk, filter, job.point, batch, &tx).await
-        };
-        let write = async {
-            let mut rx = rx;
-            while let Some(b) = rx.recv().await {
-                delivery.deliver_with(&b, &opts).await?;
-                progress.add(b.len() as u64);
-            }
-            Ok::<(), ScanError>(())
-        };
-        // Reading and delivering overlap: the next batch decodes while the
-        // sinks write this one. A failed write drops the receiver, which
-        // stops the read.
-        let (read, written) = tokio::join!(read, write);
-        written?;
-        let n = read?;
-        tracing::debug!(worker = id, table = %chunk.table, chunk = chunk.seq, rows = n, "chunk delivered");
-        total += n;
-        let _ = done.send(chunk);
-    }
-    Ok(total)
 }
 
 #[cfg(test)]

@@ -351,7 +351,7 @@ async fn stream_once(
 /// Where decoded changes go, and what is counted on the way.
 struct Output<'a> {
     out: &'a mpsc::Sender<SourceEvent>,
-    read: &'a mut TableCounters,
+    read: &'a mut TableCounters<super::TableName>,
     progress: &'a ReaderProgress,
     handed: &'a mut Handed,
 }

@@ -17,7 +17,8 @@ use pgfanout::config::{
     ClickHouseConfig, Config, HttpConfig, LogConfig, MetricsConfig, OnPermanentError, PipelineConfig, RedisConfig,
     Secret, SourceConfig,
 };
-use pgfanout::pipeline::{self, Stats};
+use pgfanout::observe::Stats;
+use pgfanout::pipeline;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -87,23 +88,23 @@ impl TestEnv {
                 compression: "lz4".into(),
                 properties: Default::default(),
             },
-            clickhouse: ClickHouseConfig {
+            clickhouse: Some(ClickHouseConfig {
                 url: env("PGFANOUT_CLICKHOUSE_URL"),
                 database: name.clone(),
                 user: "default".into(),
                 password: Secret::default(),
                 on_permanent_error: OnPermanentError::DeadLetter,
                 permanent_attempts: 3,
-            },
-            redis: RedisConfig {
+            }),
+            redis: Some(RedisConfig {
                 url: Secret(env("PGFANOUT_REDIS_URL")),
                 key_prefix: format!("{name}:"),
                 stream_maxlen: 100_000,
                 top_window_secs: 600,
                 on_permanent_error: OnPermanentError::DeadLetter,
                 permanent_attempts: 3,
-            },
-            http: HttpConfig {
+            }),
+            http: Some(HttpConfig {
                 url: format!("{http_base}/{name}"),
                 secret: Secret(env("PGFANOUT_HTTP_SECRET")),
                 timeout_ms: 5_000,
@@ -112,7 +113,8 @@ impl TestEnv {
                 backoff_max_ms: 500,
                 on_permanent_error: OnPermanentError::DeadLetter,
                 permanent_attempts: 1,
-            },
+            }),
+            file: None,
             pipeline: PipelineConfig {
                 batch_max_changes: 2_000,
                 batch_linger_ms: 20,
@@ -123,10 +125,10 @@ impl TestEnv {
             // Any free port: sidecars started from tests run side by side.
             metrics: MetricsConfig { listen: "127.0.0.1:0".into(), ..Default::default() },
         };
-        pgfanout::init::run(&cfg, true).await.expect("pgfanout init");
+        pgfanout::commands::init::run(&cfg, true).await.expect("pgfanout init");
         let pg = pgfanout::source::slot::connect(&url).await.expect("connect to test database");
-        let ch = clickhouse::Client::default().with_url(&cfg.clickhouse.url).with_database(&name);
-        let redis = redis::Client::open(cfg.redis.url.expose())
+        let ch = clickhouse::Client::default().with_url(&cfg.clickhouse.as_ref().unwrap().url).with_database(&name);
+        let redis = redis::Client::open(cfg.redis.as_ref().unwrap().url.expose())
             .unwrap()
             .get_multiplexed_async_connection()
             .await

@@ -226,15 +226,15 @@ impl TestEnv {
     /// creates the test's database and tables there. Call before `start`.
     pub async fn use_private_clickhouse(&mut self, ch: &PrivateService) {
         assert_eq!(ch.kind, Kind::ClickHouse);
-        self.cfg.clickhouse.url = ch.url();
+        self.cfg.clickhouse.as_mut().unwrap().url = ch.url();
         self.ch = clickhouse::Client::default().with_url(ch.url()).with_database(&self.name);
-        pgfanout::init::run(&self.cfg, false).await.expect("init on the private ClickHouse");
+        pgfanout::commands::init::run(&self.cfg, false).await.expect("init on the private ClickHouse");
     }
 
     /// Points the Redis sink (and `self.redis`) at `redis`. Call before `start`.
     pub async fn use_private_redis(&mut self, redis: &PrivateService) {
         assert_eq!(redis.kind, Kind::Redis);
-        self.cfg.redis.url = pgfanout::config::Secret(redis.url());
+        self.cfg.redis.as_mut().unwrap().url = pgfanout::config::Secret(redis.url());
         self.redis = redis::Client::open(redis.url())
             .unwrap()
             .get_multiplexed_async_connection()
@@ -247,7 +247,7 @@ impl TestEnv {
     pub async fn use_private_broker(&mut self, tansu: &PrivateService) {
         assert_eq!(tansu.kind, Kind::Tansu);
         self.cfg.log.brokers = tansu.url();
-        pgfanout::init::run(&self.cfg, false).await.expect("init on the private broker");
+        pgfanout::commands::init::run(&self.cfg, false).await.expect("init on the private broker");
     }
 }
 

@@ -12,8 +12,8 @@ use anyhow::Context;
 use tokio::sync::watch;
 
 use crate::config::Config;
-use crate::observe;
-use crate::pipeline::{self, Stats};
+use crate::observe::{self, Stats};
+use crate::pipeline;
 
 /// Exit status when the drain did not finish in time.
 pub const EXIT_DRAIN_TIMEOUT: i32 = 1;

@@ -1,34 +1,31 @@
-//! `pgfanout init`: applies the schemas idempotently — the source tables,
-//! publication and slot in PostgreSQL, the database and tables in
-//! ClickHouse, and the topics in the broker.
+//! `pgfanout init` for ClickHouse: the database, the tables of
+//! `sql/clickhouse/schema.sql`, and the in-place migration of tables made
+//! before versions were UInt128.
 
-use crate::config::Config;
-use crate::log::producer;
-use crate::source::slot;
+use super::SinkError;
+use crate::config::ClickHouseConfig;
 
-pub const POSTGRES_SCHEMA: &str = include_str!("../sql/postgres/schema.sql");
-pub const CLICKHOUSE_SCHEMA: &str = include_str!("../sql/clickhouse/schema.sql");
+pub const CLICKHOUSE_SCHEMA: &str = include_str!("../../../sql/clickhouse/schema.sql");
 
-#[derive(Debug, thiserror::Error)]
-pub enum InitError {
-    #[error(transparent)]
-    Slot(#[from] slot::SlotError),
-    #[error("applying sql/postgres/schema.sql failed: {0}")]
-    Postgres(#[source] tokio_postgres::Error),
-    #[error("applying sql/clickhouse/schema.sql failed: {0}")]
-    ClickHouse(#[source] clickhouse::error::Error),
-    #[error("migrating ClickHouse table {table} to UInt128 versions ({step}) failed: {source}")]
-    Migrate { table: String, step: &'static str, source: clickhouse::error::Error },
-    #[error(transparent)]
-    Log(#[from] crate::log::LogError),
-    #[error(transparent)]
-    Journal(#[from] crate::enrich::journal::JournalError),
-}
-
-/// Splits a schema file into statements (`;` at a line end), without comments.
-pub fn statements(sql: &str) -> Vec<String> {
-    let body: String = sql.lines().filter(|l| !l.trim_start().starts_with("--")).map(|l| format!("{l}\n")).collect();
-    body.split(";\n").map(str::trim).filter(|s| !s.is_empty()).map(str::to_string).collect()
+/// Creates the database and every table (idempotent), migrating old tables.
+pub async fn apply(cfg: &ClickHouseConfig) -> Result<(), SinkError> {
+    let err = |step: &str| {
+        let step = format!("applying sql/clickhouse/schema.sql: {step}");
+        move |source| SinkError::ClickHouseSchema { step, source }
+    };
+    let ch = clickhouse::Client::default().with_url(&cfg.url).with_user(&cfg.user).with_password(cfg.password.expose());
+    ch.query(&format!("CREATE DATABASE IF NOT EXISTS `{}`", cfg.database.replace('`', "")))
+        .execute()
+        .await
+        .map_err(err("create database"))?;
+    let ch = ch.with_database(&cfg.database);
+    for stmt in statements(CLICKHOUSE_SCHEMA) {
+        ch.query(&stmt).execute().await.map_err(err(created_table(&stmt).unwrap_or("statement")))?;
+        if let Some(table) = created_table(&stmt) {
+            migrate_version(&ch, table, &stmt).await?;
+        }
+    }
+    Ok(())
 }
 
 /// The table a `CREATE TABLE IF NOT EXISTS <name> (` statement creates.
@@ -65,9 +62,14 @@ fn old_version(table: &str) -> Option<(&'static str, &'static str)> {
 /// migrated table is left alone, and a temporary table left by an
 /// interrupted run is dropped and made again. Run it with the sidecar
 /// stopped, as every `init`: rows written meanwhile would not be copied.
-async fn migrate_version(ch: &clickhouse::Client, table: &str, create: &str) -> Result<(), InitError> {
+async fn migrate_version(ch: &clickhouse::Client, table: &str, create: &str) -> Result<(), SinkError> {
     let Some((old_col, mapping)) = old_version(table) else { return Ok(()) };
-    let err = |step: &'static str| move |source| InitError::Migrate { table: table.to_string(), step, source };
+    let err = |step: &'static str| {
+        move |source| SinkError::ClickHouseSchema {
+            step: format!("migrating {table} to UInt128 versions ({step})"),
+            source,
+        }
+    };
     let temp = format!("{table}__v128");
     let columns = |t: String| {
         ch.query(
@@ -113,34 +115,10 @@ async fn migrate_version(ch: &clickhouse::Client, table: &str, create: &str) -> 
     Ok(())
 }
 
-pub async fn run(cfg: &Config, with_source_schema: bool) -> Result<(), InitError> {
-    let pg = slot::connect(cfg.source.url.expose()).await?;
-    if with_source_schema {
-        pg.batch_execute(POSTGRES_SCHEMA).await.map_err(InitError::Postgres)?;
-    }
-    // Before `prepare`, which warns about a publication that lacks tables.
-    slot::add_missing_publication_tables(&pg, &cfg.source).await?;
-    crate::enrich::journal::prepare(&pg, &cfg.source).await?;
-
-    let ch = clickhouse::Client::default()
-        .with_url(&cfg.clickhouse.url)
-        .with_user(&cfg.clickhouse.user)
-        .with_password(cfg.clickhouse.password.expose());
-    ch.query(&format!("CREATE DATABASE IF NOT EXISTS `{}`", cfg.clickhouse.database.replace('`', "")))
-        .execute()
-        .await
-        .map_err(InitError::ClickHouse)?;
-    let ch = ch.with_database(&cfg.clickhouse.database);
-    for stmt in statements(CLICKHOUSE_SCHEMA) {
-        ch.query(&stmt).execute().await.map_err(InitError::ClickHouse)?;
-        if let Some(table) = created_table(&stmt) {
-            migrate_version(&ch, table, &stmt).await?;
-        }
-    }
-
-    producer::ensure_topics(&cfg.log, &crate::pipeline::topics(cfg)).await?;
-    tracing::info!("init done: schema, publication, slot, ClickHouse tables and topics are in place");
-    Ok(())
+/// Splits a schema file into statements (`;` at a line end), without comments.
+fn statements(sql: &str) -> Vec<String> {
+    let body: String = sql.lines().filter(|l| !l.trim_start().starts_with("--")).map(|l| format!("{l}\n")).collect();
+    body.split(";\n").map(str::trim).filter(|s| !s.is_empty()).map(str::to_string).collect()
 }
 
 #[cfg(test)]

@@ -24,9 +24,9 @@
 //! have anyway; the epoch is one small key without TTL, as it must outlive
 //! every record); it also appends an entry with op `t` to every stream.
 //!
-//! The live stream uses `<prefix>position`; a caller may name its own scope
-//! (`<prefix>position:<scope>`, see `DeliverOptions::progress_scope`) for
-//! positions that are not the live stream's (snapshot and backfill chunks).
+//! The live stream uses `<prefix>position`; a batch of another origin
+//! (`Enriched::origin`: a snapshot or backfill chunk, whose positions are
+//! not the live stream's) uses `<prefix>position:<origin>`.
 //! Re-read rows (backfill) carry a row-version digest: their stream entry is
 //! appended only if `<prefix>backfill:seen:<event_id / 128>` does not hold
 //! that digest for the row already (kept `SEEN_TTL_SECS`), and they never
@@ -57,12 +57,12 @@ use redis::aio::ConnectionManager;
 use redis::Script;
 use uuid::Uuid;
 
-use super::SinkError;
+use super::{Probe, SinkError};
 use crate::config::RedisConfig;
 use crate::enrich::{EngagementChange, EngagementRow, Enriched};
 use crate::log::LogProducer;
 use crate::retry::{self, ErrorClass, Policy};
-use crate::source::Op;
+use crate::source::{Op, Position};
 
 const BUCKET_SECS: i64 = 60;
 /// How long Redis remembers which row versions a backfill appended: a
@@ -254,7 +254,9 @@ return newest
 "#;
 
 pub struct RedisSink {
-    conn: ConnectionManager,
+    client: redis::Client,
+    /// Opened by the first `connect`, `probe` or write.
+    conn: tokio::sync::OnceCell<ConnectionManager>,
     cfg: RedisConfig,
     script: Script,
     policy: Policy,
@@ -283,25 +285,24 @@ fn classify_redis(e: &redis::RedisError) -> ErrorClass {
 }
 
 impl RedisSink {
-    pub async fn connect(cfg: &RedisConfig) -> Result<Self, SinkError> {
+    /// `dead_letter`: where batches refused for good are parked, as
+    /// `on_permanent_error` says; without one a permanent error stalls.
+    pub fn new(cfg: &RedisConfig, dead_letter: Option<Arc<LogProducer>>) -> Result<Self, SinkError> {
         let client = redis::Client::open(cfg.url.expose())?;
+        let permanent_attempts = dead_letter.as_ref().and(cfg.on_permanent_error.attempts(cfg.permanent_attempts));
+        let policy = Policy { permanent_attempts, ..Policy::sink("redis", None) };
+        let conn = tokio::sync::OnceCell::new();
+        Ok(RedisSink { client, conn, cfg: cfg.clone(), script: Script::new(APPLY), policy, dead_letter })
+    }
+
+    /// The connection, opened on first use; it reconnects by itself after.
+    async fn conn(&self) -> Result<ConnectionManager, redis::RedisError> {
         // A batch is one script of thousands of commands, which can take a
         // few hundred ms; the default 500 ms response timeout would abandon
         // (and re-send) big batches whenever Redis is busy.
         let config = redis::aio::ConnectionManagerConfig::new().set_response_timeout(Some(Duration::from_secs(30)));
-        let conn = ConnectionManager::new_with_config(client, config).await?;
-        // Without a dead-letter topic a permanent error stalls (only the
-        // lanes write batches, and they have one).
-        let policy = Policy::sink("redis", None);
-        Ok(RedisSink { conn, cfg: cfg.clone(), script: Script::new(APPLY), policy, dead_letter: None })
-    }
-
-    /// Parks batches that fail permanently in `log`'s dead-letter topic,
-    /// as `on_permanent_error` says.
-    pub fn with_dead_letter(mut self, log: Arc<LogProducer>) -> Self {
-        self.policy.permanent_attempts = self.cfg.on_permanent_error.attempts(self.cfg.permanent_attempts);
-        self.dead_letter = Some(log);
-        self
+        let conn = self.conn.get_or_try_init(|| ConnectionManager::new_with_config(self.client.clone(), config));
+        Ok(conn.await?.clone())
     }
 
     pub fn stream_key(&self, content_type: &str) -> String {
@@ -316,50 +317,17 @@ impl RedisSink {
         progress_key(&self.cfg.key_prefix)
     }
 
-    /// `<prefix>position:<scope>`: a progress watermark of its own.
-    pub fn scoped_progress_key(&self, scope: &str) -> String {
-        format!("{}:{scope}", progress_key(&self.cfg.key_prefix))
-    }
-
-    /// Forgets a scope's watermark (its chunk is done for good).
-    pub async fn forget_progress(&self, scope: &str) -> Result<(), SinkError> {
-        let mut conn = self.conn.clone();
-        redis::cmd("DEL").arg(self.scoped_progress_key(scope)).query_async::<()>(&mut conn).await?;
-        Ok(())
+    /// `<prefix>position:<origin>`: a progress watermark of its own.
+    pub fn scoped_progress_key(&self, origin: &str) -> String {
+        format!("{}:{origin}", progress_key(&self.cfg.key_prefix))
     }
 
     fn seen_key(&self, event_id: i64) -> String {
         format!("{}backfill:seen:{}", self.cfg.key_prefix, event_id.div_euclid(128))
     }
 
-    /// Applies a batch, retrying (with backoff) until Redis takes it.
-    pub async fn write(&self, batch: &Enriched) -> Result<(), SinkError> {
-        self.write_scoped(batch, None).await
-    }
-
-    /// `write` with the progress watermark of `scope` (None: the live one).
-    pub async fn write_scoped(&self, batch: &Enriched, scope: Option<&str>) -> Result<(), SinkError> {
-        if batch.engagements.is_empty() {
-            return Ok(());
-        }
-        let progress = scope.map_or_else(|| self.progress_key(), |s| self.scoped_progress_key(s));
-        let progress = progress.as_str();
-        let written = retry::run(&self.policy, classify, |_| async move {
-            self.write_once(batch, progress).await.map_err(SinkError::from)
-        })
-        .await;
-        match (written, &self.dead_letter) {
-            (Ok(()), _) => Ok(()),
-            (Err(g), Some(log)) if g.may_park() => {
-                let tables = format!("{}stream:*, {}", self.cfg.key_prefix, self.top_key());
-                super::park(log, "redis", &tables, batch, &g.error.to_string(), g.attempts).await
-            }
-            (Err(g), _) => Err(g.error),
-        }
-    }
-
     async fn write_once(&self, batch: &Enriched, progress: &str) -> Result<(), redis::RedisError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         // A TRUNCATE is appended to every stream there is; those this batch
         // creates before it are added as the arguments are built.
         let streams = if batch.engagements.iter().any(|c| c.op == Op::Truncate) {
@@ -493,6 +461,60 @@ impl RedisSink {
             ]);
         }
         args
+    }
+}
+
+#[async_trait::async_trait]
+impl super::Sink for RedisSink {
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+
+    async fn connect(&self) -> Result<(), SinkError> {
+        self.conn().await?;
+        Ok(())
+    }
+
+    async fn probe(&self) -> Result<Probe, String> {
+        let mut conn = self.conn().await.map_err(|e| e.to_string())?;
+        let key = self.progress_key();
+        let progress: Option<String> =
+            redis::cmd("GET").arg(&key).query_async(&mut conn).await.map_err(|e| e.to_string())?;
+        let (position, unreadable) = match progress.as_deref().map(|p| (Position::from_sortable_hex(p), p)) {
+            Some((Some(p), _)) => (Some(p), None),
+            Some((None, p)) => (None, Some(format!(", unreadable position {p:?}"))),
+            None => (None, None),
+        };
+        Ok(Probe { position, detail: Some(format!("key {key}{}", unreadable.unwrap_or_default())) })
+    }
+
+    /// Applies a batch, retrying (with backoff) until Redis takes it, with
+    /// the progress watermark of the batch's origin.
+    async fn write(&self, batch: &Enriched) -> Result<(), SinkError> {
+        if batch.engagements.is_empty() {
+            return Ok(());
+        }
+        let progress = batch.origin.as_deref().map_or_else(|| self.progress_key(), |s| self.scoped_progress_key(s));
+        let progress = progress.as_str();
+        let written = retry::run(&self.policy, classify, |_| async move {
+            self.write_once(batch, progress).await.map_err(SinkError::from)
+        })
+        .await;
+        match (written, &self.dead_letter) {
+            (Ok(()), _) => Ok(()),
+            (Err(g), Some(log)) if g.may_park() => {
+                let tables = format!("{}stream:*, {}", self.cfg.key_prefix, self.top_key());
+                super::park(log, "redis", &tables, batch, &g.error.to_string(), g.attempts).await
+            }
+            (Err(g), _) => Err(g.error),
+        }
+    }
+
+    /// Deletes the chunk's watermark `<prefix>position:<origin>`.
+    async fn forget_origin(&self, origin: &str) -> Result<(), SinkError> {
+        let mut conn = self.conn().await?;
+        redis::cmd("DEL").arg(self.scoped_progress_key(origin)).query_async::<()>(&mut conn).await?;
+        Ok(())
     }
 }
 

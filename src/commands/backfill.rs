@@ -57,20 +57,18 @@
 //! a crash, run it again.
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use chrono::{DateTime, NaiveDate, Utc};
 use rand::Rng;
-use tokio::sync::mpsc;
 
+use super::scan::{self, ScanJob, ScanRunError};
 use crate::config::Config;
-use crate::pipeline::{DeliverOptions, Stats};
-use crate::sinks::redis::RedisSink;
-use crate::source::scan::{
-    self, query_err, quote_literal, Chunk, ScanError, ScanJob, ScanPoint, ScanProgress, ScanTable,
-};
+use crate::observe::Stats;
+use crate::pipeline::DeliverOptions;
+use crate::source::scan::{query_err, quote_literal, Chunk, ScanError, ScanPoint, ScanTable};
 use crate::source::slot::{self, quote_ident};
-use crate::source::snapshot::{self, SnapshotError};
+use crate::source::snapshot::{self, ExportError};
 use crate::source::{Lsn, TableName};
 
 #[derive(Debug, Clone)]
@@ -100,13 +98,13 @@ pub struct BackfillReport {
 #[derive(Debug, thiserror::Error)]
 pub enum BackfillError {
     #[error(transparent)]
-    Snapshot(#[from] SnapshotError),
+    Export(#[from] ExportError),
     #[error(transparent)]
     Scan(#[from] ScanError),
     #[error(transparent)]
-    Slot(#[from] slot::SlotError),
+    Load(#[from] ScanRunError),
     #[error(transparent)]
-    Sink(#[from] crate::sinks::SinkError),
+    Slot(#[from] slot::SlotError),
     #[error("table {table} is not in publication {publication}; only published tables can be backfilled")]
     NotPublished { table: String, publication: String },
     #[error("{table} has no column {column}; name the timestamp column with --column")]
@@ -136,7 +134,7 @@ fn default_column(table: &TableName) -> Option<&'static str> {
 }
 
 /// The Redis progress scope of one chunk of one backfill run.
-pub fn chunk_scope(consistent_point: u64, chunk: &Chunk) -> String {
+pub fn chunk_origin(consistent_point: u64, chunk: &Chunk) -> String {
     format!("backfill:{consistent_point:X}:{}:{}", chunk.table, chunk.seq)
 }
 
@@ -202,29 +200,11 @@ pub async fn run(cfg: &Config, opts: &BackfillOptions) -> Result<BackfillReport,
         point: ScanPoint { consistent_point: cp, commit_ts_us: ts },
         snapshot: Some(exported.name.clone()),
         workers: opts.workers,
-        options: Box::new(move |c| DeliverOptions { progress_scope: Some(chunk_scope(cp, c)), log_only, replay: true }),
+        options: Box::new(move |c| DeliverOptions { origin: Some(chunk_origin(cp, c)), log_only, replay: true }),
         stats: std::sync::Arc::new(Stats::default()),
     };
-    let progress = ScanProgress::new("backfill", total_rows);
-    let logger = progress.spawn_logger(Duration::from_secs(5));
-    let redis = if log_only { None } else { Some(RedisSink::connect(&cfg.redis).await?) };
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Chunk>();
-    let cleanup = async {
-        while let Some(c) = done_rx.recv().await {
-            if let Some(r) = &redis {
-                if let Err(e) = r.forget_progress(&chunk_scope(cp, &c)).await {
-                    tracing::warn!(error = %e, "could not delete a finished chunk's Redis progress key (harmless)");
-                }
-            }
-        }
-    };
     let keep: Box<dyn std::any::Any + Send> = Box::new(exported.session);
-    let (scanned, ()) = tokio::join!(scan::run(job, Some(keep), progress.clone(), done_tx), cleanup);
-    if let Some(l) = logger {
-        l.abort();
-    }
-    progress.finish();
-    let rows = scanned?;
+    let rows = scan::load(job, Some(keep), "backfill", log_only, |_| async { Ok(()) }).await?;
     let seconds = started.elapsed().as_secs_f64();
     tracing::info!(table = %table, rows, chunks = chunk_count, seconds, "backfill complete");
     Ok(BackfillReport { rows, chunks: chunk_count, consistent_point: cp, seconds })

@@ -15,7 +15,7 @@ use rdkafka::producer::{BaseProducer, Producer};
 use serde::Serialize;
 
 use crate::config::Config;
-use crate::source::{slot, Lsn, Position};
+use crate::source::{slot, Lsn};
 
 /// How long one probe of a service may take before it counts as unreachable.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -118,9 +118,16 @@ pub async fn check(cfg: &Config) -> anyhow::Result<Report> {
         Err(_) => anyhow::bail!("cannot connect to PostgreSQL: no answer within {:?}", PROBE_TIMEOUT * 2),
     };
     let slot = slot_report(&pg, &cfg.source.slot).await?;
-    let (broker, clickhouse, redis, http, sidecar) =
-        tokio::join!(broker(cfg), clickhouse(cfg), redis(cfg), http(cfg), sidecar(cfg));
-    let sinks = vec![broker, clickhouse, redis, http];
+    // Each configured sink, through its `Sink::probe`; the broker beside them.
+    let configured = crate::sinks::build(cfg, None)?;
+    let probes = configured.iter().map(|s| {
+        probe(s.name(), async move {
+            let p = s.probe().await?;
+            Ok((p.position.map(|p| p.to_string()), p.detail))
+        })
+    });
+    let (broker, sinks, sidecar) = tokio::join!(broker(cfg), futures::future::join_all(probes), sidecar(cfg));
+    let sinks: Vec<SinkReport> = std::iter::once(broker).chain(sinks).collect();
     let (problems, warnings) = judge(cfg, &slot, &sinks, &sidecar);
     Ok(Report { healthy: problems.is_empty(), problems, warnings, slot, sinks, sidecar })
 }
@@ -219,11 +226,6 @@ where
     SinkReport { name, reachable, position, detail, error }
 }
 
-/// A sink's stored version (`Position::version`) as a position, 0 being "nothing yet".
-pub fn position_of_version(v: u128) -> Option<Position> {
-    (v != 0).then(|| Position::from_version(v))
-}
-
 async fn broker(cfg: &Config) -> SinkReport {
     let log = cfg.log.clone();
     let expected = crate::pipeline::topics(cfg);
@@ -242,49 +244,6 @@ async fn broker(cfg: &Config) -> SinkReport {
         let (brokers, topics) = metadata;
         let present = expected.iter().filter(|t| topics.contains(t)).count();
         Ok((None, Some(format!("{brokers} broker(s), {present}/{} topics present", expected.len()))))
-    })
-    .await
-}
-
-async fn clickhouse(cfg: &Config) -> SinkReport {
-    let sink = crate::sinks::clickhouse::ClickHouseSink::new(&cfg.clickhouse);
-    probe("clickhouse", async move {
-        let v: u128 = sink
-            .client()
-            .query("SELECT max(_version) FROM enriched_engagements")
-            .fetch_one()
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok((position_of_version(v).map(|p| p.to_string()), Some(format!("database {}", cfg.clickhouse.database))))
-    })
-    .await
-}
-
-async fn redis(cfg: &Config) -> SinkReport {
-    let key = crate::sinks::redis::progress_key(&cfg.redis.key_prefix);
-    probe("redis", async move {
-        let client = redis::Client::open(cfg.redis.url.expose()).map_err(|e| e.to_string())?;
-        let mut conn = client.get_multiplexed_async_connection().await.map_err(|e| e.to_string())?;
-        let progress: Option<String> =
-            redis::cmd("GET").arg(&key).query_async(&mut conn).await.map_err(|e| e.to_string())?;
-        let position = progress.map(|p| {
-            Position::from_sortable_hex(&p)
-                .map(|p| p.to_string())
-                .unwrap_or_else(|| format!("unreadable position {p:?}"))
-        });
-        Ok((position, Some(format!("key {key}"))))
-    })
-    .await
-}
-
-async fn http(cfg: &Config) -> SinkReport {
-    probe("http", async move {
-        let url = reqwest::Url::parse(&cfg.http.url).map_err(|e| format!("http.url: {e}"))?;
-        let origin = format!("{}/", url.origin().ascii_serialization());
-        let client = reqwest::Client::builder().timeout(PROBE_TIMEOUT).build().map_err(|e| e.to_string())?;
-        // Any answer, even 404 or 405, proves the receiver is there.
-        let resp = client.head(&origin).send().await.map_err(|e| e.without_url().to_string())?;
-        Ok((None, Some(format!("HEAD {origin}: {}", resp.status()))))
     })
     .await
 }
@@ -325,9 +284,9 @@ async fn sidecar(cfg: &Config) -> SidecarReport {
     let Some((t1, second)) = scrape().await else { return r };
     let dt = t1.duration_since(t0).as_secs_f64().max(1e-3);
     let gauge = |name: &str| second.iter().find(|s| s.name == name).map(|s| s.value);
-    r.lag_bytes = gauge(super::metrics::LAG_BYTES);
-    r.lag_seconds = gauge(super::metrics::LAG_SECONDS);
-    r.buffer_occupancy = gauge(super::metrics::BUFFER_OCCUPANCY);
+    r.lag_bytes = gauge(crate::observe::metrics::LAG_BYTES);
+    r.lag_seconds = gauge(crate::observe::metrics::LAG_SECONDS);
+    r.buffer_occupancy = gauge(crate::observe::metrics::BUFFER_OCCUPANCY);
     let rate = |label: &str, name: &str, filter: &dyn Fn(&Sample) -> bool| -> BTreeMap<String, f64> {
         let sums = |samples: &[Sample]| {
             let mut m: BTreeMap<String, f64> = BTreeMap::new();
@@ -342,9 +301,9 @@ async fn sidecar(cfg: &Config) -> SidecarReport {
             .map(|(k, v)| (k.clone(), (v - before.get(&k).copied().unwrap_or(0.0)).max(0.0) / dt))
             .collect()
     };
-    r.rates = rate("stage", super::metrics::CHANGES, &|_| true);
-    r.delivered_by_table = rate("table", super::metrics::CHANGES, &|s| s.label("stage") == Some("delivered"));
-    r.sink_errors_per_second = rate("sink", super::metrics::SINK_ERRORS, &|_| true);
+    r.rates = rate("stage", crate::observe::metrics::CHANGES, &|_| true);
+    r.delivered_by_table = rate("table", crate::observe::metrics::CHANGES, &|s| s.label("stage") == Some("delivered"));
+    r.sink_errors_per_second = rate("sink", crate::observe::metrics::SINK_ERRORS, &|_| true);
     r
 }
 
@@ -545,14 +504,6 @@ mod tests {
         assert_eq!(s[2].label("a"), Some("x\"y,z"));
         assert_eq!(s[2].label("b"), Some(""));
         assert_eq!(s[2].value, f64::INFINITY);
-    }
-
-    #[test]
-    fn versions_decode_to_positions() {
-        assert_eq!(position_of_version(0), None);
-        let p = Position { commit_lsn: 0x16B_3748, ordinal: 3 };
-        assert_eq!(position_of_version(p.version()), Some(p));
-        assert_eq!(position_of_version(p.version()).unwrap().to_string(), "0/16B3748#3");
     }
 
     #[test]

@@ -69,7 +69,7 @@ use reqwest::StatusCode;
 use sha2::Sha256;
 use tokio_postgres::{Client, Statement};
 
-use super::SinkError;
+use super::{Boundary, Cuts, Probe, SinkError};
 use crate::config::{HttpConfig, Secret, SourceConfig};
 use crate::enrich::{EngagementChange, Enriched};
 use crate::log::LogProducer;
@@ -77,7 +77,7 @@ use crate::retry::{self, Alert, Attempts, ErrorClass, Policy};
 use crate::source::slot::{self, SlotError};
 use crate::source::{Lsn, Position};
 
-pub const PROGRESS_SCHEMA: &str = include_str!("../../sql/postgres/http_progress.sql");
+pub const PROGRESS_SCHEMA: &str = include_str!("../../../sql/postgres/http_progress.sql");
 
 /// The longest `Retry-After` honoured: a receiver asking for more (or a
 /// date far ahead) would hold the slot, and with it the WAL, for that long.
@@ -88,7 +88,8 @@ pub struct HttpSink {
     cfg: HttpConfig,
     /// The HMAC key `cfg.secret` stands for.
     key: Vec<u8>,
-    log: Arc<LogProducer>,
+    /// Where undeliverable batches are parked (None: they stall instead).
+    log: Option<Arc<LogProducer>>,
     /// The live stream's progress record; set once by `follow_live`.
     live: OnceLock<tokio::sync::Mutex<LiveProgress>>,
     policy: Policy,
@@ -187,7 +188,7 @@ impl std::fmt::Display for Failure {
 }
 
 impl HttpSink {
-    pub fn new(cfg: &HttpConfig, log: Arc<LogProducer>) -> Result<Self, SinkError> {
+    pub fn new(cfg: &HttpConfig, log: Option<Arc<LogProducer>>) -> Result<Self, SinkError> {
         let key = cfg.signing_key().map_err(|e| SinkError::Http(e.to_string()))?;
         let client = reqwest::Client::builder()
             .timeout(Duration::from_millis(cfg.timeout_ms))
@@ -206,55 +207,6 @@ impl HttpSink {
             alert: Alert::Sink,
         };
         Ok(HttpSink { client, cfg: cfg.clone(), key, log, live: OnceLock::new(), policy })
-    }
-
-    /// Makes this the live stream's sink: from now on it skips what `record`
-    /// says was delivered, re-posts the batch in flight as it was, and
-    /// records each batch in `pgfanout_state.http_progress` before posting it.
-    /// Returns the in-flight range, which the batcher must cut exactly as
-    /// before (see `Replay::boundary`). Called once, before the first write.
-    pub fn follow_live(&self, source: &SourceConfig, record: LiveRecord) -> Option<Arc<Replay>> {
-        let replay = record.inflight.map(|i| {
-            tracing::info!(first = %i.first, last = %i.last, idempotency_key = %i.key, "the webhook batch in flight at the last stop is re-posted as it was if the stream replays it");
-            Arc::new(Replay::new(i))
-        });
-        let progress = LiveProgress {
-            url: source.url.clone(),
-            slot: source.slot.clone(),
-            generation: record.generation,
-            pg: None,
-            posted_through: record.posted_through,
-            replay: replay.clone(),
-        };
-        assert!(self.live.set(tokio::sync::Mutex::new(progress)).is_ok(), "follow_live is called once per sink");
-        replay
-    }
-
-    pub async fn write(&self, batch: &Enriched) -> Result<(), SinkError> {
-        let events = super::events_json(batch);
-        let Some(live) = self.live.get() else {
-            return match Outgoing::of(batch.engagements.iter().zip(events)) {
-                Some(out) => self.deliver(&out).await,
-                None => Ok(()),
-            };
-        };
-        let mut live = live.lock().await;
-        live.settle();
-        let fresh = batch.engagements.iter().zip(events).filter(|(c, _)| !live.delivered(c.position));
-        let Some(out) = Outgoing::of(fresh) else { return Ok(()) };
-        if let Some(r) = live.replay.as_ref().filter(|r| out.first == r.first) {
-            if out.key == r.key {
-                tracing::info!(idempotency_key = %out.key, "re-posting the webhook batch in flight at the last stop");
-            } else {
-                // Only if the stream differs from the one first read (a
-                // replayed event enriched away, the range's last change missing).
-                tracing::error!(idempotency_key = %out.key, recorded = %r.key, "the replayed webhook batch differs from the one in flight at the last stop");
-            }
-        }
-        live.record(&out, &self.policy).await?;
-        self.deliver(&out).await?;
-        live.posted(out.last);
-        Ok(())
     }
 
     /// Posts a batch until it is delivered, or parks it in the dead-letter
@@ -280,8 +232,9 @@ impl HttpSink {
             _ => "attempts exhausted",
         };
         let (error, attempts) = (&gave_up.error.error, gave_up.attempts);
+        let Some(log) = &self.log else { return Err(SinkError::Http(format!("{error} ({why})"))) };
         tracing::error!(sink = "http", idempotency_key = %out.key, error = %error, attempts, "batch undeliverable ({why}); parking it in the dead-letter topic");
-        self.log.dead_letter("http", &out.key, &out.body, error).await?;
+        log.dead_letter("http", &out.key, &out.body, error).await?;
         Ok(())
     }
 
@@ -317,6 +270,72 @@ impl HttpSink {
             format!("HTTP {status}: {}", text.chars().take(200).collect::<String>())
         };
         Err(Failure { error, class })
+    }
+}
+
+#[async_trait::async_trait]
+impl super::Sink for HttpSink {
+    fn name(&self) -> &'static str {
+        "http"
+    }
+
+    /// Any answer to a HEAD of the receiver's origin, even 404 or 405,
+    /// proves it is there.
+    async fn probe(&self) -> Result<Probe, String> {
+        let url = reqwest::Url::parse(&self.cfg.url).map_err(|e| format!("http.url: {e}"))?;
+        let origin = format!("{}/", url.origin().ascii_serialization());
+        let resp = self.client.head(&origin).send().await.map_err(|e| e.without_url().to_string())?;
+        Ok(Probe { position: None, detail: Some(format!("HEAD {origin}: {}", resp.status())) })
+    }
+
+    /// Makes this the live stream's sink: from now on it skips what `record`
+    /// says was delivered, re-posts the batch in flight as it was, and
+    /// records each batch in `pgfanout_state.http_progress` before posting it.
+    /// Returns the in-flight range, which the batcher must cut exactly as
+    /// before (see `Replay::boundary`). Called once, before the first write.
+    async fn follow_live(&self, pg: &Client, source: &SourceConfig) -> Result<Option<Arc<dyn Cuts>>, SinkError> {
+        let record = LiveRecord::load(pg, &source.slot).await.map_err(|e| SinkError::Http(e.to_string()))?;
+        let replay = record.inflight.map(|i| {
+            tracing::info!(first = %i.first, last = %i.last, idempotency_key = %i.key, "the webhook batch in flight at the last stop is re-posted as it was if the stream replays it");
+            Arc::new(Replay::new(i))
+        });
+        let progress = LiveProgress {
+            url: source.url.clone(),
+            slot: source.slot.clone(),
+            generation: record.generation,
+            pg: None,
+            posted_through: record.posted_through,
+            replay: replay.clone(),
+        };
+        assert!(self.live.set(tokio::sync::Mutex::new(progress)).is_ok(), "follow_live is called once per sink");
+        Ok(replay.map(|r| r as Arc<dyn Cuts>))
+    }
+
+    async fn write(&self, batch: &Enriched) -> Result<(), SinkError> {
+        let events = super::events_json(batch);
+        let Some(live) = self.live.get() else {
+            return match Outgoing::of(batch.engagements.iter().zip(events)) {
+                Some(out) => self.deliver(&out).await,
+                None => Ok(()),
+            };
+        };
+        let mut live = live.lock().await;
+        live.settle();
+        let fresh = batch.engagements.iter().zip(events).filter(|(c, _)| !live.delivered(c.position));
+        let Some(out) = Outgoing::of(fresh) else { return Ok(()) };
+        if let Some(r) = live.replay.as_ref().filter(|r| out.first == r.first) {
+            if out.key == r.key {
+                tracing::info!(idempotency_key = %out.key, "re-posting the webhook batch in flight at the last stop");
+            } else {
+                // Only if the stream differs from the one first read (a
+                // replayed event enriched away, the range's last change missing).
+                tracing::error!(idempotency_key = %out.key, recorded = %r.key, "the replayed webhook batch differs from the one in flight at the last stop");
+            }
+        }
+        live.record(&out, &self.policy).await?;
+        self.deliver(&out).await?;
+        live.posted(out.last);
+        Ok(())
     }
 }
 
@@ -414,16 +433,10 @@ const REPLAYED: u8 = 2;
 /// The stream started past `first`: the batch was delivered.
 const PASSED: u8 = 3;
 
-/// Where batch boundaries go around one change.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Boundary {
-    /// End the batch being cut before this change (unless it is empty).
-    pub cut_before: bool,
-    /// After this change the batch stays open, whatever its size or age:
-    /// it is inside the replayed range.
-    pub hold: bool,
-    /// End the batch right after this change.
-    pub cut_after: bool,
+impl Cuts for Replay {
+    fn boundary(&self, p: Position) -> Boundary {
+        Replay::boundary(self, p)
+    }
 }
 
 impl Replay {

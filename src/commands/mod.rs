@@ -1,0 +1,10 @@
+//! The command line's verbs, each over the layers below: `init`, `run`,
+//! `status`, `snapshot` and `backfill` (which share `scan`), `generate`.
+
+pub mod backfill;
+pub mod generate;
+pub mod init;
+pub mod run;
+pub mod scan;
+pub mod snapshot;
+pub mod status;

@@ -1,0 +1,208 @@
+//! The apply loop: source → log → enrich → sinks → acknowledgement.
+//!
+//! Changes arrive from the replication reader in commit order and are cut
+//! into batches (by count and by a short linger), so a huge transaction
+//! flows through in bounded memory. A batch is published to the broker and
+//! acknowledged there before enrichment. Each sink then writes it in its own
+//! lane (a task with a queue bounded in changes), in batch order, while the loop
+//! already reads, publishes and enriches the next batches: the stages
+//! overlap, and the slowest stage, not the sum of all of them, sets the
+//! rate. A full lane stops the loop, which stops the reader (backpressure).
+//! The slot's flush position advances only past batches that every lane has
+//! flushed, to the end of the last transaction they completed (see `ack`).
+//!
+//! After a restart, the batch the webhook sink had in flight is cut again
+//! exactly as it was, whatever count and linger say (`sinks::http::Replay`).
+
+pub mod ack;
+pub mod delivery;
+pub mod fanout;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+
+use self::ack::{BatchAck, FlushedLsn};
+pub use self::delivery::{DeliverOptions, Delivery};
+use self::fanout::Fanout;
+use crate::config::Config;
+use crate::enrich::{self, journal, Enriched};
+use crate::log::producer;
+use crate::observe::{self, Stats};
+use crate::sinks::{Boundary, Cuts, SinkError};
+use crate::source::{self, session, slot, Change, SourceEvent};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error(transparent)]
+    Slot(#[from] slot::SlotError),
+    #[error(transparent)]
+    Session(#[from] session::SessionError),
+    #[error(transparent)]
+    Log(#[from] crate::log::LogError),
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error(transparent)]
+    Content(#[from] enrich::ContentError),
+    #[error(transparent)]
+    Journal(#[from] enrich::journal::JournalError),
+    #[error("replication reader stopped unexpectedly")]
+    ReaderGone,
+}
+
+/// The topics `run` writes to, for `init`.
+pub fn topics(cfg: &Config) -> Vec<String> {
+    let mut t: Vec<String> = cfg.source.tables.iter().map(|t| format!("{}{}", cfg.log.topic_prefix, t)).collect();
+    t.push(producer::dead_letter_topic(&cfg.log.topic_prefix));
+    t
+}
+
+/// Runs until `shutdown` turns true, then drains what was read, flushes the
+/// sinks and reports the final flush position before returning.
+pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>, stats: Arc<Stats>) -> Result<(), PipelineError> {
+    let pg = slot::connect(cfg.source.url.expose()).await?;
+    // The content as of the slot's confirmed position, not as of now: the
+    // slot replays from there (see `enrich::journal`).
+    let journal::Prepared { slot: slot_state, mut dim } = journal::prepare(&pg, &cfg.source).await?;
+    let database = pg
+        .query_one("SELECT current_database()", &[])
+        .await
+        .map_err(|source| slot::SlotError::Query { what: "current_database", source })?
+        .get::<_, String>(0);
+    tracing::info!(contents = dim.len(), confirmed_flush_lsn = ?slot_state.confirmed_flush_lsn.map(|l| source::Lsn(l).to_pg_string()), "starting pipeline");
+    let contents = dim.len();
+    dim.record_versions();
+
+    let mut delivery = Delivery::connect(&cfg, &database, dim, stats.clone()).await?;
+    let mut cuts: Vec<Arc<dyn Cuts>> = Vec::new();
+    for sink in &delivery.sinks {
+        cuts.extend(sink.follow_live(&pg, &cfg.source).await?);
+    }
+    let mut journal = journal::JournalWriter::new(cfg.source.url.expose(), &cfg.source.slot, pg, contents);
+    let boundary = |ev: &SourceEvent| match ev {
+        SourceEvent::Change(c) => cuts.iter().fold(Boundary::default(), |b, k| b.union(k.boundary(c.position))),
+        _ => Boundary::default(),
+    };
+
+    let (events_tx, mut events) = mpsc::channel(cfg.pipeline.channel_capacity);
+    let (ack_tx, ack_rx) = watch::channel(slot_state.confirmed_flush_lsn.unwrap_or(0));
+    let (stop_reader_tx, stop_reader) = watch::channel(false);
+    let reader = session::spawn(cfg.source.clone(), events_tx, ack_rx, stop_reader, stats.reader.clone());
+
+    let flushed = FlushedLsn(slot_state.confirmed_flush_lsn.unwrap_or(0));
+    stats.flushed_lsn.store(flushed.0, Ordering::Relaxed);
+    let mut fanout =
+        Fanout::start(delivery.sinks.clone(), cfg.pipeline.sink_queue_changes, flushed, ack_tx, stats.clone());
+    let mut open_tx = false;
+    let linger = Duration::from_millis(cfg.pipeline.batch_linger_ms);
+    let mut stopping = false;
+    // A change that must start the next batch, with its boundary.
+    let mut carried: Option<(SourceEvent, Boundary)> = None;
+    loop {
+        // Wait for the first event of a batch, or for shutdown, or for a
+        // lane that gave up.
+        let (first, first_boundary) = match carried.take() {
+            Some((ev, b)) => (Some(ev), b),
+            None => {
+                let ev = tokio::select! {
+                    ev = events.recv() => ev,
+                    _ = shutdown.changed(), if !stopping => { stopping = true; None }
+                    e = fanout.failure() => return Err(e),
+                };
+                let b = ev.as_ref().map(boundary).unwrap_or_default();
+                (ev, b)
+            }
+        };
+        let mut batch: Vec<Change> = Vec::new();
+        let mut ack = BatchAck::default();
+        let take = |ev: SourceEvent, batch: &mut Vec<Change>, ack: &mut BatchAck, open_tx: &mut bool| match ev {
+            SourceEvent::Change(c) => {
+                stats.reader.took_one();
+                *open_tx = true;
+                batch.push(*c);
+            }
+            SourceEvent::Commit { end_lsn, .. } => {
+                *open_tx = false;
+                ack.last_commit_end = Some(end_lsn);
+            }
+            SourceEvent::Idle { wal_end } => ack.idle_wal_end = Some(wal_end),
+        };
+        // `hold`: inside the replayed webhook batch, which only its last
+        // change ends; `cut`: end the batch now.
+        let (mut hold, mut cut) = (first_boundary.hold, first_boundary.cut_after);
+        match first {
+            Some(ev) => take(ev, &mut batch, &mut ack, &mut open_tx),
+            None if stopping => break,
+            None => {
+                return Err(match reader.await {
+                    Ok(Err(e)) => e.into(),
+                    _ => PipelineError::ReaderGone,
+                })
+            }
+        }
+        let deadline = tokio::time::Instant::now() + linger;
+        while !cut && (hold || batch.len() < cfg.pipeline.batch_max_changes) {
+            let ev = if hold {
+                tokio::select! {
+                    ev = events.recv() => ev,
+                    _ = shutdown.changed(), if !stopping => { stopping = true; None }
+                    e = fanout.failure() => return Err(e),
+                }
+            } else {
+                match tokio::time::timeout_at(deadline, events.recv()).await {
+                    Ok(Some(ev)) => Some(ev),
+                    _ => break,
+                }
+            };
+            let Some(ev) = ev else { break };
+            let b = boundary(&ev);
+            if b.cut_before && !batch.is_empty() {
+                carried = Some((ev, b));
+                break;
+            }
+            if matches!(ev, SourceEvent::Change(_)) {
+                (hold, cut) = (b.hold, b.cut_after);
+            }
+            take(ev, &mut batch, &mut ack, &mut open_tx);
+        }
+        if hold {
+            // Stopping, or the reader gone, inside the replayed webhook
+            // batch: a part of it must not go out (it would be posted under
+            // another key). Nothing of it is acknowledged, so the next start
+            // replays it whole.
+            if stopping {
+                break;
+            }
+            continue;
+        }
+        ack.open_tx = open_tx;
+        let enriched = match batch.first() {
+            Some(c) => {
+                observe::health::batch_started(&stats, c.tx.commit_ts_us);
+                let enriched =
+                    delivery.publish_and_enrich(&batch, &DeliverOptions::default()).await?.unwrap_or_default();
+                // Durable before any sink has the batch, hence before the
+                // slot can move past its content changes.
+                let versions = delivery.dim.take_versions();
+                journal.write(&versions, stats.flushed_lsn.load(Ordering::Relaxed)).await?;
+                enriched
+            }
+            None => Enriched::default(),
+        };
+        fanout.push(batch, enriched, ack).await?;
+    }
+    fanout.finish().await?;
+    tracing::info!(flushed_lsn = %source::Lsn(stats.flushed_lsn.load(Ordering::Relaxed)).to_pg_string(), "draining done; stopping replication");
+    let _ = stop_reader_tx.send(true);
+    // Discard what the reader still hands over (never acknowledged, so the
+    // next start replays it) so that it cannot block on a full channel
+    // instead of seeing the stop.
+    let discard = async { while events.recv().await.is_some() {} };
+    match tokio::join!(reader, discard).0 {
+        Ok(r) => r?,
+        Err(_) => return Err(PipelineError::ReaderGone),
+    }
+    Ok(())
+}
