@@ -1,10 +1,10 @@
 //! Two-phase and large transactions through the whole pipeline, against
-//! real PostgreSQL on every major scripts/test started (see README, "Large
-//! transactions"). A prepared transaction is sent when it is committed. A
-//! large one is streamed while in progress (protocol 2+, the default from
-//! PostgreSQL 14) and held by pgfanout until its commit, or, with protocol
-//! 1, spilled by the server until then: either way aborted work reaches no
-//! sink.
+//! real PostgreSQL on every major scripts/test started (see ARCHITECTURE.md,
+//! "Large transactions" and "Two-phase commit"). A prepared transaction is
+//! sent when it is committed. A large one is streamed while in progress
+//! (protocol 2+, the default from PostgreSQL 14) and held by pgfanout until
+//! its commit, or, with protocol 1, spilled by the server until then: either
+//! way aborted work reaches no sink.
 
 mod support;
 
