@@ -259,21 +259,6 @@ async fn stream_once(
         };
         let Some(ev) = ev.map_err(|e| busy_or(e, &cfg.slot))? else { return Ok(()) };
         let event = match ev {
-            ReplicationEvent::Begin { final_lsn, xid, commit_time_micros } => {
-                open = Some(OpenTx {
-                    info: TxInfo {
-                        xid,
-                        commit_lsn: final_lsn.0,
-                        commit_ts_us: commit_time_micros + PG_EPOCH_OFFSET_US,
-                    },
-                    ordinal: 0,
-                });
-                continue;
-            }
-            ReplicationEvent::Commit { end_lsn, .. } => match open.take() {
-                Some(tx) => SourceEvent::Commit { end_lsn: end_lsn.0, tx: tx.info },
-                None => continue,
-            },
             ReplicationEvent::KeepAlive { wal_end, .. } => {
                 progress.saw_server_wal_end(wal_end.0);
                 if open.is_some() || wal_end.0 <= last_idle {
@@ -292,6 +277,27 @@ async fn stream_once(
                     continue;
                 }
                 match decoder.decode_bytes(&data, wal_start.0)? {
+                    Message::Begin { final_lsn, commit_ts, xid } => {
+                        let info = TxInfo { xid, commit_lsn: final_lsn, commit_ts_us: commit_ts + PG_EPOCH_OFFSET_US };
+                        open = Some(OpenTx { info, ordinal: 0 });
+                        continue;
+                    }
+                    Message::Commit { end_lsn, .. } => match open.take() {
+                        Some(tx) => SourceEvent::Commit { end_lsn, tx: tx.info },
+                        None => continue,
+                    },
+                    // A non-transactional message (our heartbeat, or anyone's)
+                    // is decoded in WAL order between transactions: every
+                    // commit before its LSN has been sent, so it is a position
+                    // to acknowledge once the pipeline is empty, like a
+                    // keepalive's. Its content is no change and goes nowhere.
+                    Message::LogicalMessage { transactional: false, lsn, .. } => {
+                        if open.is_some() || lsn <= last_idle {
+                            continue;
+                        }
+                        last_idle = lsn;
+                        SourceEvent::Idle { wal_end: lsn }
+                    }
                     Message::StreamStart { xid, .. } => {
                         streaming_xid = xid;
                         continue;
@@ -322,19 +328,7 @@ async fn stream_once(
                     }
                 }
             }
-            // A non-transactional message (our heartbeat, or anyone's) is
-            // decoded in WAL order between transactions: every commit before
-            // its LSN has been sent, so it is a position to acknowledge once
-            // the pipeline is empty, like a keepalive's. Its content is no
-            // change and goes nowhere.
-            ReplicationEvent::Message { transactional: false, lsn, .. } => {
-                if open.is_some() || lsn.0 <= last_idle {
-                    continue;
-                }
-                last_idle = lsn.0;
-                SourceEvent::Idle { wal_end: lsn.0 }
-            }
-            ReplicationEvent::Message { .. } | ReplicationEvent::StoppedAt { .. } => continue,
+            ReplicationEvent::StoppedAt { .. } => continue,
         };
         if let SourceEvent::Commit { end_lsn, .. } = event {
             if end_lsn <= handed.commit_end {

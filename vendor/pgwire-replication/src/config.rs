@@ -369,8 +369,8 @@ pub struct ReplicationConfig {
 
     /// Optional LSN to stop replication at.
     ///
-    /// When set, replication will stop once a commit with `end_lsn >= stop_at_lsn`
-    /// is received. Useful for:
+    /// When set, replication will stop once an `XLogData` message with
+    /// `wal_end >= stop_at_lsn` is received. Useful for:
     /// - Bounded replay (e.g., point-in-time recovery)
     /// - Testing with known data ranges
     ///
@@ -415,9 +415,9 @@ pub struct ReplicationConfig {
     /// and `pgoutput` encodes column values using each type's binary send
     /// function instead of text output.
     ///
-    /// This does not change anything the library parses — the worker decodes
-    /// only Begin/Commit/Message boundaries and forwards `XLogData` tuple bytes
-    /// raw — so it is the **consumer's** decoder that must handle binary values.
+    /// This does not change anything the library parses — the worker forwards
+    /// every pgoutput message raw as `XLogData` — so it is the **consumer's**
+    /// decoder that must handle binary values.
     ///
     /// Leave as `false` (the default) unless you control both ends and have
     /// measured a real win: any column whose type lacks a binary send function
@@ -432,10 +432,9 @@ pub struct ReplicationConfig {
     ///
     /// Versions 2+ may send in-progress transactions in streamed blocks when
     /// [`streaming`](Self::streaming) is set; inside a block every data
-    /// message leads with its transaction's xid. The worker forwards such
-    /// messages raw (it does not parse a logical message inside a block), so
-    /// the consumer's decoder must follow the blocks. 2 needs PostgreSQL 14+,
-    /// 3 needs 15+, 4 needs 16+.
+    /// message leads with its transaction's xid. The worker forwards every
+    /// message raw, so the consumer's decoder must follow the blocks. 2 needs
+    /// PostgreSQL 14+, 3 needs 15+, 4 needs 16+.
     ///
     /// Default: 1
     pub proto_version: u32,

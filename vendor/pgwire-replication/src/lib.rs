@@ -7,7 +7,7 @@
 //! - **Async/await** - Built on Tokio for high-performance async I/O
 //! - **TLS support** - Optional rustls-based encryption with verify modes
 //! - **SCRAM-SHA-256** - Secure password authentication  
-//! - **pgoutput protocol** - Native logical replication decoding
+//! - **pgoutput protocol** - Every message forwarded raw for your decoder
 //!
 //! ## Quick Start
 //!
@@ -35,16 +35,7 @@
 //!         ReplicationEvent::KeepAlive { wal_end, .. } => {
 //!             println!("Keepalive at {}", wal_end);
 //!         }
-//!         ReplicationEvent::Message { prefix, content, .. } => println!(
-//!             "Logical message: prefix={}, {} bytes", prefix, content.len()
-//!         ),
 //!         ReplicationEvent::StoppedAt {reached: _} => break,
-//!         ReplicationEvent::Begin { .. } => println!(
-//!             "Transaction start, probably want to flush in-flight events to the sinks."
-//!         ),
-//!         ReplicationEvent::Commit { .. } => println!(
-//!             "Transanction finished, good time to store a checkpoint at the higher level."
-//!         ),
 //!     }
 //! }
 //! # Ok(())

@@ -120,13 +120,6 @@ pub enum ReplicationEvent {
         server_time_micros: i64,
     },
 
-    /// Start of a transaction (pgoutput Begin message).
-    Begin {
-        final_lsn: Lsn,
-        xid: u32,
-        commit_time_micros: i64,
-    },
-
     /// WAL data containing transaction changes.
     XLogData {
         /// WAL position where this data starts
@@ -135,31 +128,8 @@ pub enum ReplicationEvent {
         wal_end: Lsn,
         /// Server timestamp (microseconds since 2000-01-01)
         server_time_micros: i64,
-        /// pgoutput-encoded change data
+        /// One pgoutput message of any kind (Begin and Commit too), undecoded
         data: Bytes,
-    },
-
-    /// End of a transaction (pgoutput Commit message).
-    Commit {
-        lsn: Lsn,
-        end_lsn: Lsn,
-        commit_time_micros: i64,
-    },
-
-    /// Logical decoding message emitted via `pg_logical_emit_message()`.
-    ///
-    /// Transactional messages are delivered only after the enclosing
-    /// transaction commits. Non-transactional messages are delivered
-    /// immediately.
-    Message {
-        /// Whether the message was emitted inside a transaction.
-        transactional: bool,
-        /// LSN of the message in the WAL.
-        lsn: Lsn,
-        /// Application-defined message prefix (e.g. `"myapp.checkpoint"`).
-        prefix: String,
-        /// Raw message content bytes.
-        content: Bytes,
     },
 
     /// Emitted when `stop_at_lsn` has been reached.
@@ -207,9 +177,6 @@ pub struct WorkerState {
     gate: Option<mpsc::Receiver<GateCommand>>,
     /// The applied LSN in the last status update written to the server, if any.
     last_sent: Option<Lsn>,
-    /// Between a Stream Start and its Stream Stop (protocol 2+): the data
-    /// messages there lead with an xid, so none of them is parsed here.
-    in_stream: bool,
 }
 
 impl WorkerState {
@@ -228,7 +195,6 @@ impl WorkerState {
             metrics,
             started: None,
             gate: None,
-            in_stream: false,
             last_sent: None,
         }
     }
@@ -559,54 +525,6 @@ impl WorkerState {
             } => {
                 self.metrics.set_last_wal_end(wal_end);
 
-                let boundary = if self.in_stream {
-                    None
-                } else {
-                    parse_pgoutput_boundary(&data)?
-                };
-                match data.first() {
-                    Some(b'S') if !self.in_stream => self.in_stream = true,
-                    Some(b'E') if self.in_stream => self.in_stream = false,
-                    _ => {}
-                }
-                // If the payload is a pgoutput Begin/Commit message, emit only the boundary event.
-                if let Some(boundary_ev) = boundary {
-                    let reached_lsn = match boundary_ev {
-                        ReplicationEvent::Begin { final_lsn, .. } => final_lsn,
-                        ReplicationEvent::Commit { end_lsn, .. } => end_lsn,
-                        _ => wal_end, // should never happen if parser only returns Begin/Commit
-                    };
-
-                    if self
-                        .send_event_backpressured(stream, Ok(boundary_ev), last_status_sent)
-                        .await?
-                    {
-                        return Ok(true);
-                    }
-
-                    // Stop condition (prefer boundary LSN semantics when available)
-                    if let Some(stop_lsn) = self.cfg.stop_at_lsn {
-                        if reached_lsn >= stop_lsn {
-                            if self
-                                .send_event_backpressured(
-                                    stream,
-                                    Ok(ReplicationEvent::StoppedAt {
-                                        reached: reached_lsn,
-                                    }),
-                                    last_status_sent,
-                                )
-                                .await?
-                            {
-                                return Ok(true);
-                            }
-                            let _ = write_copy_done(stream).await;
-                            return Ok(true); // should stop.
-                        }
-                    }
-
-                    return Ok(false);
-                }
-                // Otherwise, emit raw payload
                 // Check stop condition
                 if let Some(stop_lsn) = self.cfg.stop_at_lsn {
                     if wal_end >= stop_lsn {
@@ -972,100 +890,6 @@ fn parse_sasl_mechanisms(data: &[u8]) -> Vec<String> {
     mechanisms
 }
 
-fn parse_pgoutput_boundary(data: &Bytes) -> Result<Option<ReplicationEvent>> {
-    if data.is_empty() {
-        return Ok(None);
-    }
-
-    let tag = data[0];
-    let mut p = &data[1..];
-
-    fn take_i8(p: &mut &[u8]) -> Result<i8> {
-        if p.is_empty() {
-            return Err(PgWireError::Protocol("pgoutput: truncated i8".into()));
-        }
-        let v = p[0] as i8;
-        *p = &p[1..];
-        Ok(v)
-    }
-
-    fn take_i32(p: &mut &[u8]) -> Result<i32> {
-        if p.len() < 4 {
-            return Err(PgWireError::Protocol("pgoutput: truncated i32".into()));
-        }
-        let (head, tail) = p.split_at(4);
-        *p = tail;
-        Ok(i32::from_be_bytes(head.try_into().unwrap()))
-    }
-
-    fn take_i64(p: &mut &[u8]) -> Result<i64> {
-        if p.len() < 8 {
-            return Err(PgWireError::Protocol("pgoutput: truncated i64".into()));
-        }
-        let (head, tail) = p.split_at(8);
-        *p = tail;
-        Ok(i64::from_be_bytes(head.try_into().unwrap()))
-    }
-
-    match tag {
-        b'B' => {
-            let final_lsn = Lsn::from_u64(take_i64(&mut p)? as u64);
-            let commit_time_micros = take_i64(&mut p)?;
-            let xid = take_i32(&mut p)? as u32;
-
-            Ok(Some(ReplicationEvent::Begin {
-                final_lsn,
-                commit_time_micros,
-                xid,
-            }))
-        }
-        b'C' => {
-            let _flags = take_i8(&mut p)?;
-            let lsn = Lsn::from_u64(take_i64(&mut p)? as u64); // should be safe
-            let end_lsn = Lsn::from_u64(take_i64(&mut p)? as u64);
-            let commit_time_micros = take_i64(&mut p)?;
-
-            Ok(Some(ReplicationEvent::Commit {
-                lsn,
-                end_lsn,
-                commit_time_micros,
-            }))
-        }
-        b'M' => {
-            // Logical decoding message (pg_logical_emit_message)
-            // Wire: flags(1) + lsn(8) + prefix(null-terminated) + content_len(4) + content(n)
-            let flags = take_i8(&mut p)?;
-            let transactional = (flags & 1) != 0;
-            let lsn = Lsn::from_u64(take_i64(&mut p)? as u64);
-
-            // Read null-terminated prefix string
-            let prefix_end = p.iter().position(|&b| b == 0).ok_or_else(|| {
-                PgWireError::Protocol("pgoutput Message: missing null terminator for prefix".into())
-            })?;
-            let prefix = String::from_utf8_lossy(&p[..prefix_end]).into_owned();
-            p = &p[prefix_end + 1..]; // advance past null byte
-
-            let content_len = take_i32(&mut p)? as usize;
-            if p.len() < content_len {
-                return Err(PgWireError::Protocol(format!(
-                    "pgoutput Message: expected {} content bytes, got {}",
-                    content_len,
-                    p.len()
-                )));
-            }
-            let content = Bytes::copy_from_slice(&p[..content_len]);
-
-            Ok(Some(ReplicationEvent::Message {
-                transactional,
-                lsn,
-                prefix,
-                content,
-            }))
-        }
-        _ => Ok(None),
-    }
-}
-
 /// Read authentication response data for a specific auth code.
 async fn read_auth_data<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
@@ -1160,8 +984,8 @@ mod tests {
     }
 
     /// Build a CopyData('d') frame wrapping an XLogData('w') replication message
-    /// carrying a non-boundary pgoutput payload (so the worker forwards it as a
-    /// raw `XLogData` event).
+    /// carrying a pgoutput payload (which the worker forwards as a raw
+    /// `XLogData` event).
     fn xlog_frame(wal_end: u64, data: &[u8]) -> Vec<u8> {
         let mut payload = Vec::new();
         payload.push(b'w');
