@@ -257,6 +257,21 @@ pub enum SecretError {
 }
 
 impl HttpConfig {
+    /// A receiver at `url` signed with `secret`, every other key at its
+    /// default (as a file that sets only those two would give).
+    pub fn new(url: impl Into<String>, secret: Secret) -> Self {
+        HttpConfig {
+            url: url.into(),
+            secret,
+            timeout_ms: default_http_timeout_ms(),
+            max_attempts: default_http_max_attempts(),
+            backoff_initial_ms: default_backoff_initial_ms(),
+            backoff_max_ms: default_backoff_max_ms(),
+            on_permanent_error: OnPermanentError::default(),
+            permanent_attempts: default_http_permanent_attempts(),
+        }
+    }
+
     /// The HMAC key `http.secret` stands for. A secret starting with
     /// `whsec_` is taken as a Standard Webhooks secret, as the receivers'
     /// libraries take it (padding optional); anything else is used as is,
@@ -489,16 +504,7 @@ mod tests {
 
     #[test]
     fn standard_webhooks_secrets_decode_to_their_key() {
-        let http = |secret: &str| HttpConfig {
-            url: String::new(),
-            secret: Secret(secret.into()),
-            timeout_ms: 1,
-            max_attempts: 1,
-            backoff_initial_ms: 1,
-            backoff_max_ms: 1,
-            on_permanent_error: Default::default(),
-            permanent_attempts: 1,
-        };
+        let http = |secret: &str| HttpConfig::new("", Secret(secret.into()));
         let key = [0x31, 0xf2, 0x90, 0xf6, 0xbf, 0x06, 0x29, 0x8a, 0xab, 0x4f, 0x08, 0xd4, 0x3c, 0x3f, 0x08, 0x2c];
         assert_eq!(http("whsec_MfKQ9r8GKYqrTwjUPD8ILA==").signing_key().unwrap(), key);
         assert_eq!(http("whsec_MfKQ9r8GKYqrTwjUPD8ILA").signing_key().unwrap(), key, "padding is optional");

@@ -614,16 +614,7 @@ mod tests {
     fn standard_webhooks_signature() {
         // Test vector from the Standard Webhooks specification, with the
         // secret as configured (`whsec_` + base64 of the key).
-        let cfg = HttpConfig {
-            url: String::new(),
-            secret: Secret("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into()),
-            timeout_ms: 1,
-            max_attempts: 1,
-            backoff_initial_ms: 1,
-            backoff_max_ms: 1,
-            on_permanent_error: Default::default(),
-            permanent_attempts: 1,
-        };
+        let cfg = HttpConfig::new("", Secret("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into()));
         let sig =
             sign(&cfg.signing_key().unwrap(), "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, br#"{"test": 2432232314}"#);
         assert_eq!(sig, "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
@@ -673,6 +664,11 @@ mod tests {
         Replay::new(Inflight { first, last, key: "k".into() })
     }
 
+    /// The live record of a run that loaded `posted_through` and `replay`.
+    fn live_progress(posted_through: Option<Position>, replay: Option<Arc<Replay>>) -> LiveProgress {
+        LiveProgress { url: Secret::default(), slot: "s".into(), generation: 1, pg: None, posted_through, replay }
+    }
+
     const FREE: Boundary = Boundary { cut_before: false, hold: false, cut_after: false };
     const HOLD: Boundary = Boundary { cut_before: false, hold: true, cut_after: false };
 
@@ -706,14 +702,7 @@ mod tests {
         assert_eq!(r.boundary(pos(20, 7)), FREE);
         assert!(!r.replayed());
         assert_eq!(r.boundary(pos(30, 2)), FREE);
-        let mut live = LiveProgress {
-            url: Secret::default(),
-            slot: "s".into(),
-            generation: 1,
-            pg: None,
-            posted_through: Some(pos(19, 4)),
-            replay: Some(Arc::new(r)),
-        };
+        let mut live = live_progress(Some(pos(19, 4)), Some(Arc::new(r)));
         live.settle();
         assert!(live.replay.is_none());
         assert!(live.delivered(pos(20, 7)) && live.delivered(pos(30, 2)));
@@ -723,14 +712,7 @@ mod tests {
     #[test]
     fn the_live_sink_skips_what_was_delivered_and_reposts_the_range() {
         let r = Arc::new(replay(pos(20, 1), pos(30, 2)));
-        let mut live = LiveProgress {
-            url: Secret::default(),
-            slot: "s".into(),
-            generation: 1,
-            pg: None,
-            posted_through: Some(pos(19, 4)),
-            replay: Some(r.clone()),
-        };
+        let mut live = live_progress(Some(pos(19, 4)), Some(r.clone()));
         assert!(live.delivered(pos(10, 1)) && live.delivered(pos(19, 4)));
         assert!(!live.delivered(pos(19, 5)), "not posted before: new");
         r.boundary(pos(20, 1));
