@@ -35,8 +35,6 @@
 //!   rows (no result set held in memory): a million contents load in
 //!   seconds.
 
-use std::time::Duration;
-
 use futures::{pin_mut, TryStreamExt};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Client;
@@ -44,7 +42,7 @@ use uuid::Uuid;
 
 use super::content::{Content, ContentDim, ContentVersion, VersionKind};
 use crate::config::SourceConfig;
-use crate::retry::Backoff;
+use crate::retry::{self, ErrorClass};
 use crate::source::scan::quote_literal;
 use crate::source::slot::{self, SlotError, SlotState};
 use crate::source::snapshot::{self, ExportError};
@@ -279,7 +277,8 @@ pub async fn prune(client: &Client, slot: &str, below: u64) -> Result<u64, Journ
 pub struct JournalWriter {
     url: String,
     slot: String,
-    client: Option<Client>,
+    /// Reopened by the next attempt once closed.
+    client: tokio::sync::Mutex<Option<Client>>,
     /// Rows appended since the last prune, and about how many it left.
     since_prune: usize,
     held: usize,
@@ -292,7 +291,7 @@ impl JournalWriter {
         JournalWriter {
             url: url.to_string(),
             slot: slot.to_string(),
-            client: Some(client),
+            client: tokio::sync::Mutex::new(Some(client)),
             since_prune: 0,
             held: catalogue,
         }
@@ -304,36 +303,15 @@ impl JournalWriter {
         if versions.is_empty() {
             return Ok(());
         }
-        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
-        loop {
-            let result = match self.client.as_ref() {
-                Some(c) if !c.is_closed() => append(c, &self.slot, versions).await,
-                _ => match slot::connect(&self.url).await {
-                    Ok(c) => {
-                        self.client = Some(c);
-                        continue;
-                    }
-                    Err(e) => Err(e.into()),
-                },
-            };
-            match result {
-                Ok(()) => break,
-                Err(e) => {
-                    let wait = backoff.next_delay();
-                    tracing::warn!(slot = %self.slot, error = %e, attempt = backoff.attempts(), "writing the content journal failed; retrying");
-                    crate::observe::sink_failed("journal", backoff.attempts(), &e, true);
-                    if self.client.as_ref().is_some_and(|c| c.is_closed()) {
-                        self.client = None;
-                    }
-                    tokio::time::sleep(wait).await;
-                }
-            }
-        }
+        // Every error is transient: the journal is the source database,
+        // whose outage stops the slot too; `?` only for the types.
+        let policy = retry::Policy::sink("journal", None).failed("writing the content journal failed; retrying");
+        retry::run(&policy, |_| ErrorClass::Transient, |_| self.append_once(versions)).await.map_err(|g| g.error)?;
         self.since_prune += versions.len();
         // A prune reads the whole journal: one per doubling keeps the cost
         // per append constant, and the journal within twice what it holds.
         if self.since_prune >= self.held.max(10_000) {
-            if let Some(c) = &self.client {
+            if let Some(c) = self.client.get_mut().as_ref() {
                 match prune(c, &self.slot, flushed).await {
                     Ok(n) => {
                         self.held = (self.held + self.since_prune).saturating_sub(n as usize);
@@ -346,5 +324,15 @@ impl JournalWriter {
             }
         }
         Ok(())
+    }
+
+    /// One attempt: on the open connection, or a new one if it closed.
+    async fn append_once(&self, versions: &[ContentVersion]) -> Result<(), JournalError> {
+        let mut client = self.client.lock().await;
+        if !client.as_ref().is_some_and(|c| !c.is_closed()) {
+            *client = None;
+            *client = Some(slot::connect(&self.url).await?);
+        }
+        append(client.as_ref().expect("connected above"), &self.slot, versions).await
     }
 }
