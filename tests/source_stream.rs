@@ -356,15 +356,19 @@ async fn typed_values(v: &str) {
     let chunk = Chunk { seq: 0, table: table.clone(), lo: None, hi: None, rows: 0 };
     let (tx, mut rx) = mpsc::channel(10);
     let point = ScanPoint { consistent_point: 1 << 40, commit_ts_us: 0 };
-    scan::read_chunk(&t.pg, &shape, &chunk, None, point, 100, &tx).await.unwrap();
-    drop(tx);
+    let read = async {
+        let tx = tx;
+        scan::read_chunk(&t.pg, &shape, &chunk, None, point, &tx).await.unwrap()
+    };
     let mut scanned = std::collections::BTreeMap::new();
-    while let Some(batch) = rx.recv().await {
-        for c in batch {
+    let collect = async {
+        while let Some(ev) = rx.recv().await {
+            let pgfanout::source::SourceEvent::Change(c) = ev else { panic!("a scan sends changes only") };
             let after = c.after.unwrap().to_json();
             scanned.insert(after["id"].as_i64().unwrap() as i32, after);
         }
-    }
+    };
+    tokio::join!(read, collect);
     assert_eq!(scanned, selected_typed(&t).await, "PG {v}: snapshot read");
 
     t.pg.batch_execute("TRUNCATE typed").await.unwrap();

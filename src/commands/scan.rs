@@ -12,14 +12,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::config::Config;
 use crate::enrich::ContentDim;
 use crate::observe::Stats;
-use crate::pipeline::{DeliverOptions, Delivery, PipelineError};
+use crate::pipeline::ack::FlushedLsn;
+use crate::pipeline::fanout::Fanout;
+use crate::pipeline::{drive, Batches, DeliverOptions, Delivery, PipelineError};
 use crate::source::scan::{begin, read_chunk, Chunk, ScanError, ScanPoint, ScanTable};
-use crate::source::{slot, Change, TableName};
+use crate::source::{slot, SourceEvent, TableName};
 
 /// Why a scan stopped.
 #[derive(Debug, thiserror::Error)]
@@ -249,32 +251,42 @@ async fn worker(
     let _ = imported.send(()).await;
     drop(imported);
     let mut delivery = Delivery::connect(&job.cfg, &job.database, dim, job.stats.clone()).await?;
-    let batch = job.cfg.pipeline.batch_max_changes.max(1);
     let mut total = 0u64;
     loop {
         let Some(chunk) = queue.lock().expect("queue lock").pop_front() else { break };
         let table = job.tables.get(&chunk.table).ok_or_else(|| ScanError::NoSuchTable(chunk.table.to_string()))?;
         let opts = (job.options)(&chunk);
         let filter = job.filters.get(&chunk.table).map(String::as_str);
-        let (tx, rx) = mpsc::channel::<Vec<Change>>(1);
+        let (tx, rx) = mpsc::channel::<SourceEvent>(job.cfg.pipeline.channel_capacity.max(1));
         let read = async {
             let tx = tx;
-            read_chunk(&client, table, &chunk, filter, job.point, batch, &tx).await
+            read_chunk(&client, table, &chunk, filter, job.point, &tx).await
         };
+        // The chunk goes through the live stream's batcher and lanes; it is
+        // done once every lane has flushed all of it.
         let write = async {
             let mut rx = rx;
-            while let Some(b) = rx.recv().await {
-                delivery.deliver_with(&b, &opts).await?;
-                progress.add(b.len() as u64);
-            }
+            let (ack_tx, _) = watch::channel(0);
+            let queue_changes = job.cfg.pipeline.sink_queue_changes;
+            let mut fanout =
+                Fanout::start(delivery.sinks.clone(), queue_changes, FlushedLsn(0), ack_tx, job.stats.clone());
+            let drove = {
+                let mut batches = Batches { events: &mut rx, cuts: &[], shutdown: None, stopping: false };
+                drive(&mut batches, &mut delivery, &mut fanout, &opts, None, &job.cfg).await
+            };
+            // A failed delivery drops the receiver, which stops the read.
+            drop(rx);
+            let finished = fanout.finish().await;
+            drove?;
+            finished?;
             Ok::<(), ScanRunError>(())
         };
         // Reading and delivering overlap: the next batch decodes while the
-        // sinks write this one. A failed write drops the receiver, which
-        // stops the read.
+        // sinks write this one.
         let (read, written) = tokio::join!(read, write);
         written?;
         let n = read?;
+        progress.add(n);
         tracing::debug!(worker = id, table = %chunk.table, chunk = chunk.seq, rows = n, "chunk delivered");
         total += n;
         let _ = done.send(chunk);

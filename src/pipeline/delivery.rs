@@ -1,6 +1,5 @@
-//! Everything downstream of the source for one batch: publish it to the
-//! log, enrich it, park what cannot be enriched, and (for snapshot and
-//! backfill chunks) write it to every sink.
+//! What happens to a batch before the sink lanes: publish it to the log,
+//! enrich it, park what cannot be enriched.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -15,7 +14,7 @@ use crate::retry;
 use crate::sinks::{self, Sink};
 use crate::source::Change;
 
-/// How `Delivery::deliver_with` treats a batch that is not the live stream.
+/// How `Delivery::publish_and_enrich` treats a batch that is not the live stream.
 #[derive(Debug, Clone, Default)]
 pub struct DeliverOptions {
     /// The batch's origin (`Enriched::origin`): None for the live stream,
@@ -34,8 +33,8 @@ pub struct DeliverOptions {
 }
 
 /// Everything downstream of the source: the log, the content dimension and
-/// the sinks. The streaming loop, the snapshot and backfill all hand their
-/// changes to `deliver`, so every path has the same guarantees.
+/// the sinks. The live stream and every snapshot or backfill chunk go
+/// through it and then the same batcher and lanes (`pipeline::drive`).
 pub struct Delivery {
     pub log: Arc<LogProducer>,
     pub dim: ContentDim,
@@ -60,28 +59,7 @@ impl Delivery {
         Ok(Delivery { log, dim, sinks, stats })
     }
 
-    /// Publishes a batch to the log (retrying until the broker takes it),
-    /// enriches it, parks what cannot be enriched, and writes it to every
-    /// sink concurrently. Returns once all of them have flushed it.
-    pub async fn deliver(&mut self, batch: &[Change]) -> Result<(), PipelineError> {
-        self.deliver_with(batch, &DeliverOptions::default()).await
-    }
-
-    /// `deliver`, for batches that are not the live stream (snapshot chunks,
-    /// backfills): see `DeliverOptions`.
-    pub async fn deliver_with(&mut self, batch: &[Change], opts: &DeliverOptions) -> Result<(), PipelineError> {
-        let Some(enriched) = self.publish_and_enrich(batch, opts).await? else { return Ok(()) };
-        let writes = self.sinks.iter().map(|s| observe::timed(s.name(), s.write(&enriched)));
-        futures::future::try_join_all(writes).await?;
-        observe::metrics::count_tables("delivered", &per_table(batch));
-        observe::metrics::batch_size(batch.len());
-        self.stats.changes.fetch_add(batch.len() as u64, Ordering::Relaxed);
-        self.stats.batches.fetch_add(1, Ordering::Relaxed);
-        self.stats.rejected.fetch_add(enriched.rejected.len() as u64, Ordering::Relaxed);
-        Ok(())
-    }
-
-    /// The first half of a delivery: publishes the batch to the log (retrying
+    /// Publishes the batch to the log (retrying
     /// until the broker takes it), enriches it and parks what cannot be
     /// enriched. `None` for a log-only delivery (nothing more to do).
     pub async fn publish_and_enrich(

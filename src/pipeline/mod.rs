@@ -15,24 +15,25 @@
 //! exactly as it was, whatever count and linger say (`sinks::http::Replay`).
 
 pub mod ack;
+pub mod batcher;
 pub mod delivery;
 pub mod fanout;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 
-use self::ack::{BatchAck, FlushedLsn};
+use self::ack::FlushedLsn;
+pub use self::batcher::{drive, Batches, Ended};
 pub use self::delivery::{DeliverOptions, Delivery};
 use self::fanout::Fanout;
 use crate::config::Config;
-use crate::enrich::{self, journal, Enriched};
+use crate::enrich::{self, journal};
 use crate::log::producer;
-use crate::observe::{self, Stats};
-use crate::sinks::{Boundary, Cuts, SinkError};
-use crate::source::{self, session, slot, Change, SourceEvent};
+use crate::observe::Stats;
+use crate::sinks::{Cuts, SinkError};
+use crate::source::{self, session, slot};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -81,10 +82,6 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>, stats: Arc<St
         cuts.extend(sink.follow_live(&pg, &cfg.source).await?);
     }
     let mut journal = journal::JournalWriter::new(cfg.source.url.expose(), &cfg.source.slot, pg, contents);
-    let boundary = |ev: &SourceEvent| match ev {
-        SourceEvent::Change(c) => cuts.iter().fold(Boundary::default(), |b, k| b.union(k.boundary(c.position))),
-        _ => Boundary::default(),
-    };
 
     let (events_tx, mut events) = mpsc::channel(cfg.pipeline.channel_capacity);
     let (ack_tx, ack_rx) = watch::channel(slot_state.confirmed_flush_lsn.unwrap_or(0));
@@ -95,103 +92,19 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>, stats: Arc<St
     stats.flushed_lsn.store(flushed.0, Ordering::Relaxed);
     let mut fanout =
         Fanout::start(delivery.sinks.clone(), cfg.pipeline.sink_queue_changes, flushed, ack_tx, stats.clone());
-    let mut open_tx = false;
-    let linger = Duration::from_millis(cfg.pipeline.batch_linger_ms);
-    let mut stopping = false;
-    // A change that must start the next batch, with its boundary.
-    let mut carried: Option<(SourceEvent, Boundary)> = None;
-    loop {
-        // Wait for the first event of a batch, or for shutdown, or for a
-        // lane that gave up.
-        let (first, first_boundary) = match carried.take() {
-            Some((ev, b)) => (Some(ev), b),
-            None => {
-                let ev = tokio::select! {
-                    ev = events.recv() => ev,
-                    _ = shutdown.changed(), if !stopping => { stopping = true; None }
-                    e = fanout.failure() => return Err(e),
-                };
-                let b = ev.as_ref().map(boundary).unwrap_or_default();
-                (ev, b)
-            }
-        };
-        let mut batch: Vec<Change> = Vec::new();
-        let mut ack = BatchAck::default();
-        let take = |ev: SourceEvent, batch: &mut Vec<Change>, ack: &mut BatchAck, open_tx: &mut bool| match ev {
-            SourceEvent::Change(c) => {
-                stats.reader.took_one();
-                *open_tx = true;
-                batch.push(*c);
-            }
-            SourceEvent::Commit { end_lsn, .. } => {
-                *open_tx = false;
-                ack.last_commit_end = Some(end_lsn);
-            }
-            SourceEvent::Idle { wal_end } => ack.idle_wal_end = Some(wal_end),
-        };
-        // `hold`: inside the replayed webhook batch, which only its last
-        // change ends; `cut`: end the batch now.
-        let (mut hold, mut cut) = (first_boundary.hold, first_boundary.cut_after);
-        match first {
-            Some(ev) => take(ev, &mut batch, &mut ack, &mut open_tx),
-            None if stopping => break,
-            None => {
-                return Err(match reader.await {
-                    Ok(Err(e)) => e.into(),
-                    _ => PipelineError::ReaderGone,
-                })
-            }
+    let drove = {
+        let mut batches = Batches { events: &mut events, cuts: &cuts, shutdown: Some(&mut shutdown), stopping: false };
+        drive(&mut batches, &mut delivery, &mut fanout, &DeliverOptions::default(), Some(&mut journal), &cfg).await
+    };
+    match drove {
+        Ok(Ended::Stopped) => {}
+        Ok(Ended::InputClosed) => {
+            return Err(match reader.await {
+                Ok(Err(e)) => e.into(),
+                _ => PipelineError::ReaderGone,
+            })
         }
-        let deadline = tokio::time::Instant::now() + linger;
-        while !cut && (hold || batch.len() < cfg.pipeline.batch_max_changes) {
-            let ev = if hold {
-                tokio::select! {
-                    ev = events.recv() => ev,
-                    _ = shutdown.changed(), if !stopping => { stopping = true; None }
-                    e = fanout.failure() => return Err(e),
-                }
-            } else {
-                match tokio::time::timeout_at(deadline, events.recv()).await {
-                    Ok(Some(ev)) => Some(ev),
-                    _ => break,
-                }
-            };
-            let Some(ev) = ev else { break };
-            let b = boundary(&ev);
-            if b.cut_before && !batch.is_empty() {
-                carried = Some((ev, b));
-                break;
-            }
-            if matches!(ev, SourceEvent::Change(_)) {
-                (hold, cut) = (b.hold, b.cut_after);
-            }
-            take(ev, &mut batch, &mut ack, &mut open_tx);
-        }
-        if hold {
-            // Stopping, or the reader gone, inside the replayed webhook
-            // batch: a part of it must not go out (it would be posted under
-            // another key). Nothing of it is acknowledged, so the next start
-            // replays it whole.
-            if stopping {
-                break;
-            }
-            continue;
-        }
-        ack.open_tx = open_tx;
-        let enriched = match batch.first() {
-            Some(c) => {
-                observe::health::batch_started(&stats, c.tx.commit_ts_us);
-                let enriched =
-                    delivery.publish_and_enrich(&batch, &DeliverOptions::default()).await?.unwrap_or_default();
-                // Durable before any sink has the batch, hence before the
-                // slot can move past its content changes.
-                let versions = delivery.dim.take_versions();
-                journal.write(&versions, stats.flushed_lsn.load(Ordering::Relaxed)).await?;
-                enriched
-            }
-            None => Enriched::default(),
-        };
-        fanout.push(batch, enriched, ack).await?;
+        Err(e) => return Err(e),
     }
     fanout.finish().await?;
     tracing::info!(flushed_lsn = %source::Lsn(stats.flushed_lsn.load(Ordering::Relaxed)).to_pg_string(), "draining done; stopping replication");

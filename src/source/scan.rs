@@ -26,7 +26,7 @@ use tokio_postgres::Client;
 use super::copy::{CopyDecoder, CopyError};
 use super::slot::{self, quote_ident};
 use super::values::{oid, Value};
-use super::{Change, Op, Position, Row, TableName, TxInfo};
+use super::{Change, Op, Position, Row, SourceEvent, TableName, TxInfo};
 
 /// Widest integer-key chunk: a row's ordinal (its key's offset in the
 /// chunk) must fit `Position::ordinal`'s 32 bits, which `Position::version()`
@@ -358,16 +358,16 @@ pub struct ScanPoint {
     pub commit_ts_us: i64,
 }
 
-/// Reads one chunk and sends its rows as `Op::Read` changes in batches of
-/// `batch` (a full channel pauses the COPY). Returns the rows read.
+/// Reads one chunk and sends its rows as `Op::Read` changes, one event each
+/// (the pipeline's batcher cuts them; a full channel pauses the COPY).
+/// Returns the rows read (fewer if the receiver went away).
 pub async fn read_chunk(
     client: &Client,
     table: &ScanTable,
     chunk: &Chunk,
     filter: Option<&str>,
     point: ScanPoint,
-    batch: usize,
-    out: &mpsc::Sender<Vec<Change>>,
+    out: &mpsc::Sender<SourceEvent>,
 ) -> Result<u64, ScanError> {
     let sql = table.copy_sql(chunk, filter);
     let stream = client.copy_out(sql.as_str()).await.map_err(query_err(format!("COPY {}", table.name)))?;
@@ -380,7 +380,6 @@ pub async fn read_chunk(
     let tx = TxInfo { xid: 0, commit_lsn: point.consistent_point, commit_ts_us: point.commit_ts_us };
     let mut rank = 0u32;
     let mut rows = 0u64;
-    let mut pending: Vec<Change> = Vec::with_capacity(batch);
     let copy_err = |source| ScanError::Copy { table: table.name.clone(), source };
     while let Some(data) = stream.next().await {
         let data = data.map_err(query_err(format!("COPY {}", table.name)))?;
@@ -424,7 +423,7 @@ pub async fn read_chunk(
                 _ => rank,
             };
             let key = Row(table.key.iter().map(|&i| values[i].clone()).collect());
-            pending.push(Change {
+            let change = Change {
                 table: table.name.clone(),
                 op: Op::Read,
                 key,
@@ -433,20 +432,14 @@ pub async fn read_chunk(
                 lsn: 0,
                 tx,
                 position: scan_position(point.consistent_point, chunk.seq, ordinal),
-            });
-            rows += 1;
-            if pending.len() >= batch {
-                let full = std::mem::replace(&mut pending, Vec::with_capacity(batch));
-                if out.send(full).await.is_err() {
-                    return Ok(rows);
-                }
+            };
+            if out.send(SourceEvent::Change(Box::new(change))).await.is_err() {
+                return Ok(rows);
             }
+            rows += 1;
         }
     }
     decoder.finish().map_err(copy_err)?;
-    if !pending.is_empty() {
-        let _ = out.send(pending).await;
-    }
     Ok(rows)
 }
 
