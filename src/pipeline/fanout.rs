@@ -210,3 +210,335 @@ async fn acknowledge(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::sync::atomic::AtomicBool;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::enrich::{self, ContentDim};
+    use crate::sinks::{Probe, SinkError};
+    use crate::source::values::Value;
+    use crate::source::{Op, Position, Row, TxInfo};
+
+    /// A sink in memory whose writes the test lets through one at a time:
+    /// each write takes a permit of `gate` first, then fails if told to, or
+    /// records the positions it was given.
+    struct FakeSink {
+        name: &'static str,
+        gate: Semaphore,
+        fail: AtomicBool,
+        /// The engagement positions of each batch written, in order.
+        written: watch::Sender<Vec<Vec<Position>>>,
+    }
+
+    impl FakeSink {
+        /// A sink whose writes wait for `release`.
+        fn gated(name: &'static str) -> Arc<FakeSink> {
+            Arc::new(FakeSink {
+                name,
+                gate: Semaphore::new(0),
+                fail: AtomicBool::new(false),
+                written: watch::Sender::new(Vec::new()),
+            })
+        }
+
+        /// A sink that writes at once.
+        fn open(name: &'static str) -> Arc<FakeSink> {
+            let sink = FakeSink::gated(name);
+            sink.gate.add_permits(Semaphore::MAX_PERMITS);
+            sink
+        }
+
+        /// Lets `n` more writes through.
+        fn release(&self, n: usize) {
+            self.gate.add_permits(n);
+        }
+
+        fn written(&self) -> Vec<Vec<Position>> {
+            self.written.borrow().clone()
+        }
+
+        /// Waits until `n` batches are written.
+        async fn wait_written(&self, n: usize) {
+            let mut rx = self.written.subscribe();
+            soon(&format!("{} writing {n} batches", self.name), rx.wait_for(|w| w.len() >= n))
+                .await
+                .expect("sender lives");
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl Sink for FakeSink {
+        fn name(&self) -> &'static str {
+            self.name
+        }
+
+        async fn probe(&self) -> Result<Probe, String> {
+            Ok(Probe::default())
+        }
+
+        async fn write(&self, batch: &Enriched) -> Result<(), SinkError> {
+            self.gate.acquire().await.expect("gate stays open").forget();
+            if self.fail.load(Ordering::Relaxed) {
+                return Err(SinkError::Http(format!("{} told to fail", self.name)));
+            }
+            let positions = batch.engagements.iter().map(|e| e.position).collect();
+            self.written.send_modify(|w| w.push(positions));
+            Ok(())
+        }
+    }
+
+    fn lanes(sinks: &[&Arc<FakeSink>]) -> Vec<Arc<dyn Sink>> {
+        sinks.iter().map(|s| Arc::clone(s) as Arc<dyn Sink>).collect()
+    }
+
+    /// A fanout whose flush position starts at 0, with the receiver the
+    /// replication reader would acknowledge from.
+    fn start(sinks: Vec<Arc<dyn Sink>>, queue_changes: usize) -> (Fanout, watch::Receiver<u64>, Arc<Stats>) {
+        let (ack_tx, ack_rx) = watch::channel(0);
+        let stats = Arc::new(Stats::default());
+        (Fanout::start(sinks, queue_changes, FlushedLsn(0), ack_tx, stats.clone()), ack_rx, stats)
+    }
+
+    /// `n` inserts into `engagement_events` by transaction `xid`, which
+    /// commits at `commit_lsn`; ordinals from `first`.
+    fn inserts(xid: u32, commit_lsn: u64, first: u32, n: u32) -> Vec<Change> {
+        let tx = TxInfo { xid, commit_lsn, commit_ts_us: 1_700_000_000_000_000 + i64::from(xid) };
+        (first..first + n)
+            .map(|ordinal| {
+                let id = i64::from(xid) * 1000 + i64::from(ordinal);
+                let ts = chrono::DateTime::from_timestamp_millis(1_700_000_000_000 + id).expect("in range");
+                let row = Row(vec![("id".into(), Value::Int8(id)), ("event_ts".into(), Value::TimestampTz(ts))]);
+                Change {
+                    table: TableName::new(enrich::EVENTS_TABLE.0, enrich::EVENTS_TABLE.1),
+                    op: Op::Create,
+                    key: Row(vec![("id".into(), Value::Int8(id))]),
+                    before: None,
+                    after: Some(row),
+                    lsn: commit_lsn - 0x80 + u64::from(ordinal),
+                    tx,
+                    position: Position { commit_lsn, ordinal },
+                }
+            })
+            .collect()
+    }
+
+    /// Every change of transaction `xid` committed at `commit_lsn`, as one
+    /// batch that ends with the commit (which ends at `commit_lsn + 0x10`).
+    fn whole(xid: u32, commit_lsn: u64, n: u32) -> (Vec<Change>, BatchAck) {
+        (inserts(xid, commit_lsn, 0, n), BatchAck { last_commit_end: Some(end(commit_lsn)), ..BatchAck::default() })
+    }
+
+    fn end(commit_lsn: u64) -> u64 {
+        commit_lsn + 0x10
+    }
+
+    fn positions(changes: &[Change]) -> Vec<Position> {
+        changes.iter().map(|c| c.position).collect()
+    }
+
+    /// The push the loop makes: the batch with its enrichment.
+    fn push<'a>(
+        fanout: &'a mut Fanout,
+        (changes, ack): &(Vec<Change>, BatchAck),
+    ) -> impl Future<Output = Result<(), PipelineError>> + 'a {
+        let enriched = enrich::enrich(&mut ContentDim::default(), changes);
+        assert_eq!(enriched.engagements.len(), changes.len(), "every fake change enriches: {:?}", enriched.rejected);
+        fanout.push(changes.clone(), enriched, *ack)
+    }
+
+    /// Fails the test if `f` does not complete (a hang, not a slow machine:
+    /// nothing here waits on anything outside the process).
+    async fn soon<F: Future>(what: &str, f: F) -> F::Output {
+        tokio::time::timeout(Duration::from_secs(10), f).await.unwrap_or_else(|_| panic!("{what} did not complete"))
+    }
+
+    /// Lets every task the test woke run until it waits again: on the
+    /// current-thread runtime each yield runs every ready task once, and the
+    /// longest chain here (a released write, the lane's flush message, the
+    /// acknowledgement task, a push waiting for room) is a few hops.
+    async fn settle() {
+        for _ in 0..50 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// Fails the test if `f` completes while the tasks settle.
+    async fn assert_pending<F: Future + Unpin>(what: &str, f: &mut F)
+    where
+        F::Output: std::fmt::Debug,
+    {
+        tokio::select! {
+            biased;
+            out = f => panic!("{what} completed: {out:?}"),
+            () = settle() => {}
+        }
+    }
+
+    #[tokio::test]
+    async fn a_slow_lane_does_not_hold_the_others_within_its_bound() {
+        let (slow, fast) = (FakeSink::gated("slow"), FakeSink::open("fast"));
+        // The slow lane first: the loop hands it every batch before the fast one.
+        let (mut fanout, acked, _) = start(lanes(&[&slow, &fast]), 10);
+        let batches = [whole(1, 0x100, 3), whole(2, 0x200, 3), whole(3, 0x300, 3)];
+        for b in &batches {
+            soon("a push within the bound", push(&mut fanout, b)).await.expect("push");
+        }
+        fast.wait_written(3).await;
+        assert_eq!(fast.written(), batches.iter().map(|(c, _)| positions(c)).collect::<Vec<_>>());
+        settle().await;
+        assert!(slow.written().is_empty());
+        assert_eq!(*acked.borrow(), 0, "the slow lane has flushed nothing");
+
+        slow.release(3);
+        soon("finish", fanout.finish()).await.expect("finish");
+        assert_eq!(slow.written(), fast.written());
+        assert_eq!(*acked.borrow(), end(0x300));
+    }
+
+    #[tokio::test]
+    async fn a_full_lane_stops_the_loop() {
+        let (slow, fast) = (FakeSink::gated("slow"), FakeSink::open("fast"));
+        let (mut fanout, acked, _) = start(lanes(&[&slow, &fast]), 10);
+        for b in [whole(1, 0x100, 3), whole(2, 0x200, 3), whole(3, 0x300, 3)] {
+            soon("a push within the bound", push(&mut fanout, &b)).await.expect("push");
+        }
+        // 9 of 10 changes queued for the slow lane: 3 more do not fit.
+        let fourth = whole(4, 0x400, 3);
+        let mut pushing = Box::pin(push(&mut fanout, &fourth));
+        assert_pending("a push past the bound", &mut pushing).await;
+        assert_eq!(fast.written().len(), 3, "no lane gets the batch while one is full");
+        // The slow lane flushes its first batch: room for 3 again.
+        slow.release(1);
+        soon("the push once the lane has room", pushing).await.expect("push");
+        fast.wait_written(4).await;
+        assert_eq!(slow.written(), vec![positions(&whole(1, 0x100, 3).0)]);
+        soon("ack of batch 1", acked.clone().wait_for(|l| *l >= end(0x100))).await.expect("ack");
+        assert_eq!(*acked.borrow(), end(0x100));
+
+        // A batch larger than the bound takes the whole lane: it waits until
+        // the lane is empty, and then goes.
+        let huge = whole(5, 0x500, 15);
+        let mut pushing = Box::pin(push(&mut fanout, &huge));
+        assert_pending("a push larger than the bound into a non-empty lane", &mut pushing).await;
+        slow.release(2);
+        assert_pending("a push larger than the bound into a non-empty lane", &mut pushing).await;
+        slow.release(1);
+        soon("the push once the lane is empty", pushing).await.expect("push");
+        slow.release(1);
+        soon("finish", fanout.finish()).await.expect("finish");
+        assert_eq!(slow.written().len(), 5);
+        assert_eq!(slow.written(), fast.written());
+        assert_eq!(*acked.borrow(), end(0x500));
+    }
+
+    /// Every order in which two lanes can flush four batches (one ending in
+    /// an open transaction, one an idle keepalive without changes): after
+    /// each flush the position is exactly what both lanes have.
+    #[tokio::test]
+    async fn the_flush_lsn_never_passes_a_batch_some_lane_lacks() {
+        let tx2 = inserts(2, 0x200, 0, 3);
+        let batches = [
+            whole(1, 0x100, 2),
+            (tx2[..2].to_vec(), BatchAck { open_tx: true, ..BatchAck::default() }),
+            (
+                [&tx2[2..], &inserts(3, 0x300, 0, 2)[..]].concat(),
+                BatchAck { last_commit_end: Some(end(0x300)), ..BatchAck::default() },
+            ),
+            (Vec::new(), BatchAck { idle_wal_end: Some(0x480), ..BatchAck::default() }),
+        ];
+        // The flush position once both lanes have the first `n` batches:
+        // the second batch ends inside transaction 2, so it adds nothing.
+        let expected = [0, end(0x100), end(0x100), end(0x300), 0x480];
+        for order in (0u32..1 << 8).filter(|o| o.count_ones() == 4) {
+            let sinks = [FakeSink::gated("a"), FakeSink::gated("b")];
+            let (mut fanout, acked, _) = start(lanes(&[&sinks[0], &sinks[1]]), 100);
+            for b in &batches {
+                soon("a push within the bound", push(&mut fanout, b)).await.expect("push");
+            }
+            let mut flushed = [0, 0];
+            for step in 0..8 {
+                let lane = ((order >> step) & 1) as usize;
+                sinks[lane].release(1);
+                flushed[lane] += 1;
+                sinks[lane].wait_written(flushed[lane]).await;
+                settle().await;
+                let both = flushed[0].min(flushed[1]);
+                assert_eq!(*acked.borrow(), expected[both], "order {order:08b}, lanes flushed {flushed:?}");
+            }
+            soon("finish", fanout.finish()).await.expect("finish");
+            let want: Vec<_> = batches.iter().map(|(c, _)| positions(c)).collect();
+            assert_eq!(sinks[0].written(), want);
+            assert_eq!(sinks[1].written(), want);
+            assert_eq!(*acked.borrow(), 0x480);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_lane_stops_the_pipeline_without_acknowledging() {
+        let (good, bad) = (FakeSink::open("good"), FakeSink::open("bad"));
+        let (mut fanout, acked, stats) = start(lanes(&[&good, &bad]), 100);
+        soon("push", push(&mut fanout, &whole(1, 0x100, 2))).await.expect("push");
+        soon("ack of batch 1", acked.clone().wait_for(|l| *l == end(0x100))).await.expect("ack");
+
+        bad.fail.store(true, Ordering::Relaxed);
+        let second = whole(2, 0x200, 2);
+        soon("push", push(&mut fanout, &second)).await.expect("the lane fails after taking the batch");
+        let e = soon("the lane's failure", fanout.failure()).await;
+        assert!(matches!(&e, PipelineError::Sink(SinkError::Http(m)) if m == "bad told to fail"), "{e:?}");
+        good.wait_written(2).await;
+        // Drains the good lane and the acknowledgement task to the end.
+        let _ = soon("finish", fanout.finish()).await;
+        assert_eq!(good.written()[1], positions(&second.0));
+        assert_eq!(bad.written().len(), 1);
+        assert_eq!(*acked.borrow(), end(0x100), "batch 2 only the good lane flushed");
+        assert_eq!(stats.flushed_lsn.load(Ordering::Relaxed), end(0x100));
+        assert_eq!(stats.changes.load(Ordering::Relaxed), 2, "only batch 1 counts as delivered");
+    }
+
+    #[tokio::test]
+    async fn push_and_finish_report_a_failed_lane() {
+        // The loop pushes again before it looked at the failure.
+        let (good, bad) = (FakeSink::open("good"), FakeSink::open("bad"));
+        bad.fail.store(true, Ordering::Relaxed);
+        let (mut fanout, acked, _) = start(lanes(&[&good, &bad]), 100);
+        soon("push", push(&mut fanout, &whole(1, 0x100, 2))).await.expect("the lane fails after taking the batch");
+        good.wait_written(1).await;
+        settle().await;
+        let e = soon("push to a failed lane", push(&mut fanout, &whole(2, 0x200, 2))).await.expect_err("lane failed");
+        assert!(matches!(&e, PipelineError::Sink(SinkError::Http(m)) if m == "bad told to fail"), "{e:?}");
+        let _ = soon("finish", fanout.finish()).await;
+        assert_eq!(*acked.borrow(), 0);
+
+        // Shutdown drains what the lanes hold; a lane that failed meanwhile
+        // is the result.
+        let (good, bad) = (FakeSink::open("good"), FakeSink::gated("bad"));
+        let (mut fanout, acked, _) = start(lanes(&[&good, &bad]), 100);
+        soon("push", push(&mut fanout, &whole(1, 0x100, 2))).await.expect("push");
+        bad.fail.store(true, Ordering::Relaxed);
+        bad.release(1);
+        let e = soon("finish", fanout.finish()).await.expect_err("lane failed");
+        assert!(matches!(&e, PipelineError::Sink(SinkError::Http(m)) if m == "bad told to fail"), "{e:?}");
+        assert_eq!(good.written().len(), 1);
+        assert_eq!(*acked.borrow(), 0);
+    }
+
+    #[tokio::test]
+    async fn without_lanes_a_batch_is_acknowledged_once_pushed() {
+        let (mut fanout, acked, stats) = start(Vec::new(), 10);
+        soon("push", push(&mut fanout, &whole(1, 0x100, 20))).await.expect("push");
+        soon("ack of batch 1", acked.clone().wait_for(|l| *l == end(0x100))).await.expect("ack");
+        let mut failing = Box::pin(fanout.failure());
+        assert_pending("failure without lanes", &mut failing).await;
+        drop(failing);
+        soon("push", push(&mut fanout, &(Vec::new(), BatchAck { idle_wal_end: Some(0x180), ..BatchAck::default() })))
+            .await
+            .expect("push");
+        soon("finish", fanout.finish()).await.expect("finish");
+        assert_eq!(*acked.borrow(), 0x180);
+        assert_eq!(stats.changes.load(Ordering::Relaxed), 20);
+    }
+}
