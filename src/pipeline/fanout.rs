@@ -5,6 +5,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use futures::FutureExt;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
@@ -114,8 +115,17 @@ impl Fanout {
             tasks.push(tokio::spawn(async move {
                 let latency = CommitToSink::new(sink.name());
                 while let Some((job, room)) = rx.recv().await {
-                    if let Err(e) = observe::timed(sink.name(), sink.write(&job.enriched)).await {
-                        let _ = fail_tx.send(e.into());
+                    // A sink that panics stops the pipeline like one that
+                    // fails: without it the lane would end unheard and the
+                    // loop wait on it for ever.
+                    let write = std::panic::AssertUnwindSafe(sink.write(&job.enriched)).catch_unwind();
+                    let failed = match observe::timed(sink.name(), write).await {
+                        Ok(Ok(())) => None,
+                        Ok(Err(e)) => Some(e.into()),
+                        Err(_) => Some(PipelineError::SinkPanicked { sink: sink.name() }),
+                    };
+                    if let Some(e) = failed {
+                        let _ = fail_tx.send(e);
                         return;
                     }
                     drop(room);
@@ -230,6 +240,7 @@ mod tests {
         name: &'static str,
         gate: Semaphore,
         fail: AtomicBool,
+        panic: AtomicBool,
         /// The engagement positions of each batch written, in order.
         written: watch::Sender<Vec<Vec<Position>>>,
     }
@@ -241,6 +252,7 @@ mod tests {
                 name,
                 gate: Semaphore::new(0),
                 fail: AtomicBool::new(false),
+                panic: AtomicBool::new(false),
                 written: watch::Sender::new(Vec::new()),
             })
         }
@@ -285,6 +297,7 @@ mod tests {
             if self.fail.load(Ordering::Relaxed) {
                 return Err(SinkError::Http(format!("{} told to fail", self.name)));
             }
+            assert!(!self.panic.load(Ordering::Relaxed), "{} told to panic", self.name);
             let positions = batch.engagements.iter().map(|e| e.position).collect();
             self.written.send_modify(|w| w.push(positions));
             Ok(())
@@ -524,6 +537,19 @@ mod tests {
         assert!(matches!(&e, PipelineError::Sink(SinkError::Http(m)) if m == "bad told to fail"), "{e:?}");
         assert_eq!(good.written().len(), 1);
         assert_eq!(*acked.borrow(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_panicking_sink_stops_the_pipeline_without_acknowledging() {
+        let (good, bad) = (FakeSink::open("good"), FakeSink::open("bad"));
+        bad.panic.store(true, Ordering::Relaxed);
+        let (mut fanout, acked, _) = start(lanes(&[&good, &bad]), 100);
+        soon("push", push(&mut fanout, &whole(1, 0x100, 2))).await.expect("push");
+        let e = soon("the lane's failure", fanout.failure()).await;
+        assert!(matches!(e, PipelineError::SinkPanicked { sink: "bad" }), "{e:?}");
+        good.wait_written(1).await;
+        let _ = soon("finish", fanout.finish()).await;
+        assert_eq!(*acked.borrow(), 0, "nothing acknowledged past a batch the panicking sink lacks");
     }
 
     #[tokio::test]

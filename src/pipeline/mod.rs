@@ -51,6 +51,8 @@ pub enum PipelineError {
     Journal(#[from] enrich::journal::JournalError),
     #[error("replication reader stopped unexpectedly")]
     ReaderGone,
+    #[error("sink {sink} panicked while writing a batch (a bug; the batch is not acknowledged and is replayed on the next start)")]
+    SinkPanicked { sink: &'static str },
 }
 
 /// The topics `run` writes to, for `init`.
