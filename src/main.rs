@@ -50,15 +50,8 @@ enum Command {
     /// Initial load: create the slot with an exported snapshot and deliver every published
     /// table as of that point (resumes an interrupted snapshot; exits 0 if it completed before).
     Snapshot {
-        /// Parallel readers, each with its own connection and delivery.
-        #[arg(long, default_value_t = 2)]
-        workers: usize,
-        /// Rows per chunk: the unit of parallelism, progress and resume.
-        #[arg(long, default_value_t = 20_000)]
-        chunk_rows: u64,
-        /// Publish to the log only (no enrichment, no sinks); the snapshot then counts as done.
-        #[arg(long)]
-        log_only: bool,
+        #[command(flatten)]
+        scan: ScanArgs,
         /// Drop an existing, inactive slot that no snapshot created (e.g. by `init`) and recreate it.
         #[arg(long)]
         recreate_slot: bool,
@@ -76,13 +69,8 @@ enum Command {
         /// Timestamp column the range applies to (default: event_ts, or publish_ts for content).
         #[arg(long)]
         column: Option<String>,
-        #[arg(long, default_value_t = 2)]
-        workers: usize,
-        #[arg(long, default_value_t = 20_000)]
-        chunk_rows: u64,
-        /// Publish to the log only (no enrichment, no sinks).
-        #[arg(long)]
-        log_only: bool,
+        #[command(flatten)]
+        scan: ScanArgs,
     },
     /// Write a generated workload to PostgreSQL.
     Generate {
@@ -100,6 +88,20 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
+}
+
+/// How `snapshot` and `backfill` read tables.
+#[derive(clap::Args)]
+struct ScanArgs {
+    /// Parallel readers, each with its own connection and delivery.
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// Rows per chunk: the unit of parallelism, progress and resume.
+    #[arg(long, default_value_t = 20_000)]
+    chunk_rows: u64,
+    /// Publish to the log only (no enrichment, no sinks); a snapshot then counts as done.
+    #[arg(long)]
+    log_only: bool,
 }
 
 #[tokio::main]
@@ -123,7 +125,7 @@ async fn main() -> anyhow::Result<()> {
             let secs = started.elapsed().as_secs_f64();
             println!("{n} changes in {secs:.2} s ({:.0} changes/s)", n as f64 / secs);
         }
-        Command::Snapshot { workers, chunk_rows, log_only, recreate_slot } => {
+        Command::Snapshot { scan: ScanArgs { workers, chunk_rows, log_only }, recreate_slot } => {
             let opts = pgfanout::commands::snapshot::SnapshotOptions { workers, chunk_rows, log_only, recreate_slot };
             match pgfanout::commands::snapshot::run(&cfg, &opts).await? {
                 pgfanout::commands::snapshot::SnapshotOutcome::Loaded { rows, chunks, resumed, seconds } => println!(
@@ -136,7 +138,7 @@ async fn main() -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Backfill { table, from, to, column, workers, chunk_rows, log_only } => {
+        Command::Backfill { table, from, to, column, scan: ScanArgs { workers, chunk_rows, log_only } } => {
             let opts = pgfanout::commands::backfill::BackfillOptions {
                 table,
                 column,
