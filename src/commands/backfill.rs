@@ -125,14 +125,6 @@ pub fn parse_bound(s: &str) -> Result<DateTime<Utc>, String> {
         .map_err(|e| format!("{s:?} is neither a date (YYYY-MM-DD) nor an RFC 3339 timestamp: {e}"))
 }
 
-fn default_column(table: &TableName) -> Option<&'static str> {
-    match &*table.name {
-        "engagement_events" => Some("event_ts"),
-        "content" => Some("publish_ts"),
-        _ => None,
-    }
-}
-
 /// The Redis progress scope of one chunk of one backfill run.
 pub fn chunk_origin(consistent_point: u64, chunk: &Chunk) -> String {
     format!("backfill:{consistent_point:X}:{}:{}", chunk.table, chunk.seq)
@@ -160,7 +152,7 @@ pub async fn run(cfg: &Config, opts: &BackfillOptions) -> Result<BackfillReport,
     })?;
     let column = match &opts.column {
         Some(c) => c.clone(),
-        None => default_column(&table).ok_or_else(|| BackfillError::NoDefaultColumn(table.clone()))?.to_string(),
+        None => crate::enrich::time_column(&table).ok_or_else(|| BackfillError::NoDefaultColumn(table.clone()))?.to_string(),
     };
     let shape = ScanTable::load(&state, &table).await?;
     if !shape.columns.iter().any(|c| *c.name == *column) {

@@ -177,7 +177,7 @@ fn judge(cfg: &Config, slot: &SlotReport, sinks: &[SinkReport], sidecar: &Sideca
 }
 
 async fn slot_report(pg: &tokio_postgres::Client, name: &str) -> Result<SlotReport, slot::SlotError> {
-    let query = |what| move |source| slot::SlotError::Query { what, source };
+    let query = slot::query_err;
     let current: String = pg
         .query_one(
             "SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END)::text",

@@ -12,10 +12,22 @@ pub use content::{Content, ContentDim, ContentError, ContentVersion, VersionKind
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::source::{Change, Op, Position, Row};
+use crate::source::{Change, Op, Position, Row, TableName};
 
 pub const CONTENT_TABLE: (&str, &str) = ("public", "content");
 pub const EVENTS_TABLE: (&str, &str) = ("public", "engagement_events");
+
+/// The column that says when a row of a domain table happened, which a
+/// backfill's time range applies to by default.
+pub fn time_column(table: &TableName) -> Option<&'static str> {
+    if table.is(EVENTS_TABLE.0, EVENTS_TABLE.1) {
+        Some("event_ts")
+    } else if table.is(CONTENT_TABLE.0, CONTENT_TABLE.1) {
+        Some("publish_ts")
+    } else {
+        None
+    }
+}
 
 /// `duration_ms / 1000.0`; NULL stays NULL.
 pub fn engagement_seconds(duration_ms: Option<i32>) -> Option<f64> {

@@ -9,7 +9,7 @@ use futures::FutureExt;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
-use super::ack::{BatchAck, FlushedLsn};
+use super::ack::{min_flushed, BatchAck, FlushedLsn};
 use super::PipelineError;
 use crate::enrich::Enriched;
 use crate::observe::{self, metrics::CommitToSink, Stats};
@@ -200,7 +200,7 @@ async fn acknowledge(
             AckMsg::Flushed { lane, seq } => lane_seq[lane] = seq,
         }
         // No lane (a log-only run): a batch is done once it is published.
-        let done = lane_seq.iter().copied().min().unwrap_or(u64::MAX);
+        let done = if lane_seq.is_empty() { u64::MAX } else { min_flushed(&lane_seq) };
         while pending.front().is_some_and(|j| j.seq <= done) {
             let job = pending.pop_front().expect("front");
             if job.tally.changes > 0 {

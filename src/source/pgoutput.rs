@@ -14,10 +14,6 @@
 use bytes::Bytes;
 use std::fmt;
 
-/// Microseconds between the Unix epoch and PostgreSQL's epoch (2000-01-01),
-/// the origin of every timestamp in this protocol.
-pub const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
-
 /// `Truncate` option bit: `TRUNCATE ... CASCADE`.
 pub const TRUNCATE_CASCADE: u8 = 1;
 /// `Truncate` option bit: `TRUNCATE ... RESTART IDENTITY`.
@@ -26,7 +22,7 @@ pub const TRUNCATE_RESTART_IDENTITY: u8 = 2;
 /// Converts a protocol timestamp (µs since 2000-01-01) to µs since the Unix
 /// epoch, saturating instead of overflowing.
 pub fn pg_ts_to_unix_micros(pg_micros: i64) -> i64 {
-    pg_micros.saturating_add(PG_EPOCH_OFFSET_MICROS)
+    pg_micros.saturating_add(super::PG_EPOCH_OFFSET_US)
 }
 
 /// A decoded pgoutput message. Timestamps are µs since 2000-01-01 (see

@@ -14,11 +14,11 @@ use std::time::Duration;
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent};
 use tokio::sync::{mpsc, watch};
 
-use super::pgoutput::{DecodeError, Decoder, Message};
+use super::pgoutput::{pg_ts_to_unix_micros, DecodeError, Decoder, Message};
 use super::relations::{self, RelationError, Relations};
 use super::slot::{self, SlotError};
 use super::streamed::{InProgress, SpillError};
-use super::{Change, Op, Position, Row, SourceEvent, TxInfo, PG_EPOCH_OFFSET_US};
+use super::{Change, Op, Position, Row, SourceEvent, TxInfo};
 use crate::config::SourceConfig;
 use crate::observe::{ReaderProgress, TableCounters};
 use crate::retry::{Alert, Attempts, ErrorClass, Policy};
@@ -278,7 +278,7 @@ async fn stream_once(
                 }
                 match decoder.decode_bytes(&data, wal_start.0)? {
                     Message::Begin { final_lsn, commit_ts, xid } => {
-                        let info = TxInfo { xid, commit_lsn: final_lsn, commit_ts_us: commit_ts + PG_EPOCH_OFFSET_US };
+                        let info = TxInfo { xid, commit_lsn: final_lsn, commit_ts_us: pg_ts_to_unix_micros(commit_ts) };
                         open = Some(OpenTx { info, ordinal: 0 });
                         continue;
                     }
@@ -307,7 +307,7 @@ async fn stream_once(
                         continue;
                     }
                     Message::StreamCommit { xid, commit_lsn, end_lsn, commit_ts, .. } => {
-                        let info = TxInfo { xid, commit_lsn, commit_ts_us: commit_ts + PG_EPOCH_OFFSET_US };
+                        let info = TxInfo { xid, commit_lsn, commit_ts_us: pg_ts_to_unix_micros(commit_ts) };
                         let mut tx = OpenTx { info, ordinal: 0 };
                         let mut held = streams.commit(xid)?;
                         while let Some((lsn, bytes)) = held.next_message()? {
@@ -427,7 +427,7 @@ struct Catalog {
 impl Catalog {
     async fn load(cfg: &SourceConfig) -> Result<Catalog, SessionError> {
         let client = slot::connect(cfg.url.expose()).await.map_err(SessionError::Catalog)?;
-        let err = |what| move |source| SessionError::Catalog(SlotError::Query { what, source });
+        let err = |what| move |source| SessionError::Catalog(slot::query_err(what)(source));
         let primary_keys =
             relations::primary_keys(&client, &cfg.publication).await.map_err(err("read primary keys"))?;
         let types = relations::Types::load(&client).await.map_err(err("read domains and enums"))?;

@@ -65,7 +65,8 @@ pub struct SlotState {
     pub active_pid: Option<i32>,
 }
 
-fn query_err(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> SlotError {
+/// Maps a failed query to a `SlotError` naming what it was for.
+pub fn query_err(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> SlotError {
     move |source| SlotError::Query { what, source }
 }
 

@@ -13,8 +13,6 @@ use serde::ser::{Serialize, SerializeSeq, Serializer};
 use serde_json::Value as Json;
 use uuid::Uuid;
 
-/// µs between 1970-01-01 and PostgreSQL's epoch 2000-01-01.
-const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
 /// Days between 1970-01-01 and 2000-01-01.
 const PG_EPOCH_OFFSET_DAYS: i64 = 10_957;
 const MICROS_PER_DAY: i64 = 86_400_000_000;
@@ -346,7 +344,7 @@ impl Value {
                 i64::MIN => Value::Infinity { oid: type_oid, negative: true },
                 micros => {
                     let ts = micros
-                        .checked_add(PG_EPOCH_OFFSET_MICROS)
+                        .checked_add(super::PG_EPOCH_OFFSET_US)
                         .and_then(DateTime::from_timestamp_micros)
                         .ok_or_else(|| e("timestamp out of range"))?;
                     if type_oid == oid::TIMESTAMPTZ {
@@ -1310,7 +1308,7 @@ mod tests {
             let v = t(oid::TIMESTAMPTZ, text);
             assert_eq!(v.as_timestamp_millis(), Some(ms), "{text}");
             let Value::TimestampTz(ts) = v else { panic!("{text}") };
-            let pg_us = ts.timestamp_micros() - PG_EPOCH_OFFSET_MICROS;
+            let pg_us = ts.timestamp_micros() - crate::source::PG_EPOCH_OFFSET_US;
             assert_eq!(b(oid::TIMESTAMPTZ, &pg_us.to_be_bytes()).as_timestamp_millis(), Some(ms), "{text} (binary)");
             assert_eq!(b(oid::TIMESTAMP, &pg_us.to_be_bytes()).as_timestamp_millis(), Some(ms), "{text} (timestamp)");
             let naive = text.trim_end_matches("+00");

@@ -74,7 +74,7 @@ use crate::config::{HttpConfig, Secret, SourceConfig};
 use crate::enrich::{EngagementChange, Enriched};
 use crate::log::LogProducer;
 use crate::retry::{self, Alert, Attempts, ErrorClass, Policy};
-use crate::source::slot::{self, SlotError};
+use crate::source::slot::{self, query_err, SlotError};
 use crate::source::{Lsn, Position};
 
 pub const PROGRESS_SCHEMA: &str = include_str!("../../../sql/postgres/http_progress.sql");
@@ -357,9 +357,6 @@ pub struct Inflight {
     pub key: String,
 }
 
-fn query_err(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> SlotError {
-    move |source| SlotError::Query { what, source }
-}
 
 impl LiveRecord {
     /// Loads the record of `slot` and takes it over for this run (a new
