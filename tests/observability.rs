@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pgfanout::commands::status::{parse_samples, Sample};
+use pgfanout::observe::exposition::{parse_samples, Sample};
 use redis::AsyncCommands;
 use support::{pg_versions, wait_until, TestEnv};
 

@@ -152,7 +152,9 @@ pub async fn run(cfg: &Config, opts: &BackfillOptions) -> Result<BackfillReport,
     })?;
     let column = match &opts.column {
         Some(c) => c.clone(),
-        None => crate::enrich::time_column(&table).ok_or_else(|| BackfillError::NoDefaultColumn(table.clone()))?.to_string(),
+        None => {
+            crate::enrich::time_column(&table).ok_or_else(|| BackfillError::NoDefaultColumn(table.clone()))?.to_string()
+        }
     };
     let shape = ScanTable::load(&state, &table).await?;
     if !shape.columns.iter().any(|c| *c.name == *column) {

@@ -4,6 +4,7 @@
 //! facade and the shared `ReaderProgress`/`Stats` atomics); nothing here can
 //! slow it down or hold an acknowledgement back.
 
+pub mod exposition;
 pub mod health;
 pub mod metrics;
 pub mod progress;
