@@ -12,6 +12,7 @@ pub use content::{Content, ContentDim, ContentError, ContentVersion, VersionKind
 use serde::Serialize;
 use uuid::Uuid;
 
+use crate::source::values::Value;
 use crate::source::{Change, Op, Position, Row, TableName};
 
 pub const CONTENT_TABLE: (&str, &str) = ("public", "content");
@@ -201,11 +202,31 @@ pub fn enrich(dim: &mut ContentDim, changes: &[Change]) -> Enriched {
     out
 }
 
+/// A column the enrichment computes from: `Ok(None)` for SQL NULL, an error
+/// naming it when the table no longer has it (dropped or renamed) or it no
+/// longer holds the type `read` takes (retyped), so such a change is parked
+/// with that reason instead of silently losing its derived figures.
+fn needed<'r, T>(
+    row: &'r Row,
+    column: &'static str,
+    what: &str,
+    read: impl Fn(&'r Value) -> Option<T>,
+    err: &impl Fn(&'static str, &str) -> EnrichError,
+) -> Result<Option<T>, EnrichError> {
+    match row.get(column) {
+        None => Err(err(column, "missing from the row: the column was dropped or renamed on the source table")),
+        Some(v) if v.is_null() => Ok(None),
+        Some(v) => {
+            read(v).map(Some).ok_or_else(|| err(column, &format!("not {what} (was the column's type changed?)")))
+        }
+    }
+}
+
 fn engagement_row(dim: &ContentDim, row: &Row, position: Position) -> Result<EngagementRow, EnrichError> {
     let err = |column: &'static str, reason: &str| EnrichError::Column { position, column, reason: reason.to_string() };
     let event_id = row.get("id").and_then(|v| v.as_i64()).ok_or_else(|| err("id", "missing or not an integer"))?;
-    let content_id = row.get("content_id").and_then(|v| v.as_uuid());
-    let duration_ms = match row.get("duration_ms").and_then(|v| v.as_i64()) {
+    let content_id = needed(row, "content_id", "a uuid", Value::as_uuid, &err)?;
+    let duration_ms = match needed(row, "duration_ms", "an integer", Value::as_i64, &err)? {
         None => None,
         Some(d) => Some(i32::try_from(d).map_err(|_| err("duration_ms", "out of range"))?),
     };
@@ -238,6 +259,34 @@ fn engagement_row(dim: &ContentDim, row: &Row, position: Position) -> Result<Eng
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_needed_column_dropped_or_retyped_is_a_reason_not_a_null() {
+        let mut dim = ContentDim::default();
+        let with = |column: &str, v: Option<Value>| {
+            let mut row = event(1);
+            row.0.retain(|(c, _)| &**c != column);
+            if let Some(v) = v {
+                row.0.push((column.into(), v));
+            }
+            row
+        };
+        let reason = |row: Row, dim: &mut ContentDim| {
+            let e = enrich(dim, &[change("engagement_events", Op::Create, 0, Some(row))]);
+            e.rejected.first().map(|(_, r)| r.clone())
+        };
+        assert_eq!(reason(event(1), &mut dim), None, "NULLs are fine");
+        let dropped = reason(with("duration_ms", None), &mut dim).expect("parked");
+        assert!(dropped.contains("duration_ms") && dropped.contains("dropped or renamed"), "{dropped}");
+        let retyped = reason(with("duration_ms", Some(Value::Text("12".into()))), &mut dim).expect("parked");
+        assert!(retyped.contains("duration_ms") && retyped.contains("type changed"), "{retyped}");
+        let widened = reason(with("duration_ms", Some(Value::Int8(1_000))), &mut dim);
+        assert_eq!(widened, None, "a wider integer type still reads");
+        let content = reason(with("content_id", None), &mut dim).expect("parked");
+        assert!(content.contains("content_id"), "{content}");
+        // A column the enrichment does not compute from may go.
+        assert_eq!(reason(with("device", None), &mut dim), None);
+    }
 
     #[test]
     fn spec_sample() {
@@ -319,9 +368,13 @@ mod tests {
     }
 
     fn event(id: i64) -> Row {
-        use crate::source::values::Value;
         let ts = chrono::DateTime::from_timestamp_millis(1_700_000_000_000).unwrap();
-        Row(vec![("id".into(), Value::Int8(id)), ("event_ts".into(), Value::TimestampTz(ts))])
+        Row(vec![
+            ("id".into(), Value::Int8(id)),
+            ("content_id".into(), Value::Null),
+            ("event_ts".into(), Value::TimestampTz(ts)),
+            ("duration_ms".into(), Value::Null),
+        ])
     }
 
     /// A TRUNCATE keeps its place among the batch's changes: each sink
