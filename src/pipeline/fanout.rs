@@ -324,7 +324,12 @@ mod tests {
             .map(|ordinal| {
                 let id = i64::from(xid) * 1000 + i64::from(ordinal);
                 let ts = chrono::DateTime::from_timestamp_millis(1_700_000_000_000 + id).expect("in range");
-                let row = Row(vec![("id".into(), Value::Int8(id)), ("event_ts".into(), Value::TimestampTz(ts))]);
+                let row = Row(vec![
+                    ("id".into(), Value::Int8(id)),
+                    ("content_id".into(), Value::Null),
+                    ("event_ts".into(), Value::TimestampTz(ts)),
+                    ("duration_ms".into(), Value::Int4(1_000)),
+                ]);
                 Change {
                     table: TableName::new(enrich::EVENTS_TABLE.0, enrich::EVENTS_TABLE.1),
                     op: Op::Create,

@@ -72,8 +72,6 @@ pub struct Inflight {
     pub key: String,
 }
 
-}
-
 impl LiveRecord {
     /// Loads the record of `slot` and takes it over for this run (a new
     /// generation), creating the table when it is missing (only then:
