@@ -1,7 +1,8 @@
 //! Turns decoded pgoutput tuples into named, typed rows using the Relation
 //! messages the server sends before a table's first change in each session,
 //! and picks each change's key: the table's primary key, read from the
-//! catalog when the session starts (see `primary_keys`).
+//! catalog when the session starts (see `primary_keys`) and again when a
+//! relation is sent a second time (after DDL, which may have changed it).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -156,6 +157,18 @@ impl Relations {
     /// whose domains decode as their base types, for a stream in binary or not.
     pub fn new(primary_keys: PrimaryKeys, types: Types, binary: bool) -> Self {
         Relations { by_id: HashMap::new(), primary_keys, types, binary }
+    }
+
+    /// Whether a Relation message for `rel_id` came before in this session
+    /// (one that comes again follows DDL: columns or the key may differ).
+    pub fn knows(&self, rel_id: u32) -> bool {
+        self.by_id.contains_key(&rel_id)
+    }
+
+    /// Replaces the primary keys read at the session's start with ones read
+    /// again (after DDL), for the relations learnt from now on.
+    pub fn set_primary_keys(&mut self, primary_keys: PrimaryKeys) {
+        self.primary_keys = primary_keys;
     }
 
     pub fn learn(&mut self, rel: &Relation) -> Result<(), RelationError> {

@@ -312,7 +312,7 @@ async fn stream_once(
                         let mut held = streams.commit(xid)?;
                         while let Some((lsn, bytes)) = held.next_message()? {
                             let msg = decoder.decode_streamed(&bytes, lsn)?;
-                            let to = Output { out, read: &mut read, progress, handed: &mut *handed };
+                            let to = Output { out, read: &mut read, progress, handed: &mut *handed, source: cfg };
                             if !forward(msg, lsn, &mut relations, Some(&mut tx), to).await? {
                                 return Ok(());
                             }
@@ -320,7 +320,7 @@ async fn stream_once(
                         SourceEvent::Commit { end_lsn, tx: tx.info }
                     }
                     msg => {
-                        let to = Output { out, read: &mut read, progress, handed: &mut *handed };
+                        let to = Output { out, read: &mut read, progress, handed: &mut *handed, source: cfg };
                         if !forward(msg, wal_start.0, &mut relations, open.as_mut(), to).await? {
                             return Ok(());
                         }
@@ -348,6 +348,7 @@ struct Output<'a> {
     read: &'a mut TableCounters<super::TableName>,
     progress: &'a ReaderProgress,
     handed: &'a mut Handed,
+    source: &'a SourceConfig,
 }
 
 /// Sends the changes `msg` carries to the pipeline, but those it was handed
@@ -359,6 +360,20 @@ async fn forward(
     tx: Option<&mut OpenTx>,
     to: Output<'_>,
 ) -> Result<bool, SessionError> {
+    if let Message::Relation(rel) = &msg {
+        if relations.knows(rel.rel_id) {
+            // Sent again after DDL: the key may have changed with the
+            // columns. The catalog says what it is now (a later DDL of the
+            // same table, not yet streamed, would show here early; it comes
+            // with its own Relation message, which reads it again).
+            let client = slot::connect(to.source.url.expose()).await.map_err(SessionError::Catalog)?;
+            let keys = relations::primary_keys(&client, &to.source.publication)
+                .await
+                .map_err(|source| SessionError::Catalog(slot::query_err("read primary keys again")(source)))?;
+            relations.set_primary_keys(keys);
+            tracing::info!(table = %format!("{}.{}", rel.namespace, rel.name), "relation changed; its columns and key are read again");
+        }
+    }
     for change in changes(msg, relations, tx, lsn)? {
         if change.position <= to.handed.change {
             continue;
@@ -411,9 +426,8 @@ async fn emit_heartbeats(url: String, every: Duration) {
 }
 
 /// What a session reads from the catalog before streaming, on an ordinary
-/// connection once per session (a Relation message re-sent after DDL reuses
-/// it; a table whose key changed mid-session is keyed right again from the
-/// next session).
+/// connection once per session (the primary keys again when a Relation
+/// message is re-sent after DDL, see `forward`).
 struct Catalog {
     primary_keys: relations::PrimaryKeys,
     types: relations::Types,
