@@ -52,6 +52,10 @@ enum Command {
     Snapshot {
         #[command(flatten)]
         scan: ScanArgs,
+        /// Load one table only, while `run` streams (a table added to the publication later):
+        /// read it under a snapshot of its own and deliver it as a backfill of the whole table.
+        #[arg(long)]
+        table: Option<String>,
         /// Drop an existing, inactive slot that no snapshot created (e.g. by `init`) and recreate it.
         #[arg(long)]
         recreate_slot: bool,
@@ -125,7 +129,18 @@ async fn main() -> anyhow::Result<()> {
             let secs = started.elapsed().as_secs_f64();
             println!("{n} changes in {secs:.2} s ({:.0} changes/s)", n as f64 / secs);
         }
-        Command::Snapshot { scan: ScanArgs { workers, chunk_rows, log_only }, recreate_slot } => {
+        Command::Snapshot { scan: ScanArgs { workers, chunk_rows, log_only }, table: Some(table), .. } => {
+            let opts = pgfanout::commands::backfill::BackfillOptions {
+                table,
+                column: None,
+                range: None,
+                workers,
+                chunk_rows,
+                log_only,
+            };
+            print_backfill(&pgfanout::commands::backfill::run(&cfg, &opts).await?);
+        }
+        Command::Snapshot { scan: ScanArgs { workers, chunk_rows, log_only }, recreate_slot, table: None } => {
             let opts = pgfanout::commands::snapshot::SnapshotOptions { workers, chunk_rows, log_only, recreate_slot };
             match pgfanout::commands::snapshot::run(&cfg, &opts).await? {
                 pgfanout::commands::snapshot::SnapshotOutcome::Loaded { rows, chunks, resumed, seconds } => println!(
@@ -139,21 +154,10 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Command::Backfill { table, from, to, column, scan: ScanArgs { workers, chunk_rows, log_only } } => {
-            let opts = pgfanout::commands::backfill::BackfillOptions {
-                table,
-                column,
-                from,
-                to,
-                workers,
-                chunk_rows,
-                log_only,
-            };
-            let r = pgfanout::commands::backfill::run(&cfg, &opts).await?;
-            println!(
-                "{}",
-                serde_json::json!({"rows": r.rows, "chunks": r.chunks, "seconds": r.seconds,
-                    "consistent_point": pgfanout::source::Lsn(r.consistent_point).to_pg_string()})
-            );
+            let range = Some((from, to));
+            let opts =
+                pgfanout::commands::backfill::BackfillOptions { table, column, range, workers, chunk_rows, log_only };
+            print_backfill(&pgfanout::commands::backfill::run(&cfg, &opts).await?);
         }
         Command::Status { .. } => unreachable!("handled before loading the configuration"),
         Command::Generate { events, contents, rate, rows_per_statement, seed } => {
@@ -170,4 +174,12 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn print_backfill(r: &pgfanout::commands::backfill::BackfillReport) {
+    println!(
+        "{}",
+        serde_json::json!({"rows": r.rows, "chunks": r.chunks, "seconds": r.seconds,
+            "consistent_point": pgfanout::source::Lsn(r.consistent_point).to_pg_string()})
+    );
 }

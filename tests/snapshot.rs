@@ -403,8 +403,7 @@ fn backfill_today() -> BackfillOptions {
     BackfillOptions {
         table: "engagement_events".into(),
         column: None,
-        from: now - chrono::Duration::days(1),
-        to: now + chrono::Duration::days(1),
+        range: Some((now - chrono::Duration::days(1), now + chrono::Duration::days(1))),
         workers: 2,
         chunk_rows: 3_000,
         log_only: false,

@@ -78,9 +78,10 @@ pub struct BackfillOptions {
     /// The timestamp column the range applies to (default: `event_ts` for
     /// engagement_events, `publish_ts` for content).
     pub column: Option<String>,
-    /// Inclusive start and exclusive end of the range.
-    pub from: DateTime<Utc>,
-    pub to: DateTime<Utc>,
+    /// Inclusive start and exclusive end of the range; None: the whole
+    /// table (`pgfanout snapshot --table`, for a table added to the
+    /// publication while `run` streams).
+    pub range: Option<(DateTime<Utc>, DateTime<Utc>)>,
     pub workers: usize,
     pub chunk_rows: u64,
     /// Publish to the log only (no enrichment, no sinks).
@@ -132,8 +133,8 @@ pub fn chunk_origin(consistent_point: u64, chunk: &Chunk) -> String {
 
 pub async fn run(cfg: &Config, opts: &BackfillOptions) -> Result<BackfillReport, BackfillError> {
     let started = Instant::now();
-    if opts.from >= opts.to {
-        return Err(BackfillError::EmptyRange { from: opts.from, to: opts.to });
+    if let Some((from, to)) = opts.range.filter(|(from, to)| from >= to) {
+        return Err(BackfillError::EmptyRange { from, to });
     }
     let url = cfg.source.url.expose();
     let state = slot::connect(url).await?;
@@ -150,22 +151,27 @@ pub async fn run(cfg: &Config, opts: &BackfillOptions) -> Result<BackfillReport,
     let table = resolved.and_then(|r| published.iter().find(|t| t.to_string() == r).cloned()).ok_or_else(|| {
         BackfillError::NotPublished { table: opts.table.clone(), publication: cfg.source.publication.clone() }
     })?;
-    let column = match &opts.column {
-        Some(c) => c.clone(),
-        None => {
-            crate::enrich::time_column(&table).ok_or_else(|| BackfillError::NoDefaultColumn(table.clone()))?.to_string()
+    let shape = ScanTable::load(&state, &table).await?;
+    let filter = match opts.range {
+        None => None,
+        Some((from, to)) => {
+            let column = match &opts.column {
+                Some(c) => c.clone(),
+                None => crate::enrich::time_column(&table)
+                    .ok_or_else(|| BackfillError::NoDefaultColumn(table.clone()))?
+                    .to_string(),
+            };
+            if !shape.columns.iter().any(|c| *c.name == *column) {
+                return Err(BackfillError::NoColumn { table, column });
+            }
+            Some(format!(
+                "{col} >= {}::timestamptz AND {col} < {}::timestamptz",
+                quote_literal(&from.to_rfc3339()),
+                quote_literal(&to.to_rfc3339()),
+                col = quote_ident(&column)
+            ))
         }
     };
-    let shape = ScanTable::load(&state, &table).await?;
-    if !shape.columns.iter().any(|c| *c.name == *column) {
-        return Err(BackfillError::NoColumn { table, column });
-    }
-    let filter = format!(
-        "{col} >= {}::timestamptz AND {col} < {}::timestamptz",
-        quote_literal(&opts.from.to_rfc3339()),
-        quote_literal(&opts.to.to_rfc3339()),
-        col = quote_ident(&column)
-    );
     let database: String =
         state.query_one("SELECT current_database()", &[]).await.map_err(query_err("current_database"))?.get(0);
     let ts: i64 = state
@@ -177,12 +183,12 @@ pub async fn run(cfg: &Config, opts: &BackfillOptions) -> Result<BackfillReport,
     let slot_name = format!("pgfanout_backfill_{}_{:08x}", std::process::id(), rand::thread_rng().gen::<u32>());
     let exported = snapshot::create_slot_exporting(&cfg.source, &slot_name, true).await?;
     let cp = exported.consistent_point;
-    let filters = HashMap::from([(table.clone(), filter)]);
+    let filters: HashMap<TableName, String> = filter.into_iter().map(|f| (table.clone(), f)).collect();
     let (tables, chunks) =
         snapshot::plan(url, &exported.name, std::slice::from_ref(&table), &filters, opts.chunk_rows).await?;
     let total_rows: u64 = chunks.iter().map(|c| c.rows).sum();
     let chunk_count = chunks.len();
-    tracing::info!(table = %table, column = %column, from = %opts.from, to = %opts.to, consistent_point = %Lsn(cp).to_pg_string(), rows = total_rows, chunks = chunk_count, "backfill planned; rows sort below every change committed after the consistent point");
+    tracing::info!(table = %table, range = ?opts.range, consistent_point = %Lsn(cp).to_pg_string(), rows = total_rows, chunks = chunk_count, "backfill planned; rows sort below every change committed after the consistent point");
 
     let log_only = opts.log_only;
     let job = ScanJob {
