@@ -157,15 +157,12 @@ async fn downtime(v: &str) {
         last.insert(c.event_id, c.clone());
     }
     let rows = t
-        .ch()
-        .query(
+        .ch_rows::<ChRow>(
             "SELECT event_id, content_slug, content_title, content_type, length_seconds, \
              toUnixTimestamp64Milli(publish_ts) AS publish_ts_ms, engagement_percent \
              FROM enriched_engagements FINAL ORDER BY event_id",
         )
-        .fetch_all::<ChRow>()
-        .await
-        .unwrap();
+        .await;
     let got: BTreeMap<i64, Enriched> = rows
         .into_iter()
         .map(|r| {

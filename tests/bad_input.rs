@@ -63,17 +63,14 @@ struct Delivered {
 }
 
 async fn ch_rows(t: &TestEnv) -> HashMap<u64, Delivered> {
-    t.ch()
-        .query(
-            "SELECT event_id, event_type, duration_ms, engagement_seconds, engagement_percent, content_type, \
+    t.ch_rows::<Delivered>(
+        "SELECT event_id, event_type, duration_ms, engagement_seconds, engagement_percent, content_type, \
          content_slug, length_seconds FROM enriched_engagements FINAL ORDER BY event_id",
-        )
-        .fetch_all::<Delivered>()
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|r| (r.event_id, r))
-        .collect()
+    )
+    .await
+    .into_iter()
+    .map(|r| (r.event_id, r))
+    .collect()
 }
 
 async fn content(t: &TestEnv) {

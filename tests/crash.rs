@@ -233,12 +233,7 @@ async fn sigkill_at_random_moments_and_every_sink_ends_exact() {
         t.pg.query_one("SELECT coalesce(sum(duration_ms), 0)::int8 FROM engagement_events", &[]).await.unwrap().get(0);
     let ch_sum = t.ch_count("SELECT toUInt64(sum(ifNull(duration_ms, 0))) FROM enriched_engagements FINAL").await;
     assert_eq!(ch_sum, pg_sum as u64, "ClickHouse duration sum");
-    let rows = t
-        .ch()
-        .query("SELECT event_id, toString(content_id) AS content_id, content_slug, content_type, length_seconds, engagement_percent FROM enriched_engagements FINAL")
-        .fetch_all::<ChValues>()
-        .await
-        .unwrap();
+    let rows = t.ch_rows::<ChValues>("SELECT event_id, toString(content_id) AS content_id, content_slug, content_type, length_seconds, engagement_percent FROM enriched_engagements FINAL").await;
     let opt = |s: String| (!s.is_empty()).then_some(s);
     let mut wrong = 0;
     for r in rows {
@@ -261,16 +256,13 @@ async fn sigkill_at_random_moments_and_every_sink_ends_exact() {
 
     // The analysts' 30-day query, in exact hundredths, on both sides.
     let ch_daily = t
-        .ch()
-        .query(
+        .ch_rows::<DailyAvg>(
             "SELECT toString(toDate(event_ts)) AS date, content_type, count(engagement_percent) AS rows,
                     toInt64(ifNull(sum(round(engagement_percent * 100)), 0)) AS hundredths
              FROM enriched_engagements FINAL WHERE event_ts >= now() - INTERVAL 30 DAY
              GROUP BY date, content_type ORDER BY date DESC, content_type",
         )
-        .fetch_all::<DailyAvg>()
-        .await
-        .unwrap();
+        .await;
     let pg_daily: Vec<(String, String, i64, i64)> =
         t.pg.query(
             "SELECT (event_ts AT TIME ZONE 'UTC')::date::text, coalesce(content_type, ''), count(pct)::int8,

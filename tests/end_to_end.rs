@@ -36,12 +36,7 @@ async fn spec_sample(v: &str) {
         t.ch_count("SELECT count() FROM enriched_engagements FINAL").await == 1
     })
     .await;
-    let rows = t
-        .ch()
-        .query("SELECT engagement_seconds, engagement_percent, content_type, content_slug, content_title, device FROM enriched_engagements FINAL")
-        .fetch_all::<SampleRow>()
-        .await
-        .unwrap();
+    let rows = t.ch_rows::<SampleRow>("SELECT engagement_seconds, engagement_percent, content_type, content_slug, content_title, device FROM enriched_engagements FINAL").await;
     assert_eq!(rows.len(), 1, "PG {v}");
     let r = &rows[0];
     assert_eq!(r.engagement_seconds, Some(30.0));

@@ -493,12 +493,7 @@ async fn backfill_racing_updates(v: &str) {
         .iter()
         .map(|r| (r.get(0), (r.get(1), r.get(2))))
         .collect();
-    let ch_rows = t
-        .ch()
-        .query("SELECT event_id, duration_ms, toUnixTimestamp64Milli(event_ts) AS event_ts FROM enriched_engagements FINAL")
-        .fetch_all::<EventRow>()
-        .await
-        .unwrap();
+    let ch_rows = t.ch_rows::<EventRow>("SELECT event_id, duration_ms, toUnixTimestamp64Milli(event_ts) AS event_ts FROM enriched_engagements FINAL").await;
     assert_eq!(ch_rows.len(), pg_rows.len(), "PG {v}: ClickHouse rows");
     let stale: Vec<_> =
         ch_rows.iter().filter(|r| pg_rows.get(&(r.event_id as i64)) != Some(&(r.duration_ms, r.event_ts))).collect();

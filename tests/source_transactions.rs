@@ -98,12 +98,7 @@ async fn two_phase(v: &str) {
     acked_to_the_end(&t).await;
     wait_until("every sink holds the 5 committed events", WAIT, || async { sink_counts(&t).await == (5, 5, 5, 5) })
         .await;
-    let ids = t
-        .ch()
-        .query("SELECT event_id FROM enriched_engagements FINAL ORDER BY event_id")
-        .fetch_all::<u64>()
-        .await
-        .unwrap();
+    let ids = t.ch_rows::<u64>("SELECT event_id FROM enriched_engagements FINAL ORDER BY event_id").await;
     assert_eq!(ids, vec![1, 2, 3, 100, 101], "PG {v}: the rolled-back prepared transaction reached a sink");
     assert_eq!(t.http_get("_stats").await["duplicates"], 0, "PG {v}");
     t.stop().await;

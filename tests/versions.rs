@@ -127,21 +127,17 @@ async fn init_migrates_old_version_columns() {
         t.ch().query(sql).execute().await.unwrap_or_else(|e| panic!("{sql}: {e}"));
     }
     let types = || async {
-        t.ch()
-            .query(
-                "SELECT table, name, type FROM system.columns WHERE database = currentDatabase()
+        t.ch_rows::<(String, String, String)>(
+            "SELECT table, name, type FROM system.columns WHERE database = currentDatabase()
                AND name IN ('_version', 'version_ts_ms') ORDER BY table",
-            )
-            .fetch_all::<(String, String, String)>()
-            .await
-            .unwrap()
+        )
+        .await
     };
     let versions = || async {
-        t.ch()
-            .query("SELECT event_id, duration_ms, _version, _is_deleted FROM enriched_engagements ORDER BY _version")
-            .fetch_all::<(u64, Option<i32>, u128, u8)>()
-            .await
-            .unwrap()
+        t.ch_rows::<(u64, Option<i32>, u128, u8)>(
+            "SELECT event_id, duration_ms, _version, _is_deleted FROM enriched_engagements ORDER BY _version",
+        )
+        .await
     };
     let v = |lsn: u64, ordinal: u32| Position { commit_lsn: lsn, ordinal }.version();
     let want = vec![
@@ -162,10 +158,9 @@ async fn init_migrates_old_version_columns() {
             .await;
         assert_eq!(leftovers, 0, "init run {run}");
         let finals: Vec<(u64, Option<i32>)> =
-            t.ch().query("SELECT event_id, duration_ms FROM enriched_engagements FINAL").fetch_all().await.unwrap();
+            t.ch_rows("SELECT event_id, duration_ms FROM enriched_engagements FINAL").await;
         assert_eq!(finals, vec![(1, Some(20))], "init run {run}: the highest version wins, the delete hides event 2");
-        let dim: Vec<(String, u128)> =
-            t.ch().query("SELECT title, _version FROM content_dim ORDER BY _version").fetch_all().await.unwrap();
+        let dim: Vec<(String, u128)> = t.ch_rows("SELECT title, _version FROM content_dim ORDER BY _version").await;
         assert_eq!(dim, vec![("older A".into(), 1_700_000_000_000), ("old A".into(), 1_700_000_000_001)]);
     }
 
@@ -175,7 +170,7 @@ async fn init_migrates_old_version_columns() {
         .await
         .unwrap();
     wait_until("content_dim shows the streamed title", WAIT, || async {
-        let titles: Vec<String> = t.ch().query("SELECT title FROM content_dim FINAL").fetch_all().await.unwrap();
+        let titles: Vec<String> = t.ch_rows("SELECT title FROM content_dim FINAL").await;
         titles == ["new A"]
     })
     .await;
@@ -233,17 +228,13 @@ async fn updates_keep_their_order_past_lsn_1000_0() {
     })
     .await;
     wait_until("ClickHouse FINAL holds the last update", WAIT, || async {
-        let d: Vec<Option<i32>> =
-            t.ch().query("SELECT duration_ms FROM enriched_engagements FINAL").fetch_all().await.unwrap();
+        let d: Vec<Option<i32>> = t.ch_rows("SELECT duration_ms FROM enriched_engagements FINAL").await;
         d == [Some(7000)]
     })
     .await;
     let rows: Vec<EventRow> = t
-        .ch()
-        .query("SELECT duration_ms, engagement_percent, content_title, _version FROM enriched_engagements FINAL")
-        .fetch_all()
-        .await
-        .unwrap();
+        .ch_rows("SELECT duration_ms, engagement_percent, content_title, _version FROM enriched_engagements FINAL")
+        .await;
     assert_eq!(rows.len(), 1);
     let r = &rows[0];
     assert_eq!((r.duration_ms, r.engagement_percent, r.content_title.as_str()), (Some(7000), Some(7.0), "A"));

@@ -279,14 +279,11 @@ async fn assert_clickhouse(t: &TestEnv, what: &str) {
         })
         .collect();
     let ch: Vec<Row> = t
-        .ch()
-        .query(
+        .ch_rows(
             "SELECT event_id, toString(content_id) AS content_id, duration_ms, engagement_percent, content_slug
              FROM enriched_engagements FINAL ORDER BY event_id",
         )
-        .fetch_all()
-        .await
-        .unwrap();
+        .await;
     assert_eq!(ch, pg, "PG {v}: {what}: enriched_engagements FINAL");
     let pg_content: Vec<(String, String, Option<i32>)> =
         t.pg.query("SELECT id::text, slug, length_seconds FROM content ORDER BY id", &[])
@@ -295,12 +292,8 @@ async fn assert_clickhouse(t: &TestEnv, what: &str) {
             .iter()
             .map(|r| (r.get(0), r.get(1), r.get(2)))
             .collect();
-    let ch_content: Vec<(String, String, Option<i32>)> = t
-        .ch()
-        .query("SELECT toString(id), slug, length_seconds FROM content_dim FINAL ORDER BY id")
-        .fetch_all()
-        .await
-        .unwrap();
+    let ch_content: Vec<(String, String, Option<i32>)> =
+        t.ch_rows("SELECT toString(id), slug, length_seconds FROM content_dim FINAL ORDER BY id").await;
     assert_eq!(ch_content, pg_content, "PG {v}: {what}: content_dim FINAL");
 }
 

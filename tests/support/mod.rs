@@ -276,6 +276,11 @@ impl TestEnv {
         self.ch().query(sql).fetch_one::<u64>().await.unwrap_or_else(|e| panic!("{sql}: {e}"))
     }
 
+    /// Every row `sql` returns from the test's ClickHouse database.
+    pub async fn ch_rows<T: clickhouse::RowOwned + clickhouse::RowRead>(&self, sql: &str) -> Vec<T> {
+        self.ch().query(sql).fetch_all::<T>().await.unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
     pub async fn http_get(&self, what: &str) -> serde_json::Value {
         let url = format!("{}/{what}/{}", self.http_base(), self.name);
         reqwest::get(&url).await.expect("receiver").json().await.expect("receiver json")
