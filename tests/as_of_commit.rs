@@ -156,15 +156,13 @@ async fn downtime(v: &str) {
     for c in &changes {
         last.insert(c.event_id, c.clone());
     }
-    let rows =
-        t.ch.query(
+    let rows = t
+        .ch_rows::<ChRow>(
             "SELECT event_id, content_slug, content_title, content_type, length_seconds, \
              toUnixTimestamp64Milli(publish_ts) AS publish_ts_ms, engagement_percent \
              FROM enriched_engagements FINAL ORDER BY event_id",
         )
-        .fetch_all::<ChRow>()
-        .await
-        .unwrap();
+        .await;
     let got: BTreeMap<i64, Enriched> = rows
         .into_iter()
         .map(|r| {
@@ -193,7 +191,7 @@ async fn downtime(v: &str) {
     assert_eq!(http, changes, "PG {v}: HTTP events against PostgreSQL's join as of each commit");
 
     // Redis: each change's stream entry, in the stream of its own content type.
-    let mut r = t.redis.clone();
+    let mut r = t.redis();
     let keys: Vec<String> = r.keys(format!("{}stream:*", t.cfg.redis.as_ref().unwrap().key_prefix)).await.unwrap();
     let mut streamed = Vec::new();
     for k in keys {
@@ -230,7 +228,8 @@ async fn enrichment_is_as_of_each_commit_across_downtime() {
 async fn journal_as_of(v: &str) {
     use pgfanout::enrich::{journal, Content, ContentVersion, VersionKind};
     use pgfanout::source::Position;
-    let t = TestEnv::new(v).await;
+    // No sink: the test reads and writes PostgreSQL alone.
+    let t = TestEnv::builder(v).sinks(&[]).build().await;
     let slot = format!("{}_j", t.name);
     let uuid = |n: u128| uuid::Uuid::from_u128(n);
     t.pg.batch_execute(&format!(

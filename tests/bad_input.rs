@@ -36,12 +36,12 @@ async fn wait_http_events(t: &TestEnv, n: u64) {
 }
 
 async fn stream_len(t: &TestEnv, content_type: &str) -> u64 {
-    let mut r = t.redis.clone();
+    let mut r = t.redis();
     r.xlen(format!("{}stream:{content_type}", t.cfg.redis.as_ref().unwrap().key_prefix)).await.unwrap()
 }
 
 async fn top_score(t: &TestEnv, content_id: &str) -> Option<f64> {
-    let mut r = t.redis.clone();
+    let mut r = t.redis();
     r.zscore(format!("{}top:window", t.cfg.redis.as_ref().unwrap().key_prefix), content_id).await.unwrap()
 }
 
@@ -63,13 +63,11 @@ struct Delivered {
 }
 
 async fn ch_rows(t: &TestEnv) -> HashMap<u64, Delivered> {
-    t.ch.query(
+    t.ch_rows::<Delivered>(
         "SELECT event_id, event_type, duration_ms, engagement_seconds, engagement_percent, content_type, \
          content_slug, length_seconds FROM enriched_engagements FINAL ORDER BY event_id",
     )
-    .fetch_all::<Delivered>()
     .await
-    .unwrap()
     .into_iter()
     .map(|r| (r.event_id, r))
     .collect()
@@ -212,7 +210,7 @@ async fn huge_payload(v: &str, logs: &logs::Logs) {
     let big = events.iter().find(|e| e["event"]["event_id"] == 1).expect("event 1 delivered over HTTP");
     assert_eq!(big["event"]["raw_payload"]["blob"].as_str().map(str::len), Some(1_048_576), "PG {v}");
     assert_eq!(stream_len(&t, "podcast").await, 2, "PG {v}");
-    let mut r = t.redis.clone();
+    let mut r = t.redis();
     let entries: redis::streams::StreamRangeReply =
         r.xrange_all(format!("{}stream:podcast", t.cfg.redis.as_ref().unwrap().key_prefix)).await.unwrap();
     let data: String = entries.ids[0].get("data").unwrap();

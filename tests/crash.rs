@@ -5,14 +5,13 @@
 mod support;
 
 use std::collections::HashMap;
-use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
 use redis::AsyncCommands;
-use support::{pg_versions, spawn_sidecar, wait_until, TestEnv};
+use support::workload::{self, Progress};
+use support::{pg_versions, wait_until, Sidecar, TestEnv};
 
 const TARGET_CHANGES: u64 = 100_000;
 const KILLS: usize = 10;
@@ -40,14 +39,15 @@ fn recorded(write: &str) -> String {
 }
 
 /// Writes at least TARGET_CHANGES row changes to engagement_events (each is
-/// one change in the stream; returns how many) while the content they point
-/// at is updated, deleted and re-created now and then.
-async fn workload(pg: &tokio_postgres::Client, contents: &[String], done: &AtomicBool, changes: &AtomicU64) {
+/// one change in the stream) while the content they point at is updated,
+/// deleted and re-created now and then.
+async fn mixed_writes(pg: tokio_postgres::Client, contents: Vec<String>, progress: Arc<Progress>) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     let mut max_id = 0i64;
+    let pg = &pg;
     let count = |sql: String| async move { pg.query_one(&sql, &[]).await.unwrap().get::<_, i64>(0) as u64 };
     let mut round = 0u64;
-    while changes.load(Ordering::Relaxed) < TARGET_CHANGES {
+    while progress.changes() < TARGET_CHANGES {
         round += 1;
         let values: Vec<String> = (0..400)
             .map(|_| {
@@ -58,34 +58,23 @@ async fn workload(pg: &tokio_postgres::Client, contents: &[String], done: &Atomi
                     2 => (rng.gen_range(0..1000) * 60 + 30).to_string(),
                     _ => rng.gen_range(0..900_000).to_string(),
                 };
-                format!("('{content}', 'play', now(), {duration})")
+                workload::play(content, &duration)
             })
             .collect();
-        let n = count(recorded(&format!(
-            "INSERT INTO engagement_events (content_id, event_type, event_ts, duration_ms) VALUES {}",
-            values.join(",")
-        )))
-        .await;
+        let n = count(recorded(&workload::insert_plays(&values))).await;
         max_id += n as i64;
-        let ids = |rng: &mut rand::rngs::StdRng, k: usize| {
-            (0..k).map(|_| rng.gen_range(1..=max_id).to_string()).collect::<Vec<_>>().join(",")
-        };
-        let updated = count(recorded(&format!(
-            "UPDATE engagement_events SET duration_ms = coalesce(duration_ms, 0) + 1000 WHERE id IN ({})",
-            ids(&mut rng, 150)
-        )))
-        .await;
+        let updated = count(recorded(&workload::lengthen(&workload::random_ids(&mut rng, max_id, 150), 1000))).await;
         let moved_to = &contents[rng.gen_range(0..contents.len())];
         let moved = count(recorded(&format!(
             "UPDATE engagement_events SET content_id = '{moved_to}', event_ts = now() WHERE id IN ({})",
-            ids(&mut rng, 20)
+            workload::random_ids(&mut rng, max_id, 20)
         )))
         .await;
         let deleted = count(format!(
             "WITH w AS (DELETE FROM engagement_events WHERE id IN ({}) RETURNING id),
              x AS (DELETE FROM expected WHERE event_id IN (SELECT id FROM w))
              SELECT count(*)::int8 FROM w",
-            ids(&mut rng, 50)
+            workload::random_ids(&mut rng, max_id, 50)
         ))
         .await;
         // The content the events join changes while they stream: a new
@@ -107,11 +96,10 @@ async fn workload(pg: &tokio_postgres::Client, contents: &[String], done: &Atomi
             .await
             .unwrap();
         }
-        changes.fetch_add(n + updated + moved + deleted, Ordering::Relaxed);
+        progress.add(n + updated + moved + deleted);
         // Paced so the kills land while changes are still being written.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    done.store(true, Ordering::Relaxed);
 }
 
 /// The enriched fields every sink must hold for one event.
@@ -167,13 +155,8 @@ struct DailyAvg {
 #[tokio::test(flavor = "multi_thread")]
 async fn sigkill_at_random_moments_and_every_sink_ends_exact() {
     let v = pg_versions()[0].clone();
-    let mut t = TestEnv::new(&v).await;
-    t.cfg.redis.as_mut().unwrap().stream_maxlen = 10_000_000;
-    let dir = std::env::temp_dir().join(&t.name);
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("pgfanout.toml");
-    std::fs::write(&config, toml::to_string(&t.cfg).unwrap()).unwrap();
-    let log = dir.join("pgfanout.log");
+    let t = TestEnv::builder(&v).with(|cfg| cfg.redis.as_mut().unwrap().stream_maxlen = 10_000_000).build().await;
+    let config = t.write_config(&t.cfg, "pgfanout");
 
     t.pg.batch_execute(&format!(
         "ALTER TABLE engagement_events DROP CONSTRAINT engagement_events_content_id_fkey; {EXPECTED_TABLE}"
@@ -191,28 +174,16 @@ async fn sigkill_at_random_moments_and_every_sink_ends_exact() {
         .unwrap();
     }
 
-    let mut child = spawn_sidecar(&config, &log);
-    let done = Arc::new(AtomicBool::new(false));
-    let changes = Arc::new(AtomicU64::new(0));
+    let mut sidecar = Sidecar::spawn(&config);
     let writer = {
-        let (done, changes, contents) = (done.clone(), changes.clone(), contents.clone());
-        let url = t.cfg.source.url.expose().to_string();
-        tokio::spawn(async move {
-            let pg = pgfanout::source::slot::connect(&url).await.unwrap();
-            workload(&pg, &contents, &done, &changes).await;
-        })
+        let contents = contents.clone();
+        workload::spawn(&t, move |pg, progress| mixed_writes(pg, contents, progress))
     };
 
-    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
-    for kill in 0..KILLS {
-        tokio::time::sleep(Duration::from_millis(rng.gen_range(300..2_500))).await;
-        child.kill().expect("SIGKILL"); // std's kill() is SIGKILL on Unix
-        child.wait().unwrap();
-        eprintln!("kill {kill}: after {} changes", changes.load(Ordering::Relaxed));
-        child = spawn_sidecar(&config, &log);
-    }
-    writer.await.unwrap();
-    let total = changes.load(Ordering::Relaxed);
+    sidecar.kill_at_random(KILLS, 300..2_500, 11, || writer.changes()).await;
+    let progress = writer.progress();
+    writer.finish().await;
+    let total = progress.changes();
     eprintln!("workload done: {total} changes");
 
     let pg_count: i64 = t.pg.query_one("SELECT count(*) FROM engagement_events", &[]).await.unwrap().get(0);
@@ -220,7 +191,7 @@ async fn sigkill_at_random_moments_and_every_sink_ends_exact() {
         .iter()
         .map(|k| format!("{}stream:{k}", t.cfg.redis.as_ref().unwrap().key_prefix))
         .collect();
-    let redis = t.redis.clone();
+    let redis = t.redis();
     wait_until("every sink caught up", Duration::from_secs(300), || {
         let (t, redis, keys) = (&t, redis.clone(), redis_keys.clone());
         async move {
@@ -262,12 +233,7 @@ async fn sigkill_at_random_moments_and_every_sink_ends_exact() {
         t.pg.query_one("SELECT coalesce(sum(duration_ms), 0)::int8 FROM engagement_events", &[]).await.unwrap().get(0);
     let ch_sum = t.ch_count("SELECT toUInt64(sum(ifNull(duration_ms, 0))) FROM enriched_engagements FINAL").await;
     assert_eq!(ch_sum, pg_sum as u64, "ClickHouse duration sum");
-    let rows = t
-        .ch
-        .query("SELECT event_id, toString(content_id) AS content_id, content_slug, content_type, length_seconds, engagement_percent FROM enriched_engagements FINAL")
-        .fetch_all::<ChValues>()
-        .await
-        .unwrap();
+    let rows = t.ch_rows::<ChValues>("SELECT event_id, toString(content_id) AS content_id, content_slug, content_type, length_seconds, engagement_percent FROM enriched_engagements FINAL").await;
     let opt = |s: String| (!s.is_empty()).then_some(s);
     let mut wrong = 0;
     for r in rows {
@@ -289,16 +255,14 @@ async fn sigkill_at_random_moments_and_every_sink_ends_exact() {
     assert_eq!(wrong, 0, "ClickHouse rows whose enriched values differ from PostgreSQL's as of their commit");
 
     // The analysts' 30-day query, in exact hundredths, on both sides.
-    let ch_daily =
-        t.ch.query(
+    let ch_daily = t
+        .ch_rows::<DailyAvg>(
             "SELECT toString(toDate(event_ts)) AS date, content_type, count(engagement_percent) AS rows,
                     toInt64(ifNull(sum(round(engagement_percent * 100)), 0)) AS hundredths
              FROM enriched_engagements FINAL WHERE event_ts >= now() - INTERVAL 30 DAY
              GROUP BY date, content_type ORDER BY date DESC, content_type",
         )
-        .fetch_all::<DailyAvg>()
-        .await
-        .unwrap();
+        .await;
     let pg_daily: Vec<(String, String, i64, i64)> =
         t.pg.query(
             "SELECT (event_ts AT TIME ZONE 'UTC')::date::text, coalesce(content_type, ''), count(pct)::int8,
@@ -405,8 +369,6 @@ async fn sigkill_at_random_moments_and_every_sink_ends_exact() {
     }
 
     // A clean stop after all that exits 0.
-    let pid = child.id().to_string();
-    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    let status = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
-    assert!(status.success(), "SIGTERM exit: {status:?}; log: {}", log.display());
+    let (status, took) = sidecar.terminate(Duration::from_secs(60));
+    assert!(status.success(), "SIGTERM exit: {status:?} after {took:?}; log: {}", sidecar.log.display());
 }

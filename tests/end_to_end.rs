@@ -36,12 +36,7 @@ async fn spec_sample(v: &str) {
         t.ch_count("SELECT count() FROM enriched_engagements FINAL").await == 1
     })
     .await;
-    let rows = t
-        .ch
-        .query("SELECT engagement_seconds, engagement_percent, content_type, content_slug, content_title, device FROM enriched_engagements FINAL")
-        .fetch_all::<SampleRow>()
-        .await
-        .unwrap();
+    let rows = t.ch_rows::<SampleRow>("SELECT engagement_seconds, engagement_percent, content_type, content_slug, content_title, device FROM enriched_engagements FINAL").await;
     assert_eq!(rows.len(), 1, "PG {v}");
     let r = &rows[0];
     assert_eq!(r.engagement_seconds, Some(30.0));
@@ -53,7 +48,7 @@ async fn spec_sample(v: &str) {
     assert_eq!(r.device.as_deref(), Some("web"));
     assert_eq!(t.ch_count("SELECT count() FROM content_dim FINAL").await, 1);
 
-    let mut redis = t.redis.clone();
+    let mut redis = t.redis();
     let stream = format!("{}stream:podcast", t.cfg.redis.as_ref().unwrap().key_prefix);
     wait_until("Redis podcast stream holds the event", WAIT, || {
         let mut r = redis.clone();
@@ -167,7 +162,7 @@ async fn nulls_and_unknown_content(v: &str) {
     let unknown = events.as_array().unwrap().iter().find(|e| e["event"]["event_id"] == 4).expect("event 4 delivered");
     assert!(unknown["event"]["content_slug"].is_null());
 
-    let mut redis = t.redis.clone();
+    let mut redis = t.redis();
     let p = t.cfg.redis.as_ref().unwrap().key_prefix.clone();
     let lens: Vec<u64> = futures::future::join_all(["podcast", "video", "newsletter", "unknown"].iter().map(|ty| {
         let mut r = redis.clone();
@@ -196,7 +191,7 @@ async fn null_rules_and_unknown_content_in_every_sink() {
 async fn redis_applies_every_batch_of_a_transaction_past_a_million_changes() {
     use pgfanout::enrich::{EngagementChange, EngagementRow, Enriched};
     use pgfanout::source::{Op, Position};
-    let t = TestEnv::new(&pg_versions()[0]).await;
+    let t = TestEnv::builder(&pg_versions()[0]).sinks(&[support::Sink::Redis]).build().await;
     use pgfanout::sinks::Sink;
     let sink = pgfanout::sinks::redis::RedisSink::new(t.cfg.redis.as_ref().unwrap(), None).unwrap();
     let batch = |ordinal: u32| Enriched {
@@ -229,7 +224,7 @@ async fn redis_applies_every_batch_of_a_transaction_past_a_million_changes() {
     for ordinal in [(1 << 20) + 5, (1 << 20) + 6, (1 << 20) + 6] {
         sink.write(&batch(ordinal)).await.unwrap();
     }
-    let mut r = t.redis.clone();
+    let mut r = t.redis();
     let entries: u64 = r.xlen(format!("{}stream:unknown", t.cfg.redis.as_ref().unwrap().key_prefix)).await.unwrap();
     assert_eq!(entries, 2, "both batches applied once each");
 }

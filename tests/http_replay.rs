@@ -13,13 +13,13 @@
 mod support;
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 use serde_json::Value as Json;
-use support::{logs, pg_versions, spawn_sidecar, wait_until, TestEnv};
+use support::workload::{self, Progress};
+use support::{logs, pg_versions, wait_until, Sidecar, Sink, TestEnv};
 
 const TARGET_CHANGES: u64 = 30_000;
 const KILLS: usize = 8;
@@ -31,89 +31,44 @@ fn content_id(i: usize) -> String {
 
 /// Inserts (now and then one transaction of a few thousand rows, which
 /// spans many batches), updates (some moving events to other content) and
-/// deletes until TARGET_CHANGES row changes are written, counted in `changes`.
-async fn workload(url: String, changes: Arc<AtomicU64>, done: Arc<AtomicBool>) {
-    let pg = pgfanout::source::slot::connect(&url).await.unwrap();
+/// deletes until TARGET_CHANGES row changes are written.
+async fn mixed_writes(pg: tokio_postgres::Client, progress: Arc<Progress>) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(23);
     let mut max_id = 0i64;
-    while changes.load(Ordering::Relaxed) < TARGET_CHANGES {
+    while progress.changes() < TARGET_CHANGES {
         let rows = if rng.gen_ratio(1, 8) { rng.gen_range(1_000..4_000) } else { rng.gen_range(1..200) };
         let values: Vec<String> = (0..rows)
             .map(|_| {
-                let duration =
-                    if rng.gen_ratio(1, 10) { "NULL".to_string() } else { rng.gen_range(0..600_000).to_string() };
-                format!("('{}', 'play', now(), {duration})", content_id(rng.gen_range(0..CONTENTS)))
+                let duration = workload::nullable_duration(&mut rng);
+                workload::play(&content_id(rng.gen_range(0..CONTENTS)), &duration)
             })
             .collect();
-        let ids = |rng: &mut rand::rngs::StdRng, max_id: i64, k: usize| {
-            (0..k).map(|_| rng.gen_range(1..=max_id.max(1)).to_string()).collect::<Vec<_>>().join(",")
-        };
         // One transaction: the inserts, then changes to rows of earlier ones.
         pg.batch_execute("BEGIN").await.unwrap();
-        let inserted = pg
-            .execute(
-                &format!(
-                    "INSERT INTO engagement_events (content_id, event_type, event_ts, duration_ms) VALUES {}",
-                    values.join(",")
-                ),
-                &[],
-            )
-            .await
-            .unwrap();
-        let updated = pg
-            .execute(
-                &format!(
-                    "UPDATE engagement_events SET duration_ms = coalesce(duration_ms, 0) + 1000 WHERE id IN ({})",
-                    ids(&mut rng, max_id, 40)
-                ),
-                &[],
-            )
-            .await
-            .unwrap();
-        let moved = pg
-            .execute(
-                &format!(
-                    "UPDATE engagement_events SET content_id = '{}' WHERE id IN ({})",
-                    content_id(rng.gen_range(0..CONTENTS)),
-                    ids(&mut rng, max_id, 10)
-                ),
-                &[],
-            )
-            .await
-            .unwrap();
-        let deleted = pg
-            .execute(&format!("DELETE FROM engagement_events WHERE id IN ({})", ids(&mut rng, max_id, 15)), &[])
-            .await
-            .unwrap();
+        let inserted = pg.execute(&workload::insert_plays(&values), &[]).await.unwrap();
+        let updated =
+            pg.execute(&workload::lengthen(&workload::random_ids(&mut rng, max_id, 40), 1000), &[]).await.unwrap();
+        let to = content_id(rng.gen_range(0..CONTENTS));
+        let moved =
+            pg.execute(&workload::move_to(&to, &workload::random_ids(&mut rng, max_id, 10)), &[]).await.unwrap();
+        let deleted = pg.execute(&workload::delete(&workload::random_ids(&mut rng, max_id, 15)), &[]).await.unwrap();
         pg.batch_execute("COMMIT").await.unwrap();
         max_id += inserted as i64;
-        changes.fetch_add(inserted + updated + moved + deleted, Ordering::Relaxed);
+        progress.add(inserted + updated + moved + deleted);
         tokio::time::sleep(Duration::from_millis(60)).await;
-    }
-    done.store(true, Ordering::Relaxed);
-}
-
-/// The running sidecar, SIGKILLed when dropped (also when the test fails).
-struct Sidecar(std::process::Child);
-
-impl Drop for Sidecar {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigkilled_sidecar_resends_exactly_the_batches_it_posted() {
     let v = pg_versions()[0].clone();
-    let mut t = TestEnv::new(&v).await;
-    // Small batches: many of them, and big transactions cut across several.
-    t.cfg.pipeline.batch_max_changes = 300;
-    let dir = std::env::temp_dir().join(&t.name);
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("pgfanout.toml");
-    std::fs::write(&config, toml::to_string(&t.cfg).unwrap()).unwrap();
-    let log = dir.join("pgfanout.log");
+    let t = TestEnv::builder(&v)
+        .sinks(&[Sink::Http])
+        // Small batches: many of them, and big transactions cut across several.
+        .with(|cfg| cfg.pipeline.batch_max_changes = 300)
+        .build()
+        .await;
+    let config = t.write_config(&t.cfg, "pgfanout");
 
     // publish_ts = now(), with microseconds: the first run learns the
     // contents from the stream, later ones from the table, and both must give
@@ -128,19 +83,13 @@ async fn sigkilled_sidecar_resends_exactly_the_batches_it_posted() {
         .unwrap();
     }
 
-    let mut sidecar = Sidecar(spawn_sidecar(&config, &log));
-    let (changes, done) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicBool::new(false)));
-    let writer = tokio::spawn(workload(t.cfg.source.url.expose().to_string(), changes.clone(), done.clone()));
-    let mut rng = rand::rngs::StdRng::seed_from_u64(29);
-    for kill in 0..KILLS {
-        tokio::time::sleep(Duration::from_millis(rng.gen_range(1_000..3_000))).await;
-        drop(sidecar); // SIGKILL
-        eprintln!("kill {kill}: after {} changes", changes.load(Ordering::Relaxed));
-        sidecar = Sidecar(spawn_sidecar(&config, &log));
-    }
-    writer.await.unwrap();
-    assert!(done.load(Ordering::Relaxed));
-    let total = changes.load(Ordering::Relaxed);
+    let mut sidecar = Sidecar::spawn(&config);
+    let writer = workload::spawn(&t, mixed_writes);
+    sidecar.kill_at_random(KILLS, 1_000..3_000, 29, || writer.changes()).await;
+    let progress = writer.progress();
+    writer.finish().await;
+    let total = progress.changes();
+    assert!(total >= TARGET_CHANGES, "the writer stopped after {total} changes");
     let end = t.wal_insert_lsn().await;
     // Once the slot is past the end, every lane flushed everything: no post is still to come.
     wait_until("the slot acknowledged everything", Duration::from_secs(300), || async {
@@ -149,7 +98,7 @@ async fn sigkilled_sidecar_resends_exactly_the_batches_it_posted() {
     .await;
 
     let stats = t.http_get("_stats").await;
-    eprintln!("{total} changes; receiver: {stats}; log: {}", log.display());
+    eprintln!("{total} changes; receiver: {stats}; log: {}", sidecar.log.display());
     let conflicts = t.http_get("_conflicts").await;
     assert_eq!(stats["conflicts"], 0, "keys re-sent with another body: {conflicts}");
     assert_eq!(stats["rejected"], 0, "{stats}");
@@ -226,10 +175,16 @@ async fn wait_delivered(t: &TestEnv, id: i64) {
 async fn refusals_are_parked_at_once_and_retry_after_is_waited_for() {
     let logs = logs::capture();
     let v = pg_versions()[0].clone();
-    let mut t = TestEnv::new(&v).await;
-    // Far from the 2 s Retry-After below: a retry before it is not the backoff's.
-    t.cfg.http.as_mut().unwrap().backoff_initial_ms = 50;
-    t.cfg.http.as_mut().unwrap().backoff_max_ms = 200;
+    let mut t = TestEnv::builder(&v)
+        .sinks(&[Sink::Http])
+        .with(|cfg| {
+            // Far from the 2 s Retry-After below: a retry before it is not the backoff's.
+            let http = cfg.http.as_mut().unwrap();
+            http.backoff_initial_ms = 50;
+            http.backoff_max_ms = 200;
+        })
+        .build()
+        .await;
     t.pg.execute(
         "INSERT INTO content VALUES ($1::text::uuid, 'slug-0', 'Content 0', 'podcast', 600, now())",
         &[&content_id(0)],
@@ -264,8 +219,12 @@ async fn refusals_are_parked_at_once_and_retry_after_is_waited_for() {
         assert_eq!(parked.len(), 1, "HTTP {status}: {parked:?}");
     }
     // The redirect was not followed.
-    let moved =
-        reqwest::get(format!("{}/_stats/_moved/{}", t.http_base, t.name)).await.unwrap().json::<Json>().await.unwrap();
+    let moved = reqwest::get(format!("{}/_stats/_moved/{}", t.http_base(), t.name))
+        .await
+        .unwrap()
+        .json::<Json>()
+        .await
+        .unwrap();
     assert_eq!(moved["batches"], 0, "the redirect was followed: {moved}");
 
     // 429 with Retry-After: 2 s, however short the backoff.
@@ -290,7 +249,7 @@ async fn record(t: &TestEnv) -> (i64, Option<String>) {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_run_whose_record_was_taken_over_stops_before_posting() {
     let v = pg_versions()[0].clone();
-    let t = TestEnv::new(&v).await;
+    let t = TestEnv::builder(&v).sinks(&[Sink::Http]).build().await;
     t.pg.execute(
         "INSERT INTO content VALUES ($1::text::uuid, 'slug-0', 'Content 0', 'podcast', 600, now())",
         &[&content_id(0)],

@@ -7,87 +7,23 @@ mod support;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use pgfanout::observe::exposition::{parse_samples, Sample};
 use redis::AsyncCommands;
-use support::{pg_versions, wait_until, TestEnv};
+use support::private::PrivateService;
+use support::{free_port, pg_versions, wait_until, workload, Sidecar, Sink, TestEnv, TestEnvBuilder};
 
 const WAIT: Duration = Duration::from_secs(60);
 const CONTENT: &str = "550e8400-e29b-41d4-a716-446655440000";
 
-/// The built binary running `run` with a config file, its log in the test's dir.
-struct Sidecar {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Sidecar {
-    fn spawn(config: &Path) -> Sidecar {
-        let log = config.with_extension("log");
-        let out = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_pgfanout"))
-            .args(["-c", config.to_str().unwrap(), "run"])
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(out)
-            .spawn()
-            .expect("start pgfanout run");
-        Sidecar { child, log }
-    }
-
-    /// Sends SIGTERM and waits for the exit; returns the status and how long it took.
-    fn terminate(&mut self, limit: Duration) -> (ExitStatus, Duration) {
-        let start = Instant::now();
-        // SAFETY: kill(2) on our own child's PID; it has not been reaped yet.
-        assert_eq!(unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) }, 0, "SIGTERM");
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return (status, start.elapsed());
-            }
-            if start.elapsed() > limit {
-                let _ = self.child.kill();
-                panic!("pgfanout did not exit within {limit:?} of SIGTERM; log:\n{}", self.log_text());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Sidecar {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A port nothing listens on (bound, then released).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// A test env whose sidecar serves metrics on a port of its own, and its config file.
-async fn env_with_metrics() -> (TestEnv, PathBuf) {
-    let v = pg_versions()[0].clone();
-    let mut t = TestEnv::new(&v).await;
-    t.cfg.metrics.listen = format!("127.0.0.1:{}", free_port());
-    let config = write_config(&t, &t.cfg, "pgfanout");
+/// The test env `env` builds, its sidecar serving metrics on a port of its
+/// own, and its config file.
+async fn env_with_metrics(env: TestEnvBuilder) -> (TestEnv, PathBuf) {
+    let t = env.with(|cfg| cfg.metrics.listen = format!("127.0.0.1:{}", free_port())).build().await;
+    let config = t.write_config(&t.cfg, "pgfanout");
     (t, config)
-}
-
-fn write_config(t: &TestEnv, cfg: &pgfanout::config::Config, name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(&t.name);
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(format!("{name}.toml"));
-    std::fs::write(&path, toml::to_string(cfg).unwrap()).unwrap();
-    path
 }
 
 fn base_url(t: &TestEnv) -> String {
@@ -140,24 +76,13 @@ async fn insert_content(t: &TestEnv) {
     .unwrap();
 }
 
-/// Inserts `n` engagement events in statements of `per_statement` rows.
 async fn insert_events(pg: &tokio_postgres::Client, n: u64, per_statement: u64) {
-    let mut left = n;
-    while left > 0 {
-        let k = left.min(per_statement);
-        pg.batch_execute(&format!(
-            "INSERT INTO engagement_events (content_id, event_type, event_ts, duration_ms, device)
-             SELECT '{CONTENT}', 'play', now(), (i * 1000)::int, 'web' FROM generate_series(1, {k}) i"
-        ))
-        .await
-        .unwrap();
-        left -= k;
-    }
+    workload::insert_events(pg, CONTENT, n, per_statement).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_health_and_readiness_during_a_workload() {
-    let (t, config) = env_with_metrics().await;
+    let (t, config) = env_with_metrics(TestEnv::builder(&pg_versions()[0])).await;
     let mut sidecar = Sidecar::spawn(&config);
     let base = base_url(&t);
     wait_until("/healthz answers 200", WAIT, || async {
@@ -275,7 +200,7 @@ fn sink<'a>(doc: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn status_reports_healthy_then_names_the_unreachable_sink() {
-    let (t, config) = env_with_metrics().await;
+    let (t, config) = env_with_metrics(TestEnv::builder(&pg_versions()[0])).await;
     let sidecar = Sidecar::spawn(&config);
     wait_ready(&t, &sidecar).await;
     insert_content(&t).await;
@@ -284,7 +209,7 @@ async fn status_reports_healthy_then_names_the_unreachable_sink() {
         t.ch_count("SELECT count() FROM enriched_engagements FINAL").await == 10
     })
     .await;
-    let mut redis = t.redis.clone();
+    let mut redis = t.redis();
     let progress_key = pgfanout::sinks::redis::progress_key(&t.cfg.redis.as_ref().unwrap().key_prefix);
     wait_until("Redis progress written", WAIT, || {
         let (mut r, k) = (redis.clone(), progress_key.clone());
@@ -323,7 +248,7 @@ async fn status_reports_healthy_then_names_the_unreachable_sink() {
     // Redis "stopped": the same config pointing at a port nothing listens on.
     let mut broken = t.cfg.clone();
     broken.redis.as_mut().unwrap().url = pgfanout::config::Secret(format!("redis://127.0.0.1:{}", free_port()));
-    let broken_config = write_config(&t, &broken, "redis-down");
+    let broken_config = t.write_config(&broken, "redis-down");
     let (code, doc) = status_json(&broken_config);
     assert_eq!(code, 1, "{doc:#}");
     assert_eq!(doc["healthy"], false);
@@ -337,7 +262,7 @@ async fn status_reports_healthy_then_names_the_unreachable_sink() {
     // ClickHouse "stopped" the same way.
     let mut broken = t.cfg.clone();
     broken.clickhouse.as_mut().unwrap().url = format!("http://127.0.0.1:{}", free_port());
-    let (code, doc) = status_json(&write_config(&t, &broken, "clickhouse-down"));
+    let (code, doc) = status_json(&t.write_config(&broken, "clickhouse-down"));
     assert_eq!(code, 1, "{doc:#}");
     assert_eq!(sink(&doc, "clickhouse")["reachable"], false);
     assert!(doc["problems"].as_array().unwrap().iter().any(|p| p.as_str().unwrap().contains("clickhouse")));
@@ -345,13 +270,13 @@ async fn status_reports_healthy_then_names_the_unreachable_sink() {
     // A slot that does not exist is unhealthy too.
     let mut broken = t.cfg.clone();
     broken.source.slot = format!("{}_missing", t.name);
-    let (code, doc) = status_json(&write_config(&t, &broken, "no-slot"));
+    let (code, doc) = status_json(&t.write_config(&broken, "no-slot"));
     assert_eq!((code, doc["slot"]["exists"].as_bool()), (1, Some(false)), "{doc:#}");
 
     // PostgreSQL unreachable, or no usable config: 2.
     let mut broken = t.cfg.clone();
     broken.source.url = pgfanout::config::Secret(format!("postgres://u:p@127.0.0.1:{}/db", free_port()));
-    assert_eq!(status(&write_config(&t, &broken, "pg-down"), false).status.code(), Some(2));
+    assert_eq!(status(&t.write_config(&broken, "pg-down"), false).status.code(), Some(2));
     let bad = config.with_file_name("bad.toml");
     std::fs::write(&bad, "[source]\n").unwrap();
     assert_eq!(status(&bad, false).status.code(), Some(2));
@@ -365,25 +290,18 @@ fn distinct_ids(events: &serde_json::Value) -> u64 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_mid_workload_exits_zero_then_restart_ends_exact() {
-    let (t, config) = env_with_metrics().await;
+    let (t, config) = env_with_metrics(TestEnv::builder(&pg_versions()[0])).await;
     insert_content(&t).await;
     let mut sidecar = Sidecar::spawn(&config);
     wait_ready(&t, &sidecar).await;
 
-    let done = Arc::new(AtomicBool::new(false));
-    let written = Arc::new(AtomicU64::new(0));
-    let writer = {
-        let (done, written) = (done.clone(), written.clone());
-        let url = t.cfg.source.url.expose().to_string();
-        tokio::spawn(async move {
-            let pg = pgfanout::source::slot::connect(&url).await.unwrap();
-            while !done.load(Ordering::Relaxed) {
-                insert_events(&pg, 200, 200).await;
-                written.fetch_add(200, Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        })
-    };
+    let writer = workload::spawn(&t, |pg, progress| async move {
+        while !progress.stopping() {
+            insert_events(&pg, 200, 200).await;
+            progress.add(200);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
     // Mid-workload: changes are being read, published and flushed.
     wait_until("the sidecar is delivering", WAIT, || async {
         t.ch_count("SELECT count() FROM enriched_engagements").await >= 1_000
@@ -396,14 +314,14 @@ async fn sigterm_mid_workload_exits_zero_then_restart_ends_exact() {
     assert!(log.contains("stopped cleanly"), "{log}");
 
     tokio::time::sleep(Duration::from_millis(500)).await;
-    done.store(true, Ordering::Relaxed);
-    writer.await.unwrap();
+    let progress = writer.progress();
+    writer.stop().await;
     let pg_count: i64 = t.pg.query_one("SELECT count(*) FROM engagement_events", &[]).await.unwrap().get(0);
-    assert_eq!(pg_count as u64, written.load(Ordering::Relaxed));
+    assert_eq!(pg_count as u64, progress.changes());
 
     let mut sidecar = Sidecar::spawn(&config);
     let stream = format!("{}stream:podcast", t.cfg.redis.as_ref().unwrap().key_prefix);
-    let redis = t.redis.clone();
+    let redis = t.redis();
     wait_until("every sink holds every event", Duration::from_secs(120), || {
         let (t, mut r, stream) = (&t, redis.clone(), stream.clone());
         async move {
@@ -430,34 +348,6 @@ async fn sigterm_mid_workload_exits_zero_then_restart_ends_exact() {
     assert!(status.success() && took < Duration::from_secs(10), "{status:?} after {took:?}");
 }
 
-/// A Redis of this test's own, so stopping it disturbs no other test.
-struct OwnRedis {
-    child: Child,
-}
-
-impl OwnRedis {
-    fn start(port: u16) -> OwnRedis {
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start redis-server");
-        let start = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(start.elapsed() < Duration::from_secs(10), "redis-server did not start on {port}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        OwnRedis { child }
-    }
-}
-
-impl Drop for OwnRedis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 async fn wait_for_log(sidecar: &Sidecar, line: &str) {
     let start = Instant::now();
     while !sidecar.log_text().contains(line) {
@@ -471,13 +361,18 @@ async fn wait_for_log(sidecar: &Sidecar, line: &str) {
 #[tokio::test(flavor = "multi_thread")]
 async fn alerts_when_a_sink_keeps_failing_and_when_lag_passes_its_threshold() {
     let v = pg_versions()[0].clone();
-    let mut t = TestEnv::new(&v).await;
-    let redis_port = free_port();
-    let own = OwnRedis::start(redis_port);
-    t.cfg.redis.as_mut().unwrap().url = pgfanout::config::Secret(format!("redis://127.0.0.1:{redis_port}"));
-    t.cfg.metrics.listen = format!("127.0.0.1:{}", free_port());
-    t.cfg.metrics.max_lag_seconds = 2;
-    let config = write_config(&t, &t.cfg, "pgfanout");
+    // A Redis of this test's own, so stopping it disturbs no other test.
+    let mut redis = PrivateService::redis().await;
+    let mut t = TestEnv::builder(&v)
+        .sinks(&[Sink::ClickHouse, Sink::Redis])
+        .with(|cfg| {
+            cfg.metrics.listen = format!("127.0.0.1:{}", free_port());
+            cfg.metrics.max_lag_seconds = 2;
+        })
+        .build()
+        .await;
+    t.use_private_redis(&redis).await;
+    let config = t.write_config(&t.cfg, "pgfanout");
     let mut sidecar = Sidecar::spawn(&config);
     wait_ready(&t, &sidecar).await;
     insert_content(&t).await;
@@ -488,7 +383,7 @@ async fn alerts_when_a_sink_keeps_failing_and_when_lag_passes_its_threshold() {
     .await;
 
     // Redis goes away: its sink retries, the pipeline stalls, the lag grows.
-    drop(own);
+    redis.kill();
     insert_events(&t.pg, 10, 10).await;
     wait_for_log(&sidecar, "sink redis keeps failing").await;
     wait_for_log(&sidecar, "replication lag over threshold").await;
@@ -511,7 +406,7 @@ async fn alerts_when_a_sink_keeps_failing_and_when_lag_passes_its_threshold() {
     assert!(problems.contains("sink redis unreachable") && problems.contains("max_lag_seconds"), "{doc:#}");
 
     // Back on the same port (empty: no persistence): everything recovers.
-    let _own = OwnRedis::start(redis_port);
+    redis.start().await;
     wait_for_log(&sidecar, "sink redis recovered").await;
     wait_for_log(&sidecar, "replication lag back under threshold").await;
     wait_ready(&t, &sidecar).await;
@@ -525,11 +420,10 @@ async fn alerts_when_a_sink_keeps_failing_and_when_lag_passes_its_threshold() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_drain_past_its_bound_exits_nonzero_and_loses_nothing() {
-    let v = pg_versions()[0].clone();
-    let mut t = TestEnv::new(&v).await;
-    t.cfg.metrics.listen = format!("127.0.0.1:{}", free_port());
-    t.cfg.pipeline.shutdown_timeout_ms = 2_000;
-    let config = write_config(&t, &t.cfg, "pgfanout");
+    let env = TestEnv::builder(&pg_versions()[0])
+        .sinks(&[Sink::ClickHouse, Sink::Http])
+        .with(|cfg| cfg.pipeline.shutdown_timeout_ms = 2_000);
+    let (t, config) = env_with_metrics(env).await;
     let mut sidecar = Sidecar::spawn(&config);
     wait_ready(&t, &sidecar).await;
     insert_content(&t).await;

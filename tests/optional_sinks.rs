@@ -43,12 +43,18 @@ fn lines(path: &std::path::Path) -> Vec<serde_json::Value> {
 #[tokio::test(flavor = "multi_thread")]
 async fn without_http_clickhouse_redis_and_the_file_sink_get_every_event() {
     const N: usize = 40;
-    let mut t = TestEnv::new(&pg_versions()[0]).await;
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("events.jsonl");
-    t.cfg.http = None;
-    t.cfg.file = Some(pgfanout::config::FileConfig { path: out.to_string_lossy().into_owned() });
-    pgfanout::commands::init::run(&t.cfg, false).await.expect("init without [http]");
+    let path = out.to_string_lossy().into_owned();
+    // Built with the receiver's client (to show nothing reached it), and
+    // initialised without [http].
+    let mut t = TestEnv::builder(&pg_versions()[0])
+        .with(|cfg| {
+            cfg.http = None;
+            cfg.file = Some(pgfanout::config::FileConfig { path });
+        })
+        .build()
+        .await;
 
     t.start();
     t.pg.batch_execute(CONTENT).await.unwrap();
@@ -58,7 +64,7 @@ async fn without_http_clickhouse_redis_and_the_file_sink_get_every_event() {
         .await;
     // Acknowledged means every sink flushed: no waiting for any of them now.
     assert_eq!(t.ch_count("SELECT count() FROM enriched_engagements FINAL").await, N as u64);
-    let mut redis = t.redis.clone();
+    let mut redis = t.redis();
     let stream = format!("{}stream:podcast", t.cfg.redis.as_ref().unwrap().key_prefix);
     assert_eq!(redis.xlen::<_, u64>(&stream).await.unwrap(), N as u64);
     let written = lines(&out);
@@ -105,7 +111,7 @@ async fn without_redis_the_other_sinks_get_every_event() {
         .await;
     assert_eq!(t.ch_count("SELECT count() FROM enriched_engagements FINAL").await, N as u64);
     assert_eq!(t.http_get("_stats").await["events"], N as u64);
-    let mut redis = t.redis.clone();
+    let mut redis = t.redis();
     let keys: Vec<String> = redis.keys(format!("{prefix}*")).await.unwrap();
     assert!(keys.is_empty(), "Redis is off, yet it holds {keys:?}");
     let report = pgfanout::commands::status::check(&t.cfg).await.expect("status");

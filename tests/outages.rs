@@ -24,7 +24,7 @@ use pgfanout::source::Lsn;
 use rand::{Rng, SeedableRng};
 use redis::AsyncCommands;
 use support::private::PrivateService;
-use support::{logs, pg_versions, wait_until, TestEnv};
+use support::{logs, pg_versions, wait_until, workload, TestEnv};
 
 /// How long the service is down; `PGFANOUT_OUTAGE_SECS=10` for a quick run.
 const DEFAULT_OUTAGE_SECS: u64 = 30;
@@ -70,10 +70,9 @@ struct Written {
     changes: u64,
 }
 
-/// Inserts, updates (some moving the event to other content) and deletes
-/// on its own connection, one autocommit statement at a time, until `until`.
-async fn workload(url: String, until: Instant) -> Written {
-    let pg = pgfanout::source::slot::connect(&url).await.expect("workload connection");
+/// Inserts, updates (some moving the event to other content) and deletes,
+/// one autocommit statement at a time, until `until`.
+async fn mixed_writes(pg: tokio_postgres::Client, until: Instant) -> Written {
     let mut rng = rand::rngs::StdRng::seed_from_u64(42);
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -86,8 +85,7 @@ async fn workload(url: String, until: Instant) -> Written {
         let values: Vec<String> = (0..INSERTS_PER_TICK)
             .map(|_| {
                 let content = CONTENT[rng.gen_range(0..CONTENT.len())].0;
-                let duration =
-                    if rng.gen_ratio(1, 10) { "NULL".to_string() } else { rng.gen_range(0..600_000).to_string() };
+                let duration = workload::nullable_duration(&mut rng);
                 let user = uuid::Uuid::from_u128(rng.gen());
                 format!("('{content}', '{user}', 'play', now(), {duration}, 'web')")
             })
@@ -113,26 +111,16 @@ async fn workload(url: String, until: Instant) -> Written {
         };
         if n % 5 == 0 {
             let ids = pick(&mut rng, &alive, 3);
-            out.changes += pg
-                .execute(
-                    &format!("UPDATE engagement_events SET duration_ms = coalesce(duration_ms, 0) + 1000 WHERE id IN ({ids})"),
-                    &[],
-                )
-                .await
-                .expect("workload update");
+            out.changes += pg.execute(&workload::lengthen(&ids, 1000), &[]).await.expect("workload update");
         }
         if n % 20 == 0 {
             let ids = pick(&mut rng, &alive, 2);
             let to = CONTENT[rng.gen_range(0..CONTENT.len())].0;
-            out.changes += pg
-                .execute(&format!("UPDATE engagement_events SET content_id = '{to}' WHERE id IN ({ids})"), &[])
-                .await
-                .expect("workload move");
+            out.changes += pg.execute(&workload::move_to(to, &ids), &[]).await.expect("workload move");
         }
         if n % 10 == 0 {
             let id = alive.swap_remove(rng.gen_range(0..alive.len()));
-            out.changes +=
-                pg.execute("DELETE FROM engagement_events WHERE id = $1", &[&id]).await.expect("workload delete");
+            out.changes += pg.execute(&workload::delete(&id.to_string()), &[]).await.expect("workload delete");
         }
     }
     out
@@ -149,7 +137,7 @@ fn rss_kb() -> u64 {
 
 /// Every entry of the test's Redis streams: (stream length sum, entry ids).
 async fn redis_stream_ids(t: &TestEnv) -> (u64, Vec<String>) {
-    let mut r = t.redis.clone();
+    let mut r = t.redis();
     let keys: Vec<String> =
         r.keys(format!("{}stream:*", t.cfg.redis.as_ref().unwrap().key_prefix)).await.expect("redis KEYS");
     let mut total = 0;
@@ -173,7 +161,8 @@ async fn pg_count_and_sum(t: &TestEnv) -> (u64, i64) {
 }
 
 async fn ch_count_and_sum(t: &TestEnv) -> Option<(u64, i64)> {
-    t.ch.query("SELECT count(), toInt64(coalesce(sum(duration_ms), 0)) FROM enriched_engagements FINAL")
+    t.ch()
+        .query("SELECT count(), toInt64(coalesce(sum(duration_ms), 0)) FROM enriched_engagements FINAL")
         .fetch_one::<(u64, i64)>()
         .await
         .ok()
@@ -225,8 +214,8 @@ async fn outage(target: Target) {
         })
     };
     let started = Instant::now();
-    let writer =
-        tokio::spawn(workload(t.cfg.source.url.expose().to_string(), started + BEFORE_OUTAGE + outage + AFTER_OUTAGE));
+    let until = started + BEFORE_OUTAGE + outage + AFTER_OUTAGE;
+    let writer = workload::spawn(&t, move |pg, _| mixed_writes(pg, until));
     tokio::time::sleep(BEFORE_OUTAGE).await;
 
     // The outage.
@@ -276,7 +265,7 @@ async fn outage(target: Target) {
         eprintln!("ClickHouse: killed and restarted");
     }
 
-    let written = writer.await.expect("workload task");
+    let written = writer.finish().await;
     let end = t.wal_insert_lsn().await;
     let (pg_rows, pg_sum) = pg_count_and_sum(&t).await;
     let changes = written.changes;

@@ -17,7 +17,7 @@ use pgfanout::config::OnPermanentError;
 use redis::AsyncCommands;
 use serde_json::Value as Json;
 use support::topics::{read_topic, Record};
-use support::{logs, pg_versions, wait_until, TestEnv};
+use support::{logs, pg_versions, wait_until, Sink, TestEnv};
 
 const WAIT: Duration = Duration::from_secs(60);
 const A: &str = "00000000-0000-0000-0000-0000000000a1";
@@ -52,7 +52,8 @@ async fn pg_percent(t: &TestEnv, id: i64) -> f64 {
 }
 
 async fn ch_event(t: &TestEnv, id: i64) -> Option<(Option<i32>, Option<f64>)> {
-    t.ch.query("SELECT duration_ms, engagement_percent FROM enriched_engagements FINAL WHERE event_id = ?")
+    t.ch()
+        .query("SELECT duration_ms, engagement_percent FROM enriched_engagements FINAL WHERE event_id = ?")
         .bind(id as u64)
         .fetch_optional::<(Option<i32>, Option<f64>)>()
         .await
@@ -61,7 +62,7 @@ async fn ch_event(t: &TestEnv, id: i64) -> Option<(Option<i32>, Option<f64>)> {
 
 /// The ids of the events in the podcast stream of Redis.
 async fn redis_ids(t: &TestEnv) -> Vec<i64> {
-    let mut r = t.redis.clone();
+    let mut r = t.redis();
     let entries: redis::streams::StreamRangeReply =
         r.xrange_all(format!("{}stream:podcast", t.cfg.redis.as_ref().unwrap().key_prefix)).await.unwrap();
     entries
@@ -73,15 +74,23 @@ async fn redis_ids(t: &TestEnv) -> Vec<i64> {
         .collect()
 }
 
+/// ClickHouse, whose batch is refused, and Redis, which shows whether the
+/// stream went on.
 async fn start(v: &str, mode: OnPermanentError) -> TestEnv {
-    let mut t = TestEnv::new(v).await;
-    t.cfg.clickhouse.as_mut().unwrap().on_permanent_error = mode;
-    t.cfg.clickhouse.as_mut().unwrap().permanent_attempts = 3;
+    let mut t = TestEnv::builder(v)
+        .sinks(&[Sink::ClickHouse, Sink::Redis])
+        .with(move |cfg| {
+            let ch = cfg.clickhouse.as_mut().unwrap();
+            ch.on_permanent_error = mode;
+            ch.permanent_attempts = 3;
+        })
+        .build()
+        .await;
     t.start();
     t.pg.batch_execute(&format!("INSERT INTO content VALUES ('{A}', 'a', 'A', 'podcast', 1200, now())")).await.unwrap();
     insert_event(&t, 1, 6_000).await;
     wait_until("ClickHouse holds event 1", WAIT, || async { ch_event(&t, 1).await.is_some() }).await;
-    t.ch.query(BREAK).execute().await.expect("changing the column type");
+    t.ch().query(BREAK).execute().await.expect("changing the column type");
     t
 }
 
@@ -112,7 +121,7 @@ async fn parked(v: &str, logs: &logs::Logs) {
     assert!(ch_event(&t, 2).await.is_none(), "PG {v}: the parked batch is not in ClickHouse");
 
     // Fixed: later events reach ClickHouse, with PostgreSQL's values.
-    t.ch.query(FIX).execute().await.expect("changing the column type back");
+    t.ch().query(FIX).execute().await.expect("changing the column type back");
     let end = insert_event(&t, 3, 18_000).await;
     wait_until("ClickHouse holds event 3", WAIT, || async { ch_event(&t, 3).await.is_some() }).await;
     assert_eq!(ch_event(&t, 3).await, Some((Some(18_000), Some(pg_percent(&t, 3).await))), "PG {v}");
@@ -135,7 +144,7 @@ async fn stalled(v: &str, logs: &logs::Logs) {
     assert!(t.confirmed_flush_lsn().await >= before);
     assert!(dead_letters(&t, Duration::from_secs(3), |_| false).await.is_empty(), "PG {v}: nothing parked");
 
-    t.ch.query(FIX).execute().await.expect("changing the column type back");
+    t.ch().query(FIX).execute().await.expect("changing the column type back");
     wait_until("ClickHouse holds the stalled event 2", WAIT, || async { ch_event(&t, 2).await.is_some() }).await;
     assert_eq!(ch_event(&t, 2).await, Some((Some(12_000), Some(pg_percent(&t, 2).await))), "PG {v}");
     wait_until("the slot acknowledged everything", WAIT, || async { t.confirmed_flush_lsn().await >= end }).await;

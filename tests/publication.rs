@@ -6,7 +6,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::{logs, pg_versions, wait_until, TestEnv};
+use support::{logs, pg_versions, wait_until, Sink, TestEnv};
 
 const WAIT: Duration = Duration::from_secs(60);
 const A: &str = "00000000-0000-0000-0000-0000000000a1";
@@ -24,7 +24,8 @@ async fn published(t: &TestEnv) -> Vec<String> {
 }
 
 async fn table_added_after_init(v: &str, logs: &logs::Logs) {
-    let mut t = TestEnv::new(v).await;
+    // One sink, to show the table's changes flow: ClickHouse.
+    let mut t = TestEnv::builder(v).sinks(&[Sink::ClickHouse]).build().await;
     let name = t.name.clone();
     // As first set up: init with the content table alone.
     t.pg.batch_execute(&format!("DROP PUBLICATION {}", t.name)).await.unwrap();
@@ -69,11 +70,12 @@ async fn table_added_after_init(v: &str, logs: &logs::Logs) {
         t.ch_count("SELECT count() FROM enriched_engagements FINAL").await == 1
     })
     .await;
-    let (percent, slug): (Option<f64>, String) =
-        t.ch.query("SELECT engagement_percent, content_slug FROM enriched_engagements FINAL")
-            .fetch_one()
-            .await
-            .unwrap();
+    let (percent, slug): (Option<f64>, String) = t
+        .ch()
+        .query("SELECT engagement_percent, content_slug FROM enriched_engagements FINAL")
+        .fetch_one()
+        .await
+        .unwrap();
     assert_eq!((percent, slug.as_str()), (Some(pg_percent), "a"), "PG {v}");
     assert_eq!(logs.lines_with(&warned).len(), warnings, "PG {v}: no warning once they agree");
     t.stop().await;

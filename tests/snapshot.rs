@@ -14,15 +14,14 @@ mod support;
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use pgfanout::commands::backfill::{self, BackfillOptions};
 use pgfanout::commands::snapshot::{self, SnapshotOptions, SnapshotOutcome};
 use rand::{Rng, SeedableRng};
 use redis::AsyncCommands;
-use support::{pg_versions, wait_until, TestEnv};
+use support::{pg_versions, wait_until, workload, TestEnv};
 
 const STREAMS: [&str; 4] = ["podcast", "newsletter", "video", "unknown"];
 
@@ -66,65 +65,45 @@ async fn load(pg: &tokio_postgres::Client, events: u64) {
     }
 }
 
-/// Live writes until `stop`: inserts, updates (some moving event_ts), deletes
-/// (of rows with ids above `deletes_above`).
-async fn live_writes(url: String, stop: Arc<AtomicBool>, changes: Arc<AtomicU64>, deletes_above: i64) {
-    let pg = pgfanout::source::slot::connect(&url).await.unwrap();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-    while !stop.load(Ordering::Relaxed) {
-        let max: i64 = pg.query_one("SELECT coalesce(max(id), 1) FROM engagement_events", &[]).await.unwrap().get(0);
-        let ids = |rng: &mut rand::rngs::StdRng, n| -> String {
-            (0..n).map(|_| rng.gen_range(1..=max).to_string()).collect::<Vec<_>>().join(",")
-        };
-        let inserted = pg
-            .execute(
-                "INSERT INTO engagement_events (content_id, event_type, event_ts, duration_ms, device)
-                 SELECT (ARRAY(SELECT id FROM content ORDER BY id))[1 + g % 50], 'play', now(), g * 100, 'live'
-                 FROM generate_series(1, 100) g",
-                &[],
-            )
-            .await
-            .unwrap();
-        let updated = pg
-            .execute(
-                &format!(
-                    "UPDATE engagement_events SET duration_ms = coalesce(duration_ms, 0) + 1 WHERE id IN ({})",
-                    ids(&mut rng, 40)
-                ),
-                &[],
-            )
-            .await
-            .unwrap();
-        let moved = pg
-            .execute(
-                &format!(
-                    "UPDATE engagement_events SET event_ts = event_ts + interval '1 ms' WHERE id IN ({})",
-                    ids(&mut rng, 5)
-                ),
-                &[],
-            )
-            .await
-            .unwrap();
-        let deleted = if max > deletes_above {
-            let doomed: Vec<String> = (0..5).map(|_| rng.gen_range(deletes_above + 1..=max).to_string()).collect();
-            pg.execute(&format!("DELETE FROM engagement_events WHERE id IN ({})", doomed.join(",")), &[]).await.unwrap()
-        } else {
-            0
-        };
-        changes.fetch_add(inserted + updated + moved + deleted, Ordering::Relaxed);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-fn start_live_writes(
-    t: &TestEnv,
-    deletes_above: i64,
-) -> (Arc<AtomicBool>, Arc<AtomicU64>, tokio::task::JoinHandle<()>) {
-    let stop = Arc::new(AtomicBool::new(false));
-    let changes = Arc::new(AtomicU64::new(0));
-    let h =
-        tokio::spawn(live_writes(t.cfg.source.url.expose().to_string(), stop.clone(), changes.clone(), deletes_above));
-    (stop, changes, h)
+/// Live writes until stopped: inserts, updates (some moving event_ts),
+/// deletes (of rows with ids above `deletes_above`).
+fn start_live_writes(t: &TestEnv, deletes_above: i64) -> workload::Writer<()> {
+    workload::spawn(t, move |pg, progress| async move {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        while !progress.stopping() {
+            let max: i64 =
+                pg.query_one("SELECT coalesce(max(id), 1) FROM engagement_events", &[]).await.unwrap().get(0);
+            let inserted = pg
+                .execute(
+                    "INSERT INTO engagement_events (content_id, event_type, event_ts, duration_ms, device)
+                     SELECT (ARRAY(SELECT id FROM content ORDER BY id))[1 + g % 50], 'play', now(), g * 100, 'live'
+                     FROM generate_series(1, 100) g",
+                    &[],
+                )
+                .await
+                .unwrap();
+            let updated =
+                pg.execute(&workload::lengthen(&workload::random_ids(&mut rng, max, 40), 1), &[]).await.unwrap();
+            let moved = pg
+                .execute(
+                    &format!(
+                        "UPDATE engagement_events SET event_ts = event_ts + interval '1 ms' WHERE id IN ({})",
+                        workload::random_ids(&mut rng, max, 5)
+                    ),
+                    &[],
+                )
+                .await
+                .unwrap();
+            let deleted = if max > deletes_above {
+                let doomed: Vec<String> = (0..5).map(|_| rng.gen_range(deletes_above + 1..=max).to_string()).collect();
+                pg.execute(&workload::delete(&doomed.join(",")), &[]).await.unwrap()
+            } else {
+                0
+            };
+            progress.add(inserted + updated + moved + deleted);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
 }
 
 #[derive(Debug, PartialEq, clickhouse::Row, serde::Deserialize)]
@@ -136,13 +115,14 @@ struct Totals {
 }
 
 async fn ch_totals(t: &TestEnv) -> Totals {
-    t.ch.query(
-        "SELECT count() AS rows, sum(event_id) AS ids, toInt64(sum(ifNull(duration_ms, 0))) AS duration, \
+    t.ch()
+        .query(
+            "SELECT count() AS rows, sum(event_id) AS ids, toInt64(sum(ifNull(duration_ms, 0))) AS duration, \
          ifNull(sum(engagement_percent), 0) AS percent FROM enriched_engagements FINAL",
-    )
-    .fetch_one::<Totals>()
-    .await
-    .unwrap()
+        )
+        .fetch_one::<Totals>()
+        .await
+        .unwrap()
 }
 
 async fn pg_totals(t: &TestEnv) -> Totals {
@@ -175,7 +155,7 @@ fn assert_same_totals(ch: &Totals, pg: &Totals, what: &str) {
 }
 
 async fn stream_lengths(t: &TestEnv) -> HashMap<&'static str, u64> {
-    let mut r = t.redis.clone();
+    let mut r = t.redis();
     let mut out = HashMap::new();
     for s in STREAMS {
         out.insert(
@@ -187,7 +167,7 @@ async fn stream_lengths(t: &TestEnv) -> HashMap<&'static str, u64> {
 }
 
 async fn window(t: &TestEnv) -> Vec<(String, f64)> {
-    let mut r = t.redis.clone();
+    let mut r = t.redis();
     r.zrange_withscores(format!("{}top:window", t.cfg.redis.as_ref().unwrap().key_prefix), 0, -1).await.unwrap()
 }
 
@@ -268,7 +248,7 @@ async fn assert_sinks_exact(t: &TestEnv, what: &str) {
 async fn snapshot_with_live_writes(v: &str, events: u64) {
     let mut t = env_without_slot(v).await;
     load(&t.pg, events).await;
-    let (stop, changes, writer) = start_live_writes(&t, 0);
+    let writer = start_live_writes(&t, 0);
     tokio::time::sleep(Duration::from_millis(300)).await;
     // About five chunks of events (more than the workers) at the default
     // size; the 1M-event run keeps the command's default chunk size.
@@ -283,9 +263,8 @@ async fn snapshot_with_live_writes(v: &str, events: u64) {
     // Writes go on while `run` starts from the slot's consistent point.
     t.start();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.store(true, Ordering::Relaxed);
-    writer.await.unwrap();
-    eprintln!("PG {v}: {} live changes", changes.load(Ordering::Relaxed));
+    eprintln!("PG {v}: {} live changes", writer.changes());
+    writer.stop().await;
     caught_up(&t).await;
     assert_sinks_exact(&t, &format!("PG {v}")).await;
     // Done is done: a second snapshot does nothing.
@@ -305,14 +284,6 @@ async fn snapshot_with_live_writes_then_run_every_sink_equals_postgres() {
 async fn snapshot_one_million_events() {
     let v = pg_versions().last().cloned().unwrap();
     snapshot_with_live_writes(&v, 1_000_000).await;
-}
-
-fn write_config(t: &TestEnv) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(&t.name);
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("pgfanout.toml");
-    std::fs::write(&path, toml::to_string(&t.cfg).unwrap()).unwrap();
-    path
 }
 
 fn snapshot_command(config: &Path, log: &Path) -> Command {
@@ -338,7 +309,7 @@ async fn sigkill_and_resume(v: &str, events: u64) {
     let mut t = env_without_slot(v).await;
     // Small batches: the kill lands inside chunks, with batches half applied.
     t.cfg.pipeline.batch_max_changes = 1_000;
-    let config = write_config(&t);
+    let config = t.write_config(&t.cfg, "pgfanout");
     let log = config.with_file_name("snapshot.log");
     load(&t.pg, events).await;
     // Deletes only of rows written live, never of loaded rows: a loaded row
@@ -347,7 +318,7 @@ async fn sigkill_and_resume(v: &str, events: u64) {
     // and not to others, they would keep differing by that event (the
     // limitation src/source/snapshot.rs describes), and this test compares
     // Redis with HTTP event for event.
-    let (stop, _changes, writer) = start_live_writes(&t, events as i64);
+    let writer = start_live_writes(&t, events as i64);
 
     let mut child = snapshot_command(&config, &log).spawn().unwrap();
     wait_until("a few chunks are done", Duration::from_secs(300), || async {
@@ -384,8 +355,7 @@ async fn sigkill_and_resume(v: &str, events: u64) {
 
     t.start();
     tokio::time::sleep(Duration::from_secs(1)).await;
-    stop.store(true, Ordering::Relaxed);
-    writer.await.unwrap();
+    writer.stop().await;
     caught_up(&t).await;
     assert_sinks_exact(&t, &format!("PG {v}, after SIGKILL and resume")).await;
     t.stop().await;
@@ -484,39 +454,30 @@ async fn backfill_racing_updates(v: &str) {
     load(&t.pg, 20_000).await;
     caught_up(&t).await;
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let updates = Arc::new(AtomicU64::new(0));
-    let updater = {
-        let (stop, updates) = (stop.clone(), updates.clone());
-        let url = t.cfg.source.url.expose().to_string();
-        tokio::spawn(async move {
-            let pg = pgfanout::source::slot::connect(&url).await.unwrap();
-            let mut rng = rand::rngs::StdRng::seed_from_u64(3);
-            while !stop.load(Ordering::Relaxed) {
-                let ids: Vec<String> = (0..200).map(|_| rng.gen_range(1..=20_000).to_string()).collect();
-                let n = pg
-                    .execute(
-                        &format!(
-                            "UPDATE engagement_events SET duration_ms = coalesce(duration_ms, 0) + 1, \
-                             event_ts = event_ts + interval '1 ms' WHERE id IN ({})",
-                            ids.join(",")
-                        ),
-                        &[],
-                    )
-                    .await
-                    .unwrap();
-                updates.fetch_add(n, Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        })
-    };
+    let updater = workload::spawn(&t, |pg, progress| async move {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        while !progress.stopping() {
+            let ids = workload::random_ids(&mut rng, 20_000, 200);
+            let n = pg
+                .execute(
+                    &format!(
+                        "UPDATE engagement_events SET duration_ms = coalesce(duration_ms, 0) + 1, \
+                         event_ts = event_ts + interval '1 ms' WHERE id IN ({ids})"
+                    ),
+                    &[],
+                )
+                .await
+                .unwrap();
+            progress.add(n);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
     let mut opts = backfill_today();
     opts.chunk_rows = 1_000;
     let report = backfill::run(&t.cfg, &opts).await.expect("backfill");
     tokio::time::sleep(Duration::from_millis(500)).await;
-    stop.store(true, Ordering::Relaxed);
-    updater.await.unwrap();
-    eprintln!("PG {v}: backfilled {} rows while {} rows were updated", report.rows, updates.load(Ordering::Relaxed));
+    eprintln!("PG {v}: backfilled {} rows while {} rows were updated", report.rows, updater.changes());
+    updater.stop().await;
     caught_up(&t).await;
 
     // event_ts in ms as the pipeline stores it: truncated, like ClickHouse's
@@ -531,12 +492,7 @@ async fn backfill_racing_updates(v: &str) {
         .iter()
         .map(|r| (r.get(0), (r.get(1), r.get(2))))
         .collect();
-    let ch_rows = t
-        .ch
-        .query("SELECT event_id, duration_ms, toUnixTimestamp64Milli(event_ts) AS event_ts FROM enriched_engagements FINAL")
-        .fetch_all::<EventRow>()
-        .await
-        .unwrap();
+    let ch_rows = t.ch_rows::<EventRow>("SELECT event_id, duration_ms, toUnixTimestamp64Milli(event_ts) AS event_ts FROM enriched_engagements FINAL").await;
     assert_eq!(ch_rows.len(), pg_rows.len(), "PG {v}: ClickHouse rows");
     let stale: Vec<_> =
         ch_rows.iter().filter(|r| pg_rows.get(&(r.event_id as i64)) != Some(&(r.duration_ms, r.event_ts))).collect();
@@ -580,7 +536,8 @@ async fn backfill_while_its_rows_are_updated_never_overwrites_newer_values() {
 #[tokio::test(flavor = "multi_thread")]
 async fn state_tables_move_out_of_the_old_schema() {
     let v = pg_versions()[0].clone();
-    let t = TestEnv::new(&v).await;
+    // No sink: the test reads and writes PostgreSQL alone.
+    let t = TestEnv::builder(&v).sinks(&[]).build().await;
     t.pg.batch_execute(
         "CREATE SCHEMA pgfanout;
          CREATE TABLE pgfanout.snapshots (slot text PRIMARY KEY, consistent_point pg_lsn, snapshot_ts timestamptz,

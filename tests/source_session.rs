@@ -5,12 +5,13 @@ mod support;
 
 use std::time::Duration;
 
-use support::{pg_versions, wait_until, TestEnv};
+use support::{pg_versions, wait_until, workload, Sink, TestEnv};
 
 const WAIT: Duration = Duration::from_secs(60);
 
 async fn terminated_walsender(v: &str) {
-    let mut t = TestEnv::new(v).await;
+    // The sinks it reads back: ClickHouse (rows) and HTTP (event ids).
+    let mut t = TestEnv::builder(v).sinks(&[Sink::ClickHouse, Sink::Http]).build().await;
     t.start();
     t.pg.batch_execute(
         "INSERT INTO content VALUES ('00000000-0000-0000-0000-000000000001', 'a', 'A', 'podcast', 600, now())",
@@ -19,12 +20,7 @@ async fn terminated_walsender(v: &str) {
     .unwrap();
     let mut written = 0i64;
     for round in 0..20 {
-        t.pg.batch_execute(
-            "INSERT INTO engagement_events (content_id, event_type, event_ts, duration_ms)
-             SELECT '00000000-0000-0000-0000-000000000001', 'play', now(), g FROM generate_series(1, 500) g",
-        )
-        .await
-        .unwrap();
+        workload::insert_events(&t.pg, "00000000-0000-0000-0000-000000000001", 500, 500).await;
         written += 500;
         if round % 5 == 2 {
             // Kill the walsender serving our slot, mid-stream.
@@ -69,7 +65,8 @@ async fn resumes_without_gap_after_pg_terminate_backend() {
 }
 
 async fn idle_slot_advances(v: &str) {
-    let mut t = TestEnv::new(v).await;
+    // Any one sink: the test watches the slot alone.
+    let mut t = TestEnv::builder(v).sinks(&[Sink::Redis]).build().await;
     t.pg.batch_execute("CREATE TABLE unpublished (id serial primary key, note text)").await.unwrap();
     t.start();
     // Let the stream start, then only write to a table the publication does not cover.

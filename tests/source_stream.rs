@@ -68,11 +68,16 @@ impl Reader {
     }
 }
 
+/// A test env for the session alone: PostgreSQL and the log, no sink.
+async fn session_env(v: &str) -> TestEnv {
+    TestEnv::builder(v).sinks(&[]).build().await
+}
+
 /// `init` sets REPLICA IDENTITY FULL, so the Relation message flags every
 /// column as identity; the key must still be the primary key alone, the
 /// same before and after an update.
 async fn keys_are_primary_keys(v: &str) {
-    let t = TestEnv::new(v).await;
+    let t = session_env(v).await;
     let mut r = Reader::start(&t, &t.cfg.source).await;
     t.pg.batch_execute(&format!(
         "INSERT INTO content VALUES ('{A}', 'a', 'A', 'podcast', 600, now());
@@ -114,7 +119,7 @@ async fn change_keys_are_primary_keys_under_full_identity() {
 /// under DEFAULT identity there is no old row and the column is left out of
 /// the new row (never turned into NULL).
 async fn unchanged_toast(v: &str) {
-    let t = TestEnv::new(v).await;
+    let t = session_env(v).await;
     // EXTERNAL: stored out of line uncompressed, so 10 kB is surely TOASTed.
     t.pg.batch_execute(&format!(
         "ALTER TABLE engagement_events ALTER COLUMN raw_payload SET STORAGE EXTERNAL;
@@ -290,7 +295,7 @@ async fn selected_typed(t: &TestEnv) -> std::collections::BTreeMap<i32, serde_js
 }
 
 async fn typed_values(v: &str) {
-    let t = TestEnv::new(v).await;
+    let t = session_env(v).await;
     t.pg.batch_execute(TYPED).await.unwrap();
     let modes = [("text", Some(false)), ("binary", Some(true)), ("auto", None)];
     let mut readers = Vec::new();

@@ -38,7 +38,7 @@ async fn acked_to_the_end(t: &TestEnv) {
 /// What every sink holds: ClickHouse rows (FINAL and raw), HTTP events,
 /// entries of Redis's podcast stream.
 async fn sink_counts(t: &TestEnv) -> (u64, u64, u64, u64) {
-    let mut r = t.redis.clone();
+    let mut r = t.redis();
     let stream: u64 = r.xlen(format!("{}stream:podcast", t.cfg.redis.as_ref().unwrap().key_prefix)).await.unwrap();
     (
         t.ch_count("SELECT count() FROM enriched_engagements FINAL").await,
@@ -98,11 +98,7 @@ async fn two_phase(v: &str) {
     acked_to_the_end(&t).await;
     wait_until("every sink holds the 5 committed events", WAIT, || async { sink_counts(&t).await == (5, 5, 5, 5) })
         .await;
-    let ids =
-        t.ch.query("SELECT event_id FROM enriched_engagements FINAL ORDER BY event_id")
-            .fetch_all::<u64>()
-            .await
-            .unwrap();
+    let ids = t.ch_rows::<u64>("SELECT event_id FROM enriched_engagements FINAL ORDER BY event_id").await;
     assert_eq!(ids, vec![1, 2, 3, 100, 101], "PG {v}: the rolled-back prepared transaction reached a sink");
     assert_eq!(t.http_get("_stats").await["duplicates"], 0, "PG {v}");
     t.stop().await;

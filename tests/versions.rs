@@ -66,7 +66,7 @@ fn batch(position: Position, duration_ms: i32, title: &str) -> Enriched {
 /// keeps the higher one, written first, in both tables.
 #[tokio::test(flavor = "multi_thread")]
 async fn clickhouse_orders_versions_above_bit_64() {
-    let t = TestEnv::new(&pg_versions()[0]).await;
+    let t = TestEnv::builder(&pg_versions()[0]).sinks(&[support::Sink::ClickHouse]).build().await;
     use pgfanout::sinks::Sink;
     let sink = pgfanout::sinks::clickhouse::ClickHouseSink::new(t.cfg.clickhouse.as_ref().unwrap(), None);
     let high = Position { commit_lsn: 0x2_0000_0010, ordinal: 1 };
@@ -75,17 +75,17 @@ async fn clickhouse_orders_versions_above_bit_64() {
     sink.write(&batch(high, 2000, "high")).await.unwrap();
     sink.write(&batch(low, 1000, "low")).await.unwrap();
     for sql in ["OPTIMIZE TABLE enriched_engagements FINAL", "OPTIMIZE TABLE content_dim FINAL"] {
-        t.ch.query(sql).execute().await.unwrap();
+        t.ch().query(sql).execute().await.unwrap();
     }
     let (d, v): (Option<i32>, u128) =
-        t.ch.query("SELECT duration_ms, _version FROM enriched_engagements FINAL").fetch_one().await.unwrap();
+        t.ch().query("SELECT duration_ms, _version FROM enriched_engagements FINAL").fetch_one().await.unwrap();
     assert_eq!((d, v), (Some(2000), high.version()));
     // The same number as ClickHouse prints it: the crate's u128 is UInt128's bytes.
     let text: String =
-        t.ch.query("SELECT toString(_version) FROM enriched_engagements FINAL").fetch_one().await.unwrap();
+        t.ch().query("SELECT toString(_version) FROM enriched_engagements FINAL").fetch_one().await.unwrap();
     assert_eq!(text, high.version().to_string());
     let (title, v): (String, u128) =
-        t.ch.query("SELECT title, _version FROM content_dim FINAL").fetch_one().await.unwrap();
+        t.ch().query("SELECT title, _version FROM content_dim FINAL").fetch_one().await.unwrap();
     assert_eq!((title.as_str(), v), ("high", high.version()));
     assert_eq!(t.ch_count("SELECT count() FROM enriched_engagements").await, 1, "merged into one row");
 }
@@ -96,7 +96,7 @@ async fn clickhouse_orders_versions_above_bit_64() {
 /// then replace migrated rows.
 #[tokio::test(flavor = "multi_thread")]
 async fn init_migrates_old_version_columns() {
-    let mut t = TestEnv::new(&pg_versions()[0]).await;
+    let mut t = TestEnv::builder(&pg_versions()[0]).sinks(&[support::Sink::ClickHouse]).build().await;
     for sql in [
         "DROP TABLE enriched_engagements",
         "DROP TABLE content_dim",
@@ -124,22 +124,20 @@ async fn init_migrates_old_version_columns() {
          ('00000000-0000-0000-0000-0000000000a1', 'a', 'old A', 'podcast', 100, 0, 1700000000001),
          ('00000000-0000-0000-0000-0000000000a1', 'a', 'older A', 'podcast', 100, 0, 1700000000000)",
     ] {
-        t.ch.query(sql).execute().await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+        t.ch().query(sql).execute().await.unwrap_or_else(|e| panic!("{sql}: {e}"));
     }
     let types = || async {
-        t.ch.query(
+        t.ch_rows::<(String, String, String)>(
             "SELECT table, name, type FROM system.columns WHERE database = currentDatabase()
                AND name IN ('_version', 'version_ts_ms') ORDER BY table",
         )
-        .fetch_all::<(String, String, String)>()
         .await
-        .unwrap()
     };
     let versions = || async {
-        t.ch.query("SELECT event_id, duration_ms, _version, _is_deleted FROM enriched_engagements ORDER BY _version")
-            .fetch_all::<(u64, Option<i32>, u128, u8)>()
-            .await
-            .unwrap()
+        t.ch_rows::<(u64, Option<i32>, u128, u8)>(
+            "SELECT event_id, duration_ms, _version, _is_deleted FROM enriched_engagements ORDER BY _version",
+        )
+        .await
     };
     let v = |lsn: u64, ordinal: u32| Position { commit_lsn: lsn, ordinal }.version();
     let want = vec![
@@ -160,10 +158,9 @@ async fn init_migrates_old_version_columns() {
             .await;
         assert_eq!(leftovers, 0, "init run {run}");
         let finals: Vec<(u64, Option<i32>)> =
-            t.ch.query("SELECT event_id, duration_ms FROM enriched_engagements FINAL").fetch_all().await.unwrap();
+            t.ch_rows("SELECT event_id, duration_ms FROM enriched_engagements FINAL").await;
         assert_eq!(finals, vec![(1, Some(20))], "init run {run}: the highest version wins, the delete hides event 2");
-        let dim: Vec<(String, u128)> =
-            t.ch.query("SELECT title, _version FROM content_dim ORDER BY _version").fetch_all().await.unwrap();
+        let dim: Vec<(String, u128)> = t.ch_rows("SELECT title, _version FROM content_dim ORDER BY _version").await;
         assert_eq!(dim, vec![("older A".into(), 1_700_000_000_000), ("old A".into(), 1_700_000_000_001)]);
     }
 
@@ -173,7 +170,7 @@ async fn init_migrates_old_version_columns() {
         .await
         .unwrap();
     wait_until("content_dim shows the streamed title", WAIT, || async {
-        let titles: Vec<String> = t.ch.query("SELECT title FROM content_dim FINAL").fetch_all().await.unwrap();
+        let titles: Vec<String> = t.ch_rows("SELECT title FROM content_dim FINAL").await;
         titles == ["new A"]
     })
     .await;
@@ -197,7 +194,12 @@ struct EventRow {
 async fn updates_keep_their_order_past_lsn_1000_0() {
     const LSN_1000_0: u64 = 1 << 44;
     let pg = PrivatePostgres::start(Some("0000000100000FFF000000FC")).await;
-    let mut t = TestEnv::on_server("15", &pg.url()).await;
+    // The sinks it reads back: ClickHouse (the last version) and HTTP (every one).
+    let mut t = TestEnv::builder("15")
+        .on_server(&pg.url())
+        .sinks(&[support::Sink::ClickHouse, support::Sink::Http])
+        .build()
+        .await;
     let start = t.wal_insert_lsn().await;
     assert!((0xFFF_FC00_0000..LSN_1000_0).contains(&start), "WAL at {start:x} after pg_resetwal");
     t.start();
@@ -226,16 +228,13 @@ async fn updates_keep_their_order_past_lsn_1000_0() {
     })
     .await;
     wait_until("ClickHouse FINAL holds the last update", WAIT, || async {
-        let d: Vec<Option<i32>> =
-            t.ch.query("SELECT duration_ms FROM enriched_engagements FINAL").fetch_all().await.unwrap();
+        let d: Vec<Option<i32>> = t.ch_rows("SELECT duration_ms FROM enriched_engagements FINAL").await;
         d == [Some(7000)]
     })
     .await;
-    let rows: Vec<EventRow> =
-        t.ch.query("SELECT duration_ms, engagement_percent, content_title, _version FROM enriched_engagements FINAL")
-            .fetch_all()
-            .await
-            .unwrap();
+    let rows: Vec<EventRow> = t
+        .ch_rows("SELECT duration_ms, engagement_percent, content_title, _version FROM enriched_engagements FINAL")
+        .await;
     assert_eq!(rows.len(), 1);
     let r = &rows[0];
     assert_eq!((r.duration_ms, r.engagement_percent, r.content_title.as_str()), (Some(7000), Some(7.0), "A"));

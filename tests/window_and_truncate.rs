@@ -6,12 +6,11 @@
 mod support;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
 use redis::AsyncCommands;
-use support::{pg_versions, wait_until, TestEnv};
+use support::{pg_versions, wait_until, Sidecar, Sink, TestEnv};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -32,7 +31,7 @@ async fn acked_everything(t: &TestEnv) {
 }
 
 async fn window(t: &TestEnv) -> BTreeMap<String, f64> {
-    let mut r = t.redis.clone();
+    let mut r = t.redis();
     let top: Vec<(String, f64)> =
         r.zrange_withscores(format!("{}top:window", t.cfg.redis.as_ref().unwrap().key_prefix), 0, -1).await.unwrap();
     top.into_iter().collect()
@@ -40,7 +39,7 @@ async fn window(t: &TestEnv) -> BTreeMap<String, f64> {
 
 /// Every key under `<prefix><pattern>`.
 async fn keys(t: &TestEnv, pattern: &str) -> Vec<String> {
-    let mut r = t.redis.clone();
+    let mut r = t.redis();
     r.keys(format!("{}{pattern}", t.cfg.redis.as_ref().unwrap().key_prefix)).await.unwrap()
 }
 
@@ -92,7 +91,7 @@ async fn assert_window(t: &TestEnv, model: &Model, what: &str) {
     );
     // One contribution record per counted event, none left over from
     // retracted ones, and every key of the window expires by itself.
-    let mut r = t.redis.clone();
+    let mut r = t.redis();
     let mut records = 0;
     for key in keys(t, "top:contrib:*").await {
         records += r.hlen::<_, usize>(&key).await.unwrap();
@@ -199,7 +198,7 @@ async fn change_content(t: &TestEnv, rng: &mut rand::rngs::StdRng) {
 }
 
 async fn exact_window(v: &str) {
-    let mut t = TestEnv::new(v).await;
+    let mut t = TestEnv::builder(v).sinks(&[Sink::Redis]).build().await;
     for (i, (id, length)) in CONTENTS.iter().enumerate() {
         t.pg.execute(
             "INSERT INTO content VALUES ($1::text::uuid, $2, $3, 'podcast', $4, now())",
@@ -245,17 +244,6 @@ async fn the_window_equals_postgres_sum_over_live_events() {
     }
 }
 
-fn spawn_sidecar(config: &std::path::Path, log: &std::path::Path) -> Child {
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
-    Command::new(env!("CARGO_BIN_EXE_pgfanout"))
-        .args(["-c", config.to_str().unwrap(), "run"])
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("start pgfanout")
-}
-
 const A: &str = "00000000-0000-0000-0000-0000000000a1";
 const B: &str = "00000000-0000-0000-0000-0000000000b2";
 const D: &str = "00000000-0000-0000-0000-0000000000d4";
@@ -290,14 +278,12 @@ async fn assert_clickhouse(t: &TestEnv, what: &str) {
             content_slug: r.get(4),
         })
         .collect();
-    let ch: Vec<Row> =
-        t.ch.query(
+    let ch: Vec<Row> = t
+        .ch_rows(
             "SELECT event_id, toString(content_id) AS content_id, duration_ms, engagement_percent, content_slug
              FROM enriched_engagements FINAL ORDER BY event_id",
         )
-        .fetch_all()
-        .await
-        .unwrap();
+        .await;
     assert_eq!(ch, pg, "PG {v}: {what}: enriched_engagements FINAL");
     let pg_content: Vec<(String, String, Option<i32>)> =
         t.pg.query("SELECT id::text, slug, length_seconds FROM content ORDER BY id", &[])
@@ -307,17 +293,14 @@ async fn assert_clickhouse(t: &TestEnv, what: &str) {
             .map(|r| (r.get(0), r.get(1), r.get(2)))
             .collect();
     let ch_content: Vec<(String, String, Option<i32>)> =
-        t.ch.query("SELECT toString(id), slug, length_seconds FROM content_dim FINAL ORDER BY id")
-            .fetch_all()
-            .await
-            .unwrap();
+        t.ch_rows("SELECT toString(id), slug, length_seconds FROM content_dim FINAL ORDER BY id").await;
     assert_eq!(ch_content, pg_content, "PG {v}: {what}: content_dim FINAL");
 }
 
 /// Each stream's entries as (op, event id or "-" for a truncate), and the
 /// entry ids of the truncates.
 async fn streams(t: &TestEnv) -> (BTreeMap<String, Vec<(String, String)>>, HashSet<String>) {
-    let mut r = t.redis.clone();
+    let mut r = t.redis();
     let mut out = BTreeMap::new();
     let mut truncates = HashSet::new();
     for kind in ["podcast", "video", "newsletter", "unknown"] {
@@ -358,7 +341,7 @@ async fn assert_redis(t: &TestEnv, what: &str) {
     expected.insert("unknown".to_string(), entries(&[("c", "8")]));
     assert_eq!(got, expected, "PG {v}: {what}: streams");
     assert_eq!(truncates.len(), 2, "PG {v}: {what}: one entry id per TRUNCATE in every stream: {truncates:?}");
-    let mut r = t.redis.clone();
+    let mut r = t.redis();
     let epoch: Option<String> = r.get(format!("{}top:epoch", t.cfg.redis.as_ref().unwrap().key_prefix)).await.unwrap();
     assert_eq!(epoch.as_deref(), Some("2"), "PG {v}: {what}: each TRUNCATE cleared the window once");
     // The window: PostgreSQL's own sum over the live events (no content
@@ -385,12 +368,8 @@ async fn assert_redis(t: &TestEnv, what: &str) {
 /// then again after a SIGKILL and a restart have replayed both to every sink.
 async fn truncate_mid_transaction(v: &str) {
     let t = TestEnv::new(v).await;
-    let dir = std::env::temp_dir().join(&t.name);
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("pgfanout.toml");
-    std::fs::write(&config, toml::to_string(&t.cfg).unwrap()).unwrap();
-    let log = dir.join("pgfanout.log");
-    let mut child = spawn_sidecar(&config, &log);
+    let config = t.write_config(&t.cfg, "pgfanout");
+    let sidecar = Sidecar::spawn(&config);
 
     t.pg.batch_execute(&format!(
         "INSERT INTO content VALUES ('{A}', 'a', 'A', 'podcast', 101, now()), ('{B}', 'b', 'B', 'video', 333, now());
@@ -424,7 +403,7 @@ async fn truncate_mid_transaction(v: &str) {
     // The update of event 7 is the last change of both transactions.
     let last = format!("{}stream:newsletter", t.cfg.redis.as_ref().unwrap().key_prefix);
     wait_until("ClickHouse and Redis applied both transactions", WAIT, || async {
-        let mut r = t.redis.clone();
+        let mut r = t.redis();
         r.xlen::<_, u64>(&last).await.unwrap() == 2
             && t.ch_count("SELECT count() FROM enriched_engagements FINAL WHERE event_id = 7 AND duration_ms = 14000")
                 .await
@@ -439,10 +418,9 @@ async fn truncate_mid_transaction(v: &str) {
     // to every sink, ClickHouse and Redis included, which hold them already.
     // (That HTTP then receives events 3 to 8, which it refused before, shows
     // the replay started before the first TRUNCATE.)
-    child.kill().expect("SIGKILL");
-    child.wait().unwrap();
+    drop(sidecar); // SIGKILL
     t.http_control(serde_json::json!({"hold": false})).await;
-    let mut child = spawn_sidecar(&config, &log);
+    let sidecar = Sidecar::spawn(&config);
     wait_until("the slot acknowledged everything after the restart", WAIT, || async {
         t.confirmed_flush_lsn().await >= end
     })
@@ -479,10 +457,7 @@ async fn truncate_mid_transaction(v: &str) {
         ("c", "8"),
         ("u", "7"),
     ]);
-    assert_eq!(got, expected, "PG {v}: HTTP events ({}):\n{events:#}", log.display());
-
-    child.kill().expect("SIGKILL");
-    child.wait().unwrap();
+    assert_eq!(got, expected, "PG {v}: HTTP events ({}):\n{events:#}", sidecar.log.display());
 }
 
 #[tokio::test(flavor = "multi_thread")]

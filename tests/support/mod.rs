@@ -1,15 +1,22 @@
 //! Test support: every test gets its own database, slot, publication,
 //! topic prefix, ClickHouse database, Redis key prefix and HTTP receiver
 //! path on the services `scripts/services up` started (its env file names
-//! them), so tests run in parallel without seeing each other.
+//! them), so tests run in parallel without seeing each other. A test
+//! configures only the sinks it needs (`TestEnv::builder`); the services of
+//! the others need not be reachable for it.
 
 #![allow(dead_code)]
 
 pub mod logs;
 pub mod private;
 pub mod topics;
+pub mod workload;
 
 use std::future::Future;
+use std::net::TcpListener;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,6 +26,8 @@ use pgfanout::config::{
 };
 use pgfanout::observe::Stats;
 use pgfanout::pipeline;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -36,37 +45,77 @@ pub fn unique_name() -> String {
     format!("t_{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
 }
 
-type RunningPipeline = (watch::Sender<bool>, JoinHandle<Result<(), pipeline::PipelineError>>);
-
-pub struct TestEnv {
-    pub name: String,
-    pub pg_version: String,
-    pub cfg: Config,
-    pub pg: tokio_postgres::Client,
-    pub ch: clickhouse::Client,
-    pub redis: redis::aio::MultiplexedConnection,
-    pub http_base: String,
-    pipeline: Option<RunningPipeline>,
-    pub stats: Arc<Stats>,
+/// A TCP port that is free on 127.0.0.1, picked below the kernel's
+/// ephemeral range so outgoing connections do not take it before a server
+/// binds it (as `free_ports` in scripts/lib/common.sh does). Also a port
+/// nothing listens on, for a service "stopped".
+pub fn free_port() -> u16 {
+    let mut rng = rand::thread_rng();
+    loop {
+        let port = rng.gen_range(20_000..32_000);
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
-impl TestEnv {
-    /// A fresh, initialised environment (schema, slot, tables, topics) on one PostgreSQL major.
-    pub async fn new(pg_version: &str) -> TestEnv {
-        Self::on_server(pg_version, &env(&format!("PGFANOUT_PG{pg_version}_URL"))).await
+/// The sinks a test environment can configure. The broker is always there:
+/// the log is not optional.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sink {
+    ClickHouse,
+    Redis,
+    Http,
+}
+
+pub const ALL_SINKS: [Sink; 3] = [Sink::ClickHouse, Sink::Redis, Sink::Http];
+
+type ConfigEdit = Box<dyn FnOnce(&mut Config) + Send>;
+
+/// How `TestEnv::builder` makes an environment: which server, which sinks,
+/// and changes to the configuration before `init` runs on it.
+pub struct TestEnvBuilder {
+    pg_version: String,
+    admin_url: Option<String>,
+    sinks: Vec<Sink>,
+    edits: Vec<ConfigEdit>,
+}
+
+impl TestEnvBuilder {
+    /// On the PostgreSQL server at `admin_url` (a private one) instead of
+    /// the shared server of the builder's major.
+    pub fn on_server(mut self, admin_url: &str) -> Self {
+        self.admin_url = Some(admin_url.to_string());
+        self
     }
 
-    /// Like `new`, on the PostgreSQL server at `admin_url` (a private one).
-    pub async fn on_server(pg_version: &str, admin_url: &str) -> TestEnv {
+    /// Only these sinks (all three by default). None at all is a log-only
+    /// run, the one configuration without sinks the product accepts.
+    pub fn sinks(mut self, sinks: &[Sink]) -> Self {
+        self.sinks = sinks.to_vec();
+        self
+    }
+
+    /// Changes the configuration before `init` runs on it; the env keeps
+    /// its clients of the sinks it was asked for.
+    pub fn with(mut self, edit: impl FnOnce(&mut Config) + Send + 'static) -> Self {
+        self.edits.push(Box::new(edit));
+        self
+    }
+
+    /// A fresh database, initialised (schema, slot, the sinks' tables, topics).
+    pub async fn build(self) -> TestEnv {
+        let admin_url = self.admin_url.unwrap_or_else(|| env(&format!("PGFANOUT_PG{}_URL", self.pg_version)));
         let name = unique_name();
-        let admin = pgfanout::source::slot::connect(admin_url).await.expect("connect to PostgreSQL");
+        let admin = pgfanout::source::slot::connect(&admin_url).await.expect("connect to PostgreSQL");
         admin.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create database");
         let url = match admin_url.rsplit_once('/') {
             Some((base, _)) => format!("{base}/{name}"),
             None => panic!("{admin_url} must be a postgres:// URL"),
         };
-        let http_base = env("PGFANOUT_HTTP_URL");
-        let cfg = Config {
+        let on = |s: Sink| self.sinks.contains(&s);
+        let http_base = on(Sink::Http).then(|| env("PGFANOUT_HTTP_URL"));
+        let mut cfg = Config {
             source: SourceConfig {
                 url: Secret(url.clone()),
                 socket_dir: None,
@@ -88,7 +137,7 @@ impl TestEnv {
                 compression: "lz4".into(),
                 properties: Default::default(),
             },
-            clickhouse: Some(ClickHouseConfig {
+            clickhouse: on(Sink::ClickHouse).then(|| ClickHouseConfig {
                 url: env("PGFANOUT_CLICKHOUSE_URL"),
                 database: name.clone(),
                 user: "default".into(),
@@ -96,7 +145,7 @@ impl TestEnv {
                 on_permanent_error: OnPermanentError::DeadLetter,
                 permanent_attempts: 3,
             }),
-            redis: Some(RedisConfig {
+            redis: on(Sink::Redis).then(|| RedisConfig {
                 url: Secret(env("PGFANOUT_REDIS_URL")),
                 key_prefix: format!("{name}:"),
                 stream_maxlen: 100_000,
@@ -104,8 +153,8 @@ impl TestEnv {
                 on_permanent_error: OnPermanentError::DeadLetter,
                 permanent_attempts: 3,
             }),
-            http: Some(HttpConfig {
-                url: format!("{http_base}/{name}"),
+            http: http_base.as_ref().map(|base| HttpConfig {
+                url: format!("{base}/{name}"),
                 secret: Secret(env("PGFANOUT_HTTP_SECRET")),
                 timeout_ms: 5_000,
                 max_attempts: 1_000,
@@ -120,22 +169,33 @@ impl TestEnv {
                 batch_linger_ms: 20,
                 channel_capacity: 10_000,
                 shutdown_timeout_ms: 10_000,
+                log_only: self.sinks.is_empty(),
                 ..Default::default()
             },
             // Any free port: sidecars started from tests run side by side.
             metrics: MetricsConfig { listen: "127.0.0.1:0".into(), ..Default::default() },
         };
+        // The clients, made before the edits: a test may turn a sink off
+        // and still look at its service.
+        let ch = cfg.clickhouse.as_ref().map(|c| clickhouse::Client::default().with_url(&c.url).with_database(&name));
+        let redis = match &cfg.redis {
+            Some(c) => Some(
+                redis::Client::open(c.url.expose())
+                    .unwrap()
+                    .get_multiplexed_async_connection()
+                    .await
+                    .expect("connect to Redis"),
+            ),
+            None => None,
+        };
+        for edit in self.edits {
+            edit(&mut cfg);
+        }
         pgfanout::commands::init::run(&cfg, true).await.expect("pgfanout init");
         let pg = pgfanout::source::slot::connect(&url).await.expect("connect to test database");
-        let ch = clickhouse::Client::default().with_url(&cfg.clickhouse.as_ref().unwrap().url).with_database(&name);
-        let redis = redis::Client::open(cfg.redis.as_ref().unwrap().url.expose())
-            .unwrap()
-            .get_multiplexed_async_connection()
-            .await
-            .expect("connect to Redis");
         TestEnv {
             name,
-            pg_version: pg_version.to_string(),
+            pg_version: self.pg_version,
             cfg,
             pg,
             ch,
@@ -144,6 +204,52 @@ impl TestEnv {
             pipeline: None,
             stats: Arc::default(),
         }
+    }
+}
+
+type RunningPipeline = (watch::Sender<bool>, JoinHandle<Result<(), pipeline::PipelineError>>);
+
+pub struct TestEnv {
+    pub name: String,
+    pub pg_version: String,
+    pub cfg: Config,
+    pub pg: tokio_postgres::Client,
+    ch: Option<clickhouse::Client>,
+    redis: Option<redis::aio::MultiplexedConnection>,
+    http_base: Option<String>,
+    pipeline: Option<RunningPipeline>,
+    pub stats: Arc<Stats>,
+}
+
+impl TestEnv {
+    /// A fresh, initialised environment on one PostgreSQL major, with every sink.
+    pub async fn new(pg_version: &str) -> TestEnv {
+        Self::builder(pg_version).build().await
+    }
+
+    /// An environment to build: every sink unless `sinks` says otherwise.
+    pub fn builder(pg_version: &str) -> TestEnvBuilder {
+        TestEnvBuilder {
+            pg_version: pg_version.to_string(),
+            admin_url: None,
+            sinks: ALL_SINKS.to_vec(),
+            edits: Vec::new(),
+        }
+    }
+
+    /// The test's ClickHouse database.
+    pub fn ch(&self) -> &clickhouse::Client {
+        self.ch.as_ref().expect("this TestEnv was built without Sink::ClickHouse")
+    }
+
+    /// A connection to the test's Redis.
+    pub fn redis(&self) -> redis::aio::MultiplexedConnection {
+        self.redis.clone().expect("this TestEnv was built without Sink::Redis")
+    }
+
+    /// The HTTP receiver's base URL (the test's path is `<base>/<name>`).
+    pub fn http_base(&self) -> &str {
+        self.http_base.as_deref().expect("this TestEnv was built without Sink::Http")
     }
 
     pub fn start(&mut self) {
@@ -167,18 +273,33 @@ impl TestEnv {
     }
 
     pub async fn ch_count(&self, sql: &str) -> u64 {
-        self.ch.query(sql).fetch_one::<u64>().await.unwrap_or_else(|e| panic!("{sql}: {e}"))
+        self.ch().query(sql).fetch_one::<u64>().await.unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
+    /// Every row `sql` returns from the test's ClickHouse database.
+    pub async fn ch_rows<T: clickhouse::RowOwned + clickhouse::RowRead>(&self, sql: &str) -> Vec<T> {
+        self.ch().query(sql).fetch_all::<T>().await.unwrap_or_else(|e| panic!("{sql}: {e}"))
     }
 
     pub async fn http_get(&self, what: &str) -> serde_json::Value {
-        let url = format!("{}/{what}/{}", self.http_base, self.name);
+        let url = format!("{}/{what}/{}", self.http_base(), self.name);
         reqwest::get(&url).await.expect("receiver").json().await.expect("receiver json")
     }
 
     pub async fn http_control(&self, body: serde_json::Value) {
-        let url = format!("{}/_control/{}", self.http_base, self.name);
+        let url = format!("{}/_control/{}", self.http_base(), self.name);
         let r = reqwest::Client::new().post(&url).json(&body).send().await.expect("receiver control");
         assert!(r.status().is_success(), "control {body}: {}", r.status());
+    }
+
+    /// Writes `cfg` to `<name>.toml` in the test's own directory, for the
+    /// binary (`Sidecar`, `pgfanout status`, …) to read.
+    pub fn write_config(&self, cfg: &Config, name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(&self.name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(format!("{name}.toml"));
+        std::fs::write(&path, toml::to_string(cfg).unwrap()).unwrap();
+        path
     }
 
     /// Current WAL insert position, as a u64.
@@ -214,15 +335,79 @@ where
     }
 }
 
-/// Starts `pgfanout run` (the binary) with `config`, its log appended to
-/// `log`, for tests that kill it.
-pub fn spawn_sidecar(config: &std::path::Path, log: &std::path::Path) -> std::process::Child {
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
-    std::process::Command::new(env!("CARGO_BIN_EXE_pgfanout"))
-        .args(["-c", config.to_str().unwrap(), "run"])
-        .env("RUST_LOG", std::env::var("PGFANOUT_SIDECAR_LOG").unwrap_or_else(|_| "info".into()))
-        .stdout(std::process::Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("start pgfanout")
+/// `pgfanout run`, the built binary, on a config file, for tests that kill
+/// it, stop it or read what it serves; its log is appended to the config's
+/// path with extension `log`. SIGKILLed when dropped, also when the test fails.
+pub struct Sidecar {
+    child: Child,
+    config: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Sidecar {
+    pub fn spawn(config: &Path) -> Sidecar {
+        let log = config.with_extension("log");
+        Sidecar { child: Self::run(config, &log), config: config.to_path_buf(), log }
+    }
+
+    fn run(config: &Path, log: &Path) -> Child {
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+        Command::new(env!("CARGO_BIN_EXE_pgfanout"))
+            .args(["-c", config.to_str().unwrap(), "run"])
+            .env("RUST_LOG", std::env::var("PGFANOUT_SIDECAR_LOG").unwrap_or_else(|_| "info".into()))
+            .stdout(Stdio::null())
+            .stderr(out)
+            .spawn()
+            .expect("start pgfanout run")
+    }
+
+    /// SIGKILLs it, once it has gone starts it again on the same config.
+    pub fn restart(&mut self) {
+        // std's kill() is SIGKILL on Unix.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = Self::run(&self.config, &self.log);
+    }
+
+    /// `restart`s it `kills` times, each after a pause drawn from
+    /// `pause_ms` (seeded with `seed`, so a run can be repeated), while a
+    /// workload writes; `changes` tells the test's output how far it got.
+    pub async fn kill_at_random(&mut self, kills: usize, pause_ms: Range<u64>, seed: u64, changes: impl Fn() -> u64) {
+        let mut rng = StdRng::seed_from_u64(seed);
+        for kill in 0..kills {
+            tokio::time::sleep(Duration::from_millis(rng.gen_range(pause_ms.clone()))).await;
+            self.restart();
+            eprintln!("kill {kill}: after {} changes", changes());
+        }
+    }
+
+    /// Sends SIGTERM and waits for the exit; returns the status and how
+    /// long it took. Fails the test if it takes longer than `limit`.
+    pub fn terminate(&mut self, limit: Duration) -> (ExitStatus, Duration) {
+        let start = Instant::now();
+        // SAFETY: kill(2) on our own child's PID; it has not been reaped yet.
+        assert_eq!(unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) }, 0, "SIGTERM");
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (status, start.elapsed());
+            }
+            if start.elapsed() > limit {
+                let _ = self.child.kill();
+                panic!("pgfanout did not exit within {limit:?} of SIGTERM; log:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        // std's kill() is SIGKILL on Unix.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

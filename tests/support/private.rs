@@ -9,14 +9,12 @@
 //! server; ClickHouse keeps its data dir, Redis runs without persistence
 //! and comes back empty, Tansu's memory storage too).
 
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use rand::Rng;
-
-use super::TestEnv;
+use super::{free_port, TestEnv};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -30,19 +28,6 @@ pub struct PrivateService {
     pub port: u16,
     dir: PathBuf,
     child: Option<Child>,
-}
-
-/// A TCP port that is free on 127.0.0.1, picked below the kernel's
-/// ephemeral range so outgoing connections do not take it before the
-/// server binds it (as `free_ports` in scripts/lib/common.sh does).
-pub fn free_port() -> u16 {
-    let mut rng = rand::thread_rng();
-    loop {
-        let port = rng.gen_range(20_000..32_000);
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
 }
 
 /// `PGFANOUT_<NAME>` if set, else `<PGFANOUT_CACHE>/<rel>` (the cache
@@ -227,7 +212,7 @@ impl TestEnv {
     pub async fn use_private_clickhouse(&mut self, ch: &PrivateService) {
         assert_eq!(ch.kind, Kind::ClickHouse);
         self.cfg.clickhouse.as_mut().unwrap().url = ch.url();
-        self.ch = clickhouse::Client::default().with_url(ch.url()).with_database(&self.name);
+        self.ch = Some(clickhouse::Client::default().with_url(ch.url()).with_database(&self.name));
         pgfanout::commands::init::run(&self.cfg, false).await.expect("init on the private ClickHouse");
     }
 
@@ -235,11 +220,13 @@ impl TestEnv {
     pub async fn use_private_redis(&mut self, redis: &PrivateService) {
         assert_eq!(redis.kind, Kind::Redis);
         self.cfg.redis.as_mut().unwrap().url = pgfanout::config::Secret(redis.url());
-        self.redis = redis::Client::open(redis.url())
-            .unwrap()
-            .get_multiplexed_async_connection()
-            .await
-            .expect("connect to the private Redis");
+        self.redis = Some(
+            redis::Client::open(redis.url())
+                .unwrap()
+                .get_multiplexed_async_connection()
+                .await
+                .expect("connect to the private Redis"),
+        );
     }
 
     /// Points the log at the private broker `tansu` and creates the topics
