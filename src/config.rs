@@ -115,6 +115,13 @@ pub struct SourceConfig {
     /// pgfanout exits however it exits). Unset: the system's temp directory.
     #[serde(default)]
     pub spill_dir: Option<std::path::PathBuf>,
+    /// Create the slot as a failover slot (PostgreSQL 17+), which a standby
+    /// with `sync_replication_slots = on` keeps in step, so that after a
+    /// promotion `run` continues from it on the new primary. Unset: on where
+    /// the server supports it; `true` on an older server is warned about and
+    /// ignored. Applies when pgfanout creates the slot.
+    #[serde(default)]
+    pub failover: Option<bool>,
 }
 
 impl SourceConfig {

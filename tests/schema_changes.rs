@@ -68,7 +68,7 @@ async fn columns_added_renamed_retyped_and_dropped_mid_stream() {
 
     // ClickHouse has what could be enriched, with its figures.
     let pct: Vec<(u64, Option<f64>)> =
-        t.ch.query("SELECT event_id, engagement_percent FROM enriched_engagements FINAL ORDER BY event_id")
+        t.ch().query("SELECT event_id, engagement_percent FROM enriched_engagements FINAL ORDER BY event_id")
             .fetch_all()
             .await
             .unwrap();

@@ -46,11 +46,22 @@ pub async fn create_slot_exporting(
     let mut rc = source.clone();
     rc.slot = slot_name.to_string();
     let mut session = ReplicationClient::connect_gated(replication_config(&rc)?).await?;
-    let sql = format!(
-        "CREATE_REPLICATION_SLOT {}{} LOGICAL pgoutput EXPORT_SNAPSHOT",
-        quote_ident(slot_name),
-        if temporary { " TEMPORARY" } else { "" }
-    );
+    let version = session.simple_query("SHOW server_version_num").await?;
+    let version: i32 = version
+        .first()
+        .and_then(|r| r.first())
+        .and_then(|c| c.as_ref())
+        .and_then(|b| std::str::from_utf8(b).ok()?.parse().ok())
+        .unwrap_or(0);
+    let failover = !temporary && source.failover.unwrap_or(true);
+    if failover && version < 170_000 && source.failover == Some(true) {
+        tracing::warn!(
+            slot = slot_name,
+            server_version_num = version,
+            "source.failover = true needs PostgreSQL 17 or later; creating an ordinary slot"
+        );
+    }
+    let sql = create_slot_sql(slot_name, temporary, failover && version >= 170_000, version);
     let rows = session.simple_query(&sql).await?;
     let text = |i: usize| -> Option<String> {
         rows.first().and_then(|r| r.get(i)).and_then(|c| c.as_ref()).map(|b| String::from_utf8_lossy(b).into_owned())
@@ -60,6 +71,21 @@ pub async fn create_slot_exporting(
     };
     let consistent_point = Lsn::parse(&cp).map_err(|e| ExportError::Reply(format!("consistent_point {cp}: {e}")))?.0;
     Ok(ExportedSnapshot { session, consistent_point, name })
+}
+
+/// `CREATE_REPLICATION_SLOT` exporting a snapshot, in the option-list form
+/// of PostgreSQL 15+ (which `FAILOVER` needs, 17+), else the older keywords.
+fn create_slot_sql(slot_name: &str, temporary: bool, failover: bool, server_version_num: i32) -> String {
+    let temporary = if temporary { " TEMPORARY" } else { "" };
+    if server_version_num >= 150_000 {
+        let failover = if failover { ", FAILOVER true" } else { "" };
+        format!(
+            "CREATE_REPLICATION_SLOT {}{temporary} LOGICAL pgoutput (SNAPSHOT 'export'{failover})",
+            quote_ident(slot_name)
+        )
+    } else {
+        format!("CREATE_REPLICATION_SLOT {}{temporary} LOGICAL pgoutput EXPORT_SNAPSHOT", quote_ident(slot_name))
+    }
 }
 
 /// The published tables, in name order.
@@ -99,4 +125,25 @@ pub async fn plan(
     }
     planner.batch_execute("COMMIT").await.map_err(query_err("commit"))?;
     Ok((shapes, chunks))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::create_slot_sql;
+
+    #[test]
+    fn failover_only_in_the_option_form_of_new_servers() {
+        assert_eq!(
+            create_slot_sql("s", false, true, 170_000),
+            "CREATE_REPLICATION_SLOT \"s\" LOGICAL pgoutput (SNAPSHOT 'export', FAILOVER true)"
+        );
+        assert_eq!(
+            create_slot_sql("s", true, false, 160_000),
+            "CREATE_REPLICATION_SLOT \"s\" TEMPORARY LOGICAL pgoutput (SNAPSHOT 'export')"
+        );
+        assert_eq!(
+            create_slot_sql("s", false, false, 140_000),
+            "CREATE_REPLICATION_SLOT \"s\" LOGICAL pgoutput EXPORT_SNAPSHOT"
+        );
+    }
 }

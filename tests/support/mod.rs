@@ -128,6 +128,7 @@ impl TestEnvBuilder {
                 proto_version: None,
                 stream_buffer_mb: 16,
                 spill_dir: None,
+                failover: None,
             },
             log: LogConfig {
                 brokers: env("PGFANOUT_KAFKA_BROKERS"),
