@@ -79,6 +79,10 @@ impl TestEnv {
                 proto_version: None,
                 stream_buffer_mb: 16,
                 spill_dir: None,
+                sslmode: None,
+                sslrootcert: None,
+                sslcert: None,
+                sslkey: None,
             },
             log: LogConfig {
                 brokers: env("PGFANOUT_KAFKA_BROKERS"),
