@@ -5,6 +5,7 @@
 
 #![allow(dead_code)]
 
+pub mod certs;
 pub mod logs;
 pub mod private;
 pub mod topics;
@@ -61,8 +62,11 @@ impl TestEnv {
         let name = unique_name();
         let admin = pgfanout::source::slot::connect(admin_url).await.expect("connect to PostgreSQL");
         admin.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create database");
-        let url = match admin_url.rsplit_once('/') {
-            Some((base, _)) => format!("{base}/{name}"),
+        // The database is the path's last part; the query (TLS keys) stays.
+        let (path, query) = admin_url.split_once('?').map_or((admin_url, ""), |(p, q)| (p, q));
+        let url = match path.rsplit_once('/') {
+            Some((base, _)) if query.is_empty() => format!("{base}/{name}"),
+            Some((base, _)) => format!("{base}/{name}?{query}"),
             None => panic!("{admin_url} must be a postgres:// URL"),
         };
         let http_base = env("PGFANOUT_HTTP_URL");
