@@ -9,6 +9,8 @@ use figment::providers::{Env, Format, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
+use crate::source::conninfo::{self, ConninfoError, SslMode, TlsKeys};
+
 /// A string that must not be logged (passwords, shared secrets).
 #[derive(Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(transparent)]
@@ -57,10 +59,15 @@ impl Config {
         if let Some(p) = path {
             fig = fig.merge(Toml::file_exact(p));
         }
-        let cfg: Config = fig
+        let mut cfg: Config = fig
             .merge(Env::prefixed("PGFANOUT_").split("__").filter(|k| k.as_str().contains('.')))
             .extract()
             .map_err(|e| ConfigError(Box::new(e)))?;
+        // One connection string for every connection: the TLS keys go into it.
+        cfg.source.url = cfg
+            .source
+            .url_with_tls_keys()
+            .map_err(|e| ConfigError(Box::new(figment::Error::from(format!("source.url / source.ssl*: {e}")))))?;
         // A secret that cannot sign fails here, at start, not at the first batch.
         if let Some(http) = &cfg.http {
             http.signing_key().map_err(|e| ConfigError(Box::new(figment::Error::from(e.to_string()))))?;
@@ -122,9 +129,36 @@ pub struct SourceConfig {
     /// ignored. Applies when pgfanout creates the slot.
     #[serde(default)]
     pub failover: Option<bool>,
+    /// TLS to PostgreSQL, as libpq's keys of the same names (which `url`
+    /// may carry too; these win): disable, prefer (the default), require,
+    /// verify-ca, verify-full. `Config::load` writes them into `url`, which
+    /// every connection, SQL and replication, is opened from.
+    #[serde(default)]
+    pub sslmode: Option<SslMode>,
+    /// The CA certificate(s) (PEM) the server's certificate must be signed
+    /// by, or `system` for the trusted roots of the public CAs.
+    #[serde(default)]
+    pub sslrootcert: Option<String>,
+    /// A client certificate (PEM) and its unencrypted key, for servers that
+    /// authenticate by certificate (`hostssl … cert` in pg_hba.conf).
+    #[serde(default)]
+    pub sslcert: Option<std::path::PathBuf>,
+    #[serde(default)]
+    pub sslkey: Option<std::path::PathBuf>,
 }
 
 impl SourceConfig {
+    /// `url` with the `ssl*` keys above written into it.
+    pub fn url_with_tls_keys(&self) -> Result<Secret, ConninfoError> {
+        let keys = TlsKeys {
+            sslmode: self.sslmode,
+            sslrootcert: self.sslrootcert.clone(),
+            sslcert: self.sslcert.clone(),
+            sslkey: self.sslkey.clone(),
+        };
+        conninfo::with_tls_keys(self.url.expose(), &keys).map(Secret)
+    }
+
     /// The protocol version to ask a server of version `server_version_num` for.
     pub fn proto_version_for(&self, server_version_num: i32) -> u32 {
         self.proto_version.unwrap_or(match server_version_num {
@@ -505,6 +539,39 @@ mod tests {
             let c = Config::load(Some(Path::new("q.toml"))).expect("loads without clickhouse, redis and http");
             assert!(c.clickhouse.is_none() && c.redis.is_none() && c.http.is_none());
             assert_eq!(c.file.as_ref().map(|f| f.path.as_str()), Some("-"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail API returns its own error
+    fn source_tls_keys_go_into_the_url() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "p.toml",
+                r#"
+                [source]
+                url = "postgres://u:pw@db.example.com/app?sslmode=require"
+                sslrootcert = "/etc/ca.pem"
+                sslcert = "/etc/client.crt"
+                sslkey = "/etc/client.key"
+                [log]
+                brokers = "localhost:9092"
+                "#,
+            )?;
+            jail.set_env("PGFANOUT_SOURCE__SSLMODE", "verify-full");
+            let c = Config::load(Some(Path::new("p.toml"))).expect("loads");
+            let tls = crate::source::conninfo::split(c.source.url.expose()).unwrap().tls;
+            assert_eq!(
+                tls.sslmode,
+                Some(SslMode::VerifyFull),
+                "[source] (here from the environment) wins over the URL"
+            );
+            assert_eq!(tls.sslrootcert.as_deref(), Some("/etc/ca.pem"));
+            assert_eq!(tls.sslkey.as_deref(), Some(Path::new("/etc/client.key")));
+            jail.set_env("PGFANOUT_SOURCE__SSLMODE", "verify");
+            let err = Config::load(Some(Path::new("p.toml"))).unwrap_err().to_string().to_lowercase();
+            assert!(err.contains("source.sslmode") && err.contains("verify-full"), "{err}");
             Ok(())
         });
     }

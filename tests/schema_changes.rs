@@ -67,11 +67,12 @@ async fn columns_added_renamed_retyped_and_dropped_mid_stream() {
     assert!(after(6).get("duration_ms").is_none(), "dropped: {}", after(6));
 
     // ClickHouse has what could be enriched, with its figures.
-    let pct: Vec<(u64, Option<f64>)> =
-        t.ch().query("SELECT event_id, engagement_percent FROM enriched_engagements FINAL ORDER BY event_id")
-            .fetch_all()
-            .await
-            .unwrap();
+    let pct: Vec<(u64, Option<f64>)> = t
+        .ch()
+        .query("SELECT event_id, engagement_percent FROM enriched_engagements FINAL ORDER BY event_id")
+        .fetch_all()
+        .await
+        .unwrap();
     assert_eq!(pct, vec![(1, Some(10.0)), (2, Some(10.0)), (3, Some(10.0)), (4, Some(10.0))]);
 
     // The rest is parked, each with the column and the reason.

@@ -5,7 +5,10 @@
 //! `streamed` holds transactions the server streams before they commit.
 //! `snapshot` is the initial load (and `scan` the chunked table reads it
 //! shares with backfill; `copy` decodes their binary COPY data).
+//! `conninfo` takes libpq's TLS keys out of `source.url` and `tls` applies
+//! them to both kinds of connection.
 
+pub mod conninfo;
 pub mod copy;
 pub mod pgoutput;
 pub mod relations;
@@ -14,6 +17,7 @@ pub mod session;
 pub mod slot;
 pub mod snapshot;
 pub mod streamed;
+pub mod tls;
 pub mod values;
 
 use std::fmt;

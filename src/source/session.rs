@@ -7,18 +7,18 @@
 //! positions come back through a watch channel and are reported to the
 //! server as the slot's flush LSN.
 
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent};
+use pgwire_replication::{Lsn, PgWireError, ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig};
 use tokio::sync::{mpsc, watch};
 
 use super::pgoutput::{pg_ts_to_unix_micros, DecodeError, Decoder, Message};
 use super::relations::{self, RelationError, Relations};
 use super::slot::{self, SlotError};
 use super::streamed::{InProgress, SpillError};
-use super::{Change, Op, Position, Row, SourceEvent, TxInfo};
+use super::tls::{self, Attempt, Evidence, Link, Negotiation, TlsError, TlsPolicy};
+use super::{conninfo, Change, Op, Position, Row, SourceEvent, TxInfo};
 use crate::config::SourceConfig;
 use crate::observe::{ReaderProgress, TableCounters};
 use crate::retry::{Alert, Attempts, ErrorClass, Policy};
@@ -29,6 +29,8 @@ pub enum SessionError {
     Url(String),
     #[error("replication connection failed: {0}")]
     Replication(#[from] pgwire_replication::PgWireError),
+    #[error(transparent)]
+    Tls(TlsError),
     #[error(transparent)]
     Decode(#[from] DecodeError),
     #[error(transparent)]
@@ -62,9 +64,12 @@ impl SessionError {
 }
 
 /// Builds pgwire-replication's config from `source.url` (libpq URL or
-/// key=value form), preferring the Unix socket when one is configured.
-pub fn replication_config(cfg: &SourceConfig) -> Result<ReplicationConfig, SessionError> {
-    let pg = tokio_postgres::Config::from_str(cfg.url.expose()).map_err(|e| SessionError::Url(e.to_string()))?;
+/// key=value form), preferring the Unix socket when one is configured, with
+/// the TLS the URL's libpq keys ask for; the `Attempt` explains the
+/// connection's failures ([`replication_error`]).
+pub fn replication_config(cfg: &SourceConfig) -> Result<(ReplicationConfig, Attempt), SessionError> {
+    let split = conninfo::split(cfg.url.expose()).map_err(|e| SessionError::Url(e.to_string()))?;
+    let pg = split.pg_config().map_err(|e| SessionError::Url(e.to_string()))?;
     let user = pg.get_user().unwrap_or("postgres").to_string();
     let password = pg.get_password().map(|p| String::from_utf8_lossy(p).into_owned()).unwrap_or_default();
     let dbname = pg.get_dbname().unwrap_or(&user).to_string();
@@ -73,20 +78,67 @@ pub fn replication_config(cfg: &SourceConfig) -> Result<ReplicationConfig, Sessi
         (Some(dir), _) => dir.clone(),
         (None, Some(tokio_postgres::config::Host::Tcp(h))) => h.clone(),
         (None, Some(tokio_postgres::config::Host::Unix(p))) => p.to_string_lossy().into_owned(),
-        (None, None) => "localhost".to_string(),
+        (None, None) => match pg.get_hostaddrs().first() {
+            Some(addr) => addr.to_string(),
+            None => "localhost".to_string(),
+        },
     };
-    let rc = if host.starts_with('/') {
-        ReplicationConfig::unix(host, port, user, password, dbname, cfg.slot.clone(), cfg.publication.clone())
+    let over_tcp = !host.starts_with('/');
+    // libpq's hostaddr: connect there, check the certificate against host.
+    let dial = match pg.get_hostaddrs().first() {
+        Some(addr) if over_tcp => addr.to_string(),
+        _ => host.clone(),
+    };
+    let rc = if over_tcp {
+        ReplicationConfig::new(dial.clone(), user, password, dbname, cfg.slot.clone(), cfg.publication.clone())
+            .with_port(port)
     } else {
-        ReplicationConfig::new(host, user, password, dbname, cfg.slot.clone(), cfg.publication.clone()).with_port(port)
+        ReplicationConfig::unix(host.clone(), port, user, password, dbname, cfg.slot.clone(), cfg.publication.clone())
     };
-    let rc = rc.with_status_interval(Duration::from_millis(cfg.status_interval_ms)).with_application_name("pgfanout");
+    let policy = TlsPolicy::resolve(&split.tls, over_tcp)
+        .map_err(|source| SessionError::Tls(TlsError::Config { link: Link::Replication, source }))?;
+    let negotiation = policy.negotiation();
+    let probe = over_tcp.then(|| (dial.clone(), port));
+    let (attempt, tls_config) = Attempt::new(Link::Replication, policy, format!("{host}:{port}"), host.clone(), probe)
+        .map_err(SessionError::Tls)?;
+    let mut tls = match negotiation {
+        Negotiation::Plain => TlsConfig::disabled(),
+        Negotiation::Prefer => TlsConfig { mode: pgwire_replication::SslMode::Prefer, ..TlsConfig::disabled() },
+        Negotiation::Require => TlsConfig::require(),
+    };
+    if negotiation != Negotiation::Plain {
+        tls = tls.with_rustls_client_config(Arc::new(tls_config)).with_sni_hostname(host);
+    }
+    let rc = rc
+        .with_tls(tls)
+        .with_status_interval(Duration::from_millis(cfg.status_interval_ms))
+        .with_application_name("pgfanout");
     // libpq's `options` (e.g. `-c logical_decoding_work_mem=256MB`) applies
     // to the walsender too, as it would for pg_recvlogical.
-    Ok(match pg.get_options() {
+    let rc = match pg.get_options() {
         Some(options) => rc.with_options(options),
         None => rc,
-    })
+    };
+    Ok((rc, attempt))
+}
+
+/// A replication connection's failure as a TLS error when TLS is what
+/// failed (the certificate, the client certificate, a server without TLS,
+/// a plain connection refused), else given back as it came.
+pub async fn explain_replication_error(e: PgWireError, tls: &Attempt) -> Result<TlsError, PgWireError> {
+    let evidence = match &e {
+        PgWireError::Io(io) => Evidence { rustls: tls::find_rustls_error(io.as_ref()), ..Default::default() },
+        // pgwire-replication writes the server's SQLSTATE into its text.
+        PgWireError::Server(msg) if msg.contains("SQLSTATE 28000") => {
+            Evidence { login_refused: Some(msg.clone()), ..Default::default() }
+        }
+        PgWireError::Tls(_) => Evidence { negotiation_failed: true, ..Default::default() },
+        _ => Evidence::default(),
+    };
+    match tls.explain(evidence).await {
+        Some(t) => Ok(t),
+        None => Err(e),
+    }
 }
 
 /// The prefix of the heartbeat messages (see `source.heartbeat_ms`).
@@ -213,13 +265,17 @@ async fn stream_once(
     let catalog = Catalog::load(cfg).await?;
     let binary = !text_only && cfg.binary.unwrap_or(catalog.binary_ok);
     let proto = cfg.proto_version_for(catalog.server_version);
-    let mut rc = replication_config(cfg)?.with_ack_lsn(Lsn(acked)).with_binary(binary).with_proto_version(proto);
+    let (rc, tls) = replication_config(cfg)?;
+    let mut rc = rc.with_ack_lsn(Lsn(acked)).with_binary(binary).with_proto_version(proto);
     if proto >= 2 {
         // "parallel" (protocol 4) is "on" plus the abort's LSN and time.
         rc = rc.with_streaming(if proto >= 4 { "parallel" } else { "on" });
     }
     let mut relations = Relations::new(catalog.primary_keys, catalog.types, binary && cfg.binary.is_none());
-    let mut client = ReplicationClient::connect(rc).await.map_err(|e| busy_or(e, &cfg.slot))?;
+    let mut client = match ReplicationClient::connect(rc).await {
+        Ok(client) => client,
+        Err(e) => return Err(replication_error(e, &cfg.slot, &tls).await),
+    };
     tracing::info!(slot = %cfg.slot, publication = %cfg.publication, binary, proto_version = proto, "replication started");
     progress.set_connected(true);
     let mut read = TableCounters::new("read");
@@ -257,7 +313,13 @@ async fn stream_once(
                 return Ok(());
             }
         };
-        let Some(ev) = ev.map_err(|e| busy_or(e, &cfg.slot))? else { return Ok(()) };
+        let ev = match ev {
+            Ok(Some(ev)) => ev,
+            Ok(None) => return Ok(()),
+            // The connection is made in the background: TLS and login
+            // failures arrive here, as the first event.
+            Err(e) => return Err(replication_error(e, &cfg.slot, &tls).await),
+        };
         let event = match ev {
             ReplicationEvent::KeepAlive { wal_end, .. } => {
                 progress.saw_server_wal_end(wal_end.0);
@@ -458,13 +520,18 @@ impl Catalog {
     }
 }
 
-fn busy_or(e: pgwire_replication::PgWireError, slot: &str) -> SessionError {
+/// A failure of the replication connection: the slot held by another
+/// session, TLS, or else as it came.
+async fn replication_error(e: PgWireError, slot: &str, tls: &Attempt) -> SessionError {
     let text = e.to_string();
     if let Some(rest) = text.split("is active for PID ").nth(1) {
         let pid: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
         return SessionError::SlotBusy { slot: slot.to_string(), pid };
     }
-    SessionError::Replication(e)
+    match explain_replication_error(e, tls).await {
+        Ok(t) => SessionError::Tls(t),
+        Err(e) => SessionError::Replication(e),
+    }
 }
 
 /// Turns one decoded message into the row changes it carries.

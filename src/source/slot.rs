@@ -2,18 +2,22 @@
 //! for the states that would otherwise lose data silently (dropped,
 //! invalidated, held by another process).
 
-use std::str::FromStr;
+use tokio_postgres::config::{Host, SslMode};
+use tokio_postgres::Client;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
-use tokio_postgres::{Client, NoTls};
-
+use super::conninfo::{self, ConninfoError};
+use super::tls::{self, Attempt, Evidence, Link, Negotiation, TlsError, TlsPolicy};
 use crate::config::SourceConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SlotError {
-    #[error("cannot connect to PostgreSQL: {0}")]
+    #[error("cannot connect to PostgreSQL: {}", with_cause(.0))]
     Connect(#[source] tokio_postgres::Error),
     #[error("invalid PostgreSQL connection string: {0}")]
-    Url(#[source] tokio_postgres::Error),
+    Url(#[source] ConninfoError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     #[error("PostgreSQL query failed ({what}): {source}")]
     Query { what: &'static str, source: tokio_postgres::Error },
     #[error("wal_level is {0}; logical replication needs wal_level=logical (set it in postgresql.conf and restart)")]
@@ -26,16 +30,90 @@ pub enum SlotError {
     NoSuchTable(String),
 }
 
-/// Opens an ordinary (non-replication) connection and drives it in the background.
+/// Opens an ordinary (non-replication) connection and drives it in the
+/// background, with TLS as the string's libpq keys say (source/tls.rs).
 pub async fn connect(url: &str) -> Result<Client, SlotError> {
-    let cfg = tokio_postgres::Config::from_str(url).map_err(SlotError::Url)?;
-    let (client, conn) = cfg.connect(NoTls).await.map_err(SlotError::Connect)?;
+    let split = conninfo::split(url).map_err(SlotError::Url)?;
+    let mut pg = split.pg_config().map_err(SlotError::Url)?;
+    let over_tcp = pg.get_hosts().iter().any(|h| matches!(h, Host::Tcp(_))) || !pg.get_hostaddrs().is_empty();
+    let policy =
+        TlsPolicy::resolve(&split.tls, over_tcp).map_err(|source| TlsError::Config { link: Link::Sql, source })?;
+    pg.ssl_mode(match policy.negotiation() {
+        Negotiation::Plain => SslMode::Disable,
+        Negotiation::Prefer => SslMode::Prefer,
+        Negotiation::Require => SslMode::Require,
+    });
+    let (first_host, probe) = first_tcp_host(&pg);
+    let (attempt, tls_config) = Attempt::new(Link::Sql, policy, target(&pg), first_host, probe)?;
+    let (client, conn) = match pg.connect(MakeRustlsConnect::new(tls_config)).await {
+        Ok(connected) => connected,
+        Err(e) => return Err(explain(e, &attempt).await),
+    };
     tokio::spawn(async move {
         if let Err(e) = conn.await {
             tracing::debug!(error = %e, "postgres connection closed");
         }
     });
     Ok(client)
+}
+
+/// tokio-postgres's error with what caused it ("db error" alone does not
+/// say that the server refused the login, nor "error connecting to server"
+/// why): a log line shows the top error only.
+fn with_cause(e: &tokio_postgres::Error) -> String {
+    match std::error::Error::source(e) {
+        Some(cause) => format!("{e}: {cause}"),
+        None => e.to_string(),
+    }
+}
+
+/// A failed connect as a TLS error when TLS is what failed, else as it came.
+async fn explain(e: tokio_postgres::Error, attempt: &Attempt) -> SlotError {
+    let login_refused = e
+        .as_db_error()
+        .filter(|db| db.code() == &tokio_postgres::error::SqlState::INVALID_AUTHORIZATION_SPECIFICATION)
+        .map(|db| db.message().to_string());
+    let evidence = Evidence {
+        rustls: tls::find_rustls_error(&e),
+        // Neither the server's answer nor an I/O failure (the server not
+        // there, the connection reset): TLS negotiation itself failed.
+        negotiation_failed: e.as_db_error().is_none()
+            && std::error::Error::source(&e).map_or(true, |s| !s.is::<std::io::Error>()),
+        login_refused,
+    };
+    match attempt.explain(evidence).await {
+        Some(tls) => SlotError::Tls(tls),
+        None => SlotError::Connect(e),
+    }
+}
+
+/// `host:port` of each host, as errors show them.
+fn target(pg: &tokio_postgres::Config) -> String {
+    let ports = pg.get_ports();
+    let port = |i: usize| ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+    let hosts: Vec<String> = match pg.get_hosts() {
+        [] => pg.get_hostaddrs().iter().map(|a| a.to_string()).collect(),
+        hosts => hosts
+            .iter()
+            .map(|h| match h {
+                Host::Tcp(h) => h.clone(),
+                Host::Unix(p) => p.display().to_string(),
+            })
+            .collect(),
+    };
+    hosts.iter().enumerate().map(|(i, h)| format!("{h}:{}", port(i))).collect::<Vec<_>>().join(",")
+}
+
+/// The first TCP host's name (what its certificate must name) and the
+/// address to reach it at (its `hostaddr` when given).
+fn first_tcp_host(pg: &tokio_postgres::Config) -> (String, Option<(String, u16)>) {
+    let port = pg.get_ports().first().copied().unwrap_or(5432);
+    let name = pg.get_hosts().iter().find_map(|h| match h {
+        Host::Tcp(h) => Some(h.clone()),
+        Host::Unix(_) => None,
+    });
+    let dial = pg.get_hostaddrs().first().map(|a| a.to_string()).or_else(|| name.clone());
+    (name.or_else(|| dial.clone()).unwrap_or_default(), dial.map(|d| (d, port)))
 }
 
 /// Runs `body` (not started yet: futures are lazy) between `begin` and

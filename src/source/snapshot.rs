@@ -11,7 +11,7 @@ use pgwire_replication::{Lsn, ReplicationClient};
 use tokio_postgres::Client;
 
 use super::scan::{self, query_err, Chunk, ScanError, ScanTable};
-use super::session::replication_config;
+use super::session::{explain_replication_error, replication_config};
 use super::slot::{self, quote_ident};
 use super::TableName;
 use crate::config::SourceConfig;
@@ -24,6 +24,8 @@ pub enum ExportError {
     Session(#[from] super::session::SessionError),
     #[error("replication connection: {0}")]
     Replication(#[from] pgwire_replication::PgWireError),
+    #[error(transparent)]
+    Tls(#[from] super::tls::TlsError),
     #[error("unexpected reply to CREATE_REPLICATION_SLOT: {0}")]
     Reply(String),
 }
@@ -45,8 +47,15 @@ pub async fn create_slot_exporting(
 ) -> Result<ExportedSnapshot, ExportError> {
     let mut rc = source.clone();
     rc.slot = slot_name.to_string();
-    let mut session = ReplicationClient::connect_gated(replication_config(&rc)?).await?;
-    let version = session.simple_query("SHOW server_version_num").await?;
+    let (config, tls) = replication_config(&rc)?;
+    let mut session = ReplicationClient::connect_gated(config).await?;
+    // The first query waits for the connection: TLS and login failures come here.
+    let version = match session.simple_query("SHOW server_version_num").await {
+        Ok(rows) => rows,
+        Err(e) => {
+            return Err(explain_replication_error(e, &tls).await.map_or_else(ExportError::from, ExportError::from))
+        }
+    };
     let version: i32 = version
         .first()
         .and_then(|r| r.first())

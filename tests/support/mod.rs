@@ -7,6 +7,7 @@
 
 #![allow(dead_code)]
 
+pub mod certs;
 pub mod logs;
 pub mod private;
 pub mod topics;
@@ -109,8 +110,11 @@ impl TestEnvBuilder {
         let name = unique_name();
         let admin = pgfanout::source::slot::connect(&admin_url).await.expect("connect to PostgreSQL");
         admin.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create database");
-        let url = match admin_url.rsplit_once('/') {
-            Some((base, _)) => format!("{base}/{name}"),
+        // The database is the path's last part; the query (TLS keys) stays.
+        let (path, query) = admin_url.split_once('?').unwrap_or((admin_url.as_str(), ""));
+        let url = match path.rsplit_once('/') {
+            Some((base, _)) if query.is_empty() => format!("{base}/{name}"),
+            Some((base, _)) => format!("{base}/{name}?{query}"),
             None => panic!("{admin_url} must be a postgres:// URL"),
         };
         let on = |s: Sink| self.sinks.contains(&s);
@@ -129,6 +133,10 @@ impl TestEnvBuilder {
                 stream_buffer_mb: 16,
                 spill_dir: None,
                 failover: None,
+                sslmode: None,
+                sslrootcert: None,
+                sslcert: None,
+                sslkey: None,
             },
             log: LogConfig {
                 brokers: env("PGFANOUT_KAFKA_BROKERS"),
@@ -398,6 +406,11 @@ impl Sidecar {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Waits for it to exit by itself (a run that fails at start).
+    pub fn wait(&mut self) -> ExitStatus {
+        self.child.wait().expect("wait for pgfanout")
     }
 
     pub fn log_text(&self) -> String {

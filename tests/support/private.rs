@@ -10,7 +10,7 @@
 //! and comes back empty, Tansu's memory storage too).
 
 use std::net::TcpStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -239,25 +239,92 @@ impl TestEnv {
 }
 
 /// A PostgreSQL cluster of the test's own, on a free port, for tests that
-/// need a server in a state the shared ones are not in (a WAL position moved
-/// with `pg_resetwal`). Debian's PostgreSQL 15, which scripts/services always
-/// installs: the npm builds of the other majors ship no pg_resetwal. Stopped
-/// (immediate) and removed on drop.
+/// need a server in a state the shared ones are not in: a WAL position
+/// moved with `pg_resetwal` ([`start`](Self::start)), or TLS only
+/// ([`start_tls`](Self::start_tls)). Configured as scripts/services
+/// configures the shared ones. Stopped (immediate) and removed on drop.
 pub struct PrivatePostgres {
     pub port: u16,
     dir: PathBuf,
     bin: PathBuf,
 }
 
+/// The password of `pgfanout` on a [`PrivatePostgres::start_tls`] server.
+pub const TLS_PG_PASSWORD: &str = "pgfanout-tls-test";
+/// The user a [`PrivatePostgres::start_tls`] server authenticates by
+/// client certificate only (`hostssl … cert`): the certificate's CN.
+pub const CERT_USER: &str = "pgfanout_cert";
+
+/// What [`PrivatePostgres::start_tls`] serves: its certificate and the CA
+/// that client certificates must be signed by.
+pub struct ServerTls<'a> {
+    pub cert: &'a Path,
+    pub key: &'a Path,
+    pub client_ca: &'a Path,
+}
+
 impl PrivatePostgres {
-    /// initdb, then `pg_resetwal -l <first_wal_file>` when given (the WAL
-    /// then starts at that segment), then start with wal_level=logical.
+    /// Debian's PostgreSQL 15, which scripts/services always installs (the
+    /// npm builds of the other majors ship no pg_resetwal): initdb, then
+    /// `pg_resetwal -l <first_wal_file>` when given (the WAL then starts at
+    /// that segment), then start. Local and host connections are trusted.
     pub async fn start(first_wal_file: Option<&str>) -> Self {
         let bin = std::env::var("PGFANOUT_PG15_BIN")
             .map(PathBuf::from)
             .unwrap_or_else(|_| PathBuf::from("/usr/lib/postgresql/15/bin"));
+        let pg = Self::init(bin, false, |_| {});
+        if let Some(file) = first_wal_file {
+            let data = pg.data();
+            pg.run("pg_resetwal", |c| {
+                c.args(["-l", file]).arg(&data);
+            });
+        }
+        pg.configure_and_start("", None);
+        pg
+    }
+
+    /// PostgreSQL `pg_version` (the binaries scripts/services installed)
+    /// with `ssl = on` and `tls`, and a pg_hba.conf of `hostssl` lines
+    /// only: [`CERT_USER`] by client certificate, everyone else by password
+    /// (`pgfanout`'s is [`TLS_PG_PASSWORD`]). The Unix socket stays trusted.
+    pub async fn start_tls(pg_version: &str, tls: ServerTls<'_>) -> Self {
+        let bin = PathBuf::from(super::env(&format!("PGFANOUT_PG{pg_version}_BIN")));
+        let pg = Self::init(bin, true, |dir| {
+            let certs = dir.join("tls");
+            std::fs::create_dir_all(&certs).unwrap();
+            for (from, to) in [(tls.cert, "server.crt"), (tls.key, "server.key"), (tls.client_ca, "client-ca.crt")] {
+                std::fs::copy(from, certs.join(to)).unwrap_or_else(|e| panic!("copy {}: {e}", from.display()));
+            }
+            // PostgreSQL refuses a key others can read.
+            std::fs::set_permissions(certs.join("server.key"), std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .unwrap();
+        });
+        let certs = pg.dir.join("tls");
+        let conf = format!(
+            "ssl = on\nssl_cert_file = '{}'\nssl_key_file = '{}'\nssl_ca_file = '{}'\n",
+            certs.join("server.crt").display(),
+            certs.join("server.key").display(),
+            certs.join("client-ca.crt").display()
+        );
+        let hba = format!(
+            "local all all trust\nlocal replication all trust\n\
+             hostssl all {CERT_USER} 127.0.0.1/32 cert\nhostssl all {CERT_USER} ::1/128 cert\n\
+             hostssl all all 127.0.0.1/32 scram-sha-256\nhostssl all all ::1/128 scram-sha-256\n"
+        );
+        pg.configure_and_start(&conf, Some(&hba));
+        pg
+    }
+
+    /// A new data dir, `prepare` given the cluster's dir to add files to
+    /// before it is handed to the PostgreSQL user, then initdb: every
+    /// connection trusted, or with `password` only local ones, and TCP by
+    /// password ([`TLS_PG_PASSWORD`] for `pgfanout`).
+    fn init(bin: PathBuf, password: bool, prepare: impl FnOnce(&Path)) -> Self {
         let dir = std::env::temp_dir().join(format!("pgfanout-private-pg-{}", super::unique_name()));
         std::fs::create_dir_all(dir.join("sock")).expect("create private PostgreSQL dir");
+        prepare(&dir);
+        let pwfile = dir.join("pwfile");
+        std::fs::write(&pwfile, format!("{TLS_PG_PASSWORD}\n")).unwrap();
         let pg = PrivatePostgres { port: free_port(), dir, bin };
         if is_root() {
             // PostgreSQL refuses to run as root; scripts/services uses `postgres` too.
@@ -266,27 +333,40 @@ impl PrivatePostgres {
         }
         let data = pg.data();
         pg.run("initdb", |c| {
-            c.arg("-D").arg(&data).args(["-U", "pgfanout", "-A", "trust", "-E", "UTF8", "--locale=C", "-N"]);
+            c.arg("-D").arg(&data).args(["-U", "pgfanout", "-E", "UTF8", "--locale=C", "-N"]);
+            match password {
+                true => c
+                    .args(["--auth-local=trust", "--auth-host=scram-sha-256"])
+                    .arg(format!("--pwfile={}", pwfile.display())),
+                false => c.args(["-A", "trust"]),
+            };
         });
-        if let Some(file) = first_wal_file {
-            pg.run("pg_resetwal", |c| {
-                c.args(["-l", file]).arg(&data);
-            });
-        }
+        let _ = std::fs::remove_file(&pwfile);
+        pg
+    }
+
+    /// Appends scripts/services' settings and `extra` to postgresql.conf,
+    /// replaces pg_hba.conf with `hba` when given, and starts the server.
+    fn configure_and_start(&self, extra: &str, hba: Option<&str>) {
+        let data = self.data();
         let conf = format!(
             "\nlisten_addresses = '127.0.0.1'\nport = {}\nunix_socket_directories = '{}'\nwal_level = logical\n\
-             max_wal_senders = 10\nmax_replication_slots = 10\nfsync = off\nsynchronous_commit = off\n\
-             full_page_writes = off\n",
-            pg.port,
-            pg.dir.join("sock").display()
+             max_wal_senders = 40\nmax_replication_slots = 200\nmax_connections = 200\n\
+             max_prepared_transactions = 20\nfsync = off\nsynchronous_commit = off\nfull_page_writes = off\n\
+             shared_buffers = 128MB\nlogical_decoding_work_mem = 64MB\nwal_sender_timeout = 60s\n\
+             password_encryption = scram-sha-256\n{extra}",
+            self.port,
+            self.dir.join("sock").display()
         );
         let mut f = std::fs::OpenOptions::new().append(true).open(data.join("postgresql.conf")).unwrap();
         std::io::Write::write_all(&mut f, conf.as_bytes()).unwrap();
-        let log = pg.dir.join("postgres.log");
-        pg.run("pg_ctl", |c| {
+        if let Some(hba) = hba {
+            std::fs::write(data.join("pg_hba.conf"), hba).unwrap();
+        }
+        let log = self.dir.join("postgres.log");
+        self.run("pg_ctl", |c| {
             c.arg("-D").arg(&data).arg("-l").arg(&log).args(["-w", "-t", "60", "start"]);
         });
-        pg
     }
 
     fn data(&self) -> PathBuf {
@@ -326,6 +406,16 @@ impl PrivatePostgres {
     /// Admin URL (database `postgres`, user `pgfanout`, trust auth).
     pub fn url(&self) -> String {
         format!("postgres://pgfanout@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// The Unix socket directory (trusted on every private server).
+    pub fn socket_dir(&self) -> PathBuf {
+        self.dir.join("sock")
+    }
+
+    /// The server's log (for a test's failure message).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("postgres.log")).unwrap_or_default()
     }
 }
 

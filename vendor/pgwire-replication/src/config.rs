@@ -93,7 +93,38 @@ pub struct TlsConfig {
     /// Must be paired with `client_cert_pem_path`.
     /// Supports PKCS#8, PKCS#1 (RSA), and SEC1 (EC) formats.
     pub client_key_pem_path: Option<PathBuf>,
+
+    /// A rustls client configuration used as it is instead of one built
+    /// from the fields above (its verifier decides what is checked).
+    /// `mode` still decides whether TLS is requested and whether a server
+    /// without TLS is accepted (`Prefer`); `sni_hostname` still names the
+    /// server.
+    #[cfg(feature = "tls-rustls")]
+    pub rustls_client_config: Option<RustlsClientConfig>,
 }
+
+/// A shared rustls client configuration (see
+/// [`TlsConfig::rustls_client_config`]); equal when it is the same one.
+#[cfg(feature = "tls-rustls")]
+#[derive(Clone)]
+pub struct RustlsClientConfig(pub std::sync::Arc<rustls::ClientConfig>);
+
+#[cfg(feature = "tls-rustls")]
+impl std::fmt::Debug for RustlsClientConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RustlsClientConfig(..)")
+    }
+}
+
+#[cfg(feature = "tls-rustls")]
+impl PartialEq for RustlsClientConfig {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+#[cfg(feature = "tls-rustls")]
+impl Eq for RustlsClientConfig {}
 
 impl TlsConfig {
     /// Create a configuration with TLS disabled.
@@ -204,6 +235,17 @@ impl TlsConfig {
     ) -> Self {
         self.client_cert_pem_path = Some(cert_path.into());
         self.client_key_pem_path = Some(key_path.into());
+        self
+    }
+
+    /// Use `config` for the handshake instead of building one (see
+    /// [`rustls_client_config`](Self::rustls_client_config)).
+    #[cfg(feature = "tls-rustls")]
+    pub fn with_rustls_client_config(
+        mut self,
+        config: std::sync::Arc<rustls::ClientConfig>,
+    ) -> Self {
+        self.rustls_client_config = Some(RustlsClientConfig(config));
         self
     }
 

@@ -193,8 +193,11 @@ pub async fn maybe_upgrade_to_tls(
     let verify_chain = matches!(tls.mode, SslMode::VerifyCa | SslMode::VerifyFull);
     let verify_hostname = matches!(tls.mode, SslMode::VerifyFull);
 
-    let cfg = build_rustls_config(tls, verify_chain, verify_hostname, host)?;
-    let connector = TlsConnector::from(Arc::new(cfg));
+    let cfg = match &tls.rustls_client_config {
+        Some(given) => Arc::clone(&given.0),
+        None => Arc::new(build_rustls_config(tls, verify_chain, verify_hostname, host)?),
+    };
+    let connector = TlsConnector::from(cfg);
 
     // SNI hostname: use override if provided, otherwise use connection host
     let sni = tls.sni_hostname.as_deref().unwrap_or(host);
