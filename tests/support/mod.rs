@@ -90,6 +90,7 @@ impl TestEnv {
             },
             clickhouse: Some(ClickHouseConfig {
                 url: env("PGFANOUT_CLICKHOUSE_URL"),
+                ca_file: None,
                 database: name.clone(),
                 user: "default".into(),
                 password: Secret::default(),
@@ -98,6 +99,9 @@ impl TestEnv {
             }),
             redis: Some(RedisConfig {
                 url: Secret(env("PGFANOUT_REDIS_URL")),
+                ca_file: None,
+                client_cert_file: None,
+                client_key_file: None,
                 key_prefix: format!("{name}:"),
                 stream_maxlen: 100_000,
                 top_window_secs: 600,
