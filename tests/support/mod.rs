@@ -5,6 +5,7 @@
 
 #![allow(dead_code)]
 
+pub mod certs;
 pub mod logs;
 pub mod private;
 pub mod topics;

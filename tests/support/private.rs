@@ -30,6 +30,17 @@ pub struct PrivateService {
     pub port: u16,
     dir: PathBuf,
     child: Option<Child>,
+    /// Served over TLS only (Redis: `--tls-port`, clients must present a
+    /// certificate `ca` signed; ClickHouse adapter: HTTPS).
+    tls: Option<ServerTls>,
+}
+
+/// What a service started with TLS presents and trusts.
+pub struct ServerTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Redis: the CA its clients' certificates must chain to.
+    pub ca: PathBuf,
 }
 
 /// A TCP port that is free on 127.0.0.1, picked below the kernel's
@@ -78,20 +89,31 @@ impl PrivateService {
         Self::launch(Kind::ClickHouse).await
     }
 
+    /// A Redis or ClickHouse adapter that speaks TLS only.
+    pub async fn with_tls(kind: Kind, tls: ServerTls) -> Self {
+        assert_ne!(kind, Kind::Tansu, "the broker's TLS is librdkafka's (log.properties)");
+        Self::start_new(kind, Some(tls)).await
+    }
+
     async fn launch(kind: Kind) -> Self {
+        Self::start_new(kind, None).await
+    }
+
+    async fn start_new(kind: Kind, tls: Option<ServerTls>) -> Self {
         let dir = std::env::temp_dir().join(format!("pgfanout-private-{}", super::unique_name()));
         std::fs::create_dir_all(&dir).expect("create private service dir");
-        let mut s = PrivateService { kind, port: free_port(), dir, child: None };
+        let mut s = PrivateService { kind, port: free_port(), dir, child: None, tls };
         s.start().await;
         s
     }
 
     /// The address a client is configured with.
     pub fn url(&self) -> String {
+        let tls = if self.tls.is_some() { "s" } else { "" };
         match self.kind {
-            Kind::Redis => format!("redis://127.0.0.1:{}", self.port),
+            Kind::Redis => format!("redis{tls}://127.0.0.1:{}", self.port),
             Kind::Tansu => format!("127.0.0.1:{}", self.port),
-            Kind::ClickHouse => format!("http://127.0.0.1:{}", self.port),
+            Kind::ClickHouse => format!("http{tls}://127.0.0.1:{}", self.port),
         }
     }
 
@@ -108,7 +130,19 @@ impl PrivateService {
         match self.kind {
             Kind::Redis => {
                 let mut c = Command::new("redis-server");
-                c.args(["--port", &port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                match &self.tls {
+                    None => c.args(["--port", &port]),
+                    // tls-auth-clients is on by default: a client without a
+                    // certificate the CA signed is refused.
+                    Some(tls) => c
+                        .args(["--port", "0", "--tls-port", &port, "--tls-cert-file"])
+                        .arg(&tls.cert)
+                        .arg("--tls-key-file")
+                        .arg(&tls.key)
+                        .arg("--tls-ca-cert-file")
+                        .arg(&tls.ca),
+                };
+                c.args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
                     .args(["--daemonize", "no", "--dir"])
                     .arg(&self.dir);
                 c
@@ -126,6 +160,9 @@ impl PrivateService {
                 std::fs::create_dir_all(&data).expect("create ClickHouse data dir");
                 let mut c = Command::new(cached_tool("PGFANOUT_PYTHON", "venv/bin/python"));
                 c.arg(script).args(["--host", "127.0.0.1", "--port", &port, "--data"]).arg(data);
+                if let Some(tls) = &self.tls {
+                    c.arg("--tls-cert").arg(&tls.cert).arg("--tls-key").arg(&tls.key);
+                }
                 c
             }
         }
@@ -163,6 +200,11 @@ impl PrivateService {
     }
 
     async fn answers(&self) -> bool {
+        if self.tls.is_some() {
+            // Both listen only once loaded (the adapter opens its engine
+            // first); a TLS client here would need the test's certificates.
+            return TcpStream::connect(("127.0.0.1", self.port)).is_ok();
+        }
         match self.kind {
             Kind::Tansu => TcpStream::connect(("127.0.0.1", self.port)).is_ok(),
             Kind::Redis => {
@@ -224,19 +266,25 @@ impl Drop for PrivateService {
 impl TestEnv {
     /// Points the sidecar's ClickHouse sink (and `self.ch`) at `ch` and
     /// creates the test's database and tables there. Call before `start`.
+    /// Over TLS, set `clickhouse.ca_file` first: `self.ch` is made from the
+    /// section as the sink makes its client.
     pub async fn use_private_clickhouse(&mut self, ch: &PrivateService) {
         assert_eq!(ch.kind, Kind::ClickHouse);
-        self.cfg.clickhouse.as_mut().unwrap().url = ch.url();
-        self.ch = clickhouse::Client::default().with_url(ch.url()).with_database(&self.name);
+        let cfg = self.cfg.clickhouse.as_mut().unwrap();
+        cfg.url = ch.url();
+        self.ch = pgfanout::sinks::clickhouse::tls::client(cfg).expect("ClickHouse client").with_database(&self.name);
         pgfanout::commands::init::run(&self.cfg, false).await.expect("init on the private ClickHouse");
     }
 
-    /// Points the Redis sink (and `self.redis`) at `redis`. Call before `start`.
+    /// Points the Redis sink (and `self.redis`) at `redis`. Call before
+    /// `start`; over TLS, after setting the section's certificate keys
+    /// (`self.redis` is made from it as the sink makes its client).
     pub async fn use_private_redis(&mut self, redis: &PrivateService) {
         assert_eq!(redis.kind, Kind::Redis);
-        self.cfg.redis.as_mut().unwrap().url = pgfanout::config::Secret(redis.url());
-        self.redis = redis::Client::open(redis.url())
-            .unwrap()
+        let cfg = self.cfg.redis.as_mut().unwrap();
+        cfg.url = pgfanout::config::Secret(redis.url());
+        self.redis = pgfanout::sinks::redis::tls::client(cfg)
+            .expect("Redis client")
             .get_multiplexed_async_connection()
             .await
             .expect("connect to the private Redis");
