@@ -3,7 +3,7 @@
 //! Secrets are wrapped so they never reach a log line.
 
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use figment::providers::{Env, Format, Toml};
 use figment::Figment;
@@ -189,7 +189,13 @@ pub struct LogConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClickHouseConfig {
+    /// `http://` or `https://` (TLS, the server's certificate verified
+    /// against `ca_file`, else the system's trusted roots).
     pub url: String,
+    /// PEM file of the CA certificate(s) that sign the server's certificate,
+    /// for an `https://` URL; it replaces the system's roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
     #[serde(default = "default_ch_database")]
     pub database: String,
     #[serde(default = "default_ch_user")]
@@ -218,7 +224,19 @@ pub struct FileConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
+    /// `redis://` or `rediss://` (TLS, the server's certificate verified
+    /// against `ca_file`, else the system's trusted roots).
     pub url: Secret,
+    /// PEM file of the CA certificate(s) that sign the server's certificate,
+    /// for a `rediss://` URL; it replaces the system's roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// PEM certificate (chain) and private key presented to a server that
+    /// asks for one (`tls-auth-clients`); both or neither.
+    #[serde(default)]
+    pub client_cert_file: Option<PathBuf>,
+    #[serde(default)]
+    pub client_key_file: Option<PathBuf>,
     /// Prefix of every key written, so several pipelines share one Redis.
     #[serde(default)]
     pub key_prefix: String,
@@ -260,6 +278,24 @@ pub struct HttpConfig {
     /// 1 by default: a refusal is parked at once.
     #[serde(default = "default_http_permanent_attempts")]
     pub permanent_attempts: u32,
+}
+
+impl RedisConfig {
+    /// A Redis at `url`, every other key at its default (as a file that
+    /// sets only `url` would give).
+    pub fn new(url: Secret) -> Self {
+        RedisConfig {
+            url,
+            ca_file: None,
+            client_cert_file: None,
+            client_key_file: None,
+            key_prefix: String::new(),
+            stream_maxlen: default_stream_maxlen(),
+            top_window_secs: default_top_window_secs(),
+            on_permanent_error: OnPermanentError::default(),
+            permanent_attempts: default_permanent_attempts(),
+        }
+    }
 }
 
 /// What a sink does with a batch that failed permanently
@@ -504,20 +540,26 @@ mod tests {
                 [log]
                 brokers = "localhost:9092"
                 [clickhouse]
-                url = "http://localhost:8123"
+                url = "https://localhost:8443"
+                ca_file = "/etc/pgfanout/ca.pem"
                 [redis]
-                url = "redis://localhost"
+                url = "rediss://localhost"
                 [http]
                 url = "http://localhost:9000/hook"
                 secret = "s3cret"
                 "#,
             )?;
             jail.set_env("PGFANOUT_REDIS__KEY_PREFIX", "t1:");
+            jail.set_env("PGFANOUT_REDIS__CLIENT_CERT_FILE", "/run/secrets/redis.pem");
             jail.set_env("PGFANOUT_REDIS_URL", "ignored, not a section key");
             // One key of a section the file leaves out: the rest keep their defaults.
             jail.set_env("PGFANOUT_PIPELINE__CHANNEL_CAPACITY", "7000");
             let c = Config::load(Some(Path::new("p.toml"))).expect("loads");
             assert_eq!(c.redis.as_ref().unwrap().key_prefix, "t1:");
+            assert_eq!(c.clickhouse.as_ref().unwrap().ca_file.as_deref(), Some(Path::new("/etc/pgfanout/ca.pem")));
+            let redis = c.redis.as_ref().unwrap();
+            assert_eq!(redis.client_cert_file.as_deref(), Some(Path::new("/run/secrets/redis.pem")));
+            assert!(redis.ca_file.is_none() && redis.client_key_file.is_none());
             assert_eq!(c.source.slot, "pgfanout");
             assert_eq!(c.source.heartbeat_ms, 0, "the heartbeat is off unless asked for");
             assert_eq!(c.pipeline.batch_max_changes, 5_000);
@@ -572,6 +614,52 @@ mod tests {
             jail.set_env("PGFANOUT_SOURCE__SSLMODE", "verify");
             let err = Config::load(Some(Path::new("p.toml"))).unwrap_err().to_string().to_lowercase();
             assert!(err.contains("source.sslmode") && err.contains("verify-full"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail API returns its own error
+    fn broker_tls_and_sasl_pass_through_as_secrets() {
+        // The README's example, as written there.
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "b.toml",
+                r#"
+                [source]
+                url = "postgres://localhost/db"
+                [log]
+                brokers = "broker-1.example.com:9093"
+                [log.properties]
+                "security.protocol" = "SASL_SSL"
+                "ssl.ca.location" = "/etc/pgfanout/kafka-ca.pem"
+                "sasl.mechanisms" = "SCRAM-SHA-512"
+                "sasl.username" = "pgfanout"
+                "sasl.password" = "kafka-s3cret"
+                [file]
+                path = "-"
+                "#,
+            )?;
+            let c = Config::load(Some(Path::new("b.toml"))).expect("loads");
+            let props: Vec<(&str, &str)> = c.log.properties.iter().map(|(k, v)| (k.as_str(), v.expose())).collect();
+            assert_eq!(
+                props,
+                [
+                    ("sasl.mechanisms", "SCRAM-SHA-512"),
+                    ("sasl.password", "kafka-s3cret"),
+                    ("sasl.username", "pgfanout"),
+                    ("security.protocol", "SASL_SSL"),
+                    ("ssl.ca.location", "/etc/pgfanout/kafka-ca.pem"),
+                ]
+            );
+            assert!(!format!("{c:?}").contains("kafka-s3cret"));
+            // The bundled librdkafka takes them (built with OpenSSL, so
+            // SASL_SSL and SCRAM); it reads ssl.ca.location at once, which
+            // is left to the system's roots here.
+            let mut log = c.log.clone();
+            log.properties.remove("ssl.ca.location");
+            let made = crate::log::producer::client_config(&log).create::<rdkafka::producer::BaseProducer>();
+            assert!(made.is_ok(), "librdkafka refused the README's TLS/SASL settings: {:?}", made.err());
             Ok(())
         });
     }

@@ -44,9 +44,11 @@ impl TlsServer {
         let server = ca.server("server", &["DNS:localhost"]);
         let client = ca.client("client", CERT_USER);
         let stranger = other_ca.client("stranger", CERT_USER);
-        let pg =
-            PrivatePostgres::start_tls(v, ServerTls { cert: &server.cert, key: &server.key, client_ca: &ca.cert() })
-                .await;
+        let pg = PrivatePostgres::start_tls(
+            v,
+            ServerTls { cert: server.cert.clone(), key: server.key.clone(), ca: ca.cert() },
+        )
+        .await;
         let s = TlsServer { dir, ca, other_ca, client, stranger, pg };
         let admin = pgfanout::source::slot::connect(&s.admin_url()).await.expect("admin connection over TLS");
         admin.batch_execute(&format!("CREATE ROLE {CERT_USER} LOGIN SUPERUSER")).await.unwrap();

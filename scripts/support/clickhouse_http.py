@@ -5,6 +5,7 @@ is the ClickHouse 26.9 engine in-process; this server speaks the subset of the H
 that the Rust `clickhouse` crate (0.15, lz4 + validation) uses, so the sink runs unchanged.
 
 Usage: python clickhouse_http.py --host 127.0.0.1 --port 8123 --data DIR   (GET /ping -> "Ok.")
+       add --tls-cert CERT.pem --tls-key KEY.pem to serve HTTPS instead (ClickHouse's https_port)
 
 Deliberate limits (test support, not a server): every user/password is accepted (no
 authentication or RBAC; `role` is ignored), sessions (`session_id`) are not kept, requests
@@ -16,6 +17,7 @@ import gzip
 import json
 import re
 import signal
+import ssl
 import struct
 import sys
 import threading
@@ -243,6 +245,13 @@ class Handler(BaseHTTPRequestHandler):
         if self.verbose:
             super().log_message(fmt, *args)
 
+    def setup(self):
+        if isinstance(self.request, ssl.SSLSocket):
+            # Here, in the connection's own thread, not in accept(): a client that stalls or
+            # refuses the handshake holds up no one else.
+            self.request.do_handshake()
+        super().setup()
+
     def _read_body(self):
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             # http.server does not decode chunked request bodies; the crate streams inserts so.
@@ -350,24 +359,46 @@ class Handler(BaseHTTPRequestHandler):
         return payload, summary, params, fmt
 
 
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        # A client that refused our certificate (or spoke plain HTTP to the TLS port) ends the
+        # handshake: its error, not the adapter's, so no traceback.
+        if isinstance(sys.exc_info()[1], (ssl.SSLError, ConnectionError)):
+            if Handler.verbose:
+                sys.stderr.write(f"{client_address}: TLS handshake failed: {sys.exc_info()[1]}\n")
+            return
+        super().handle_error(request, client_address)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8123, help="0 picks a free port (printed on start)")
     ap.add_argument("--data", required=True, help="chdb data directory (persistent)")
     ap.add_argument("--verbose", action="store_true", help="log every request and error")
+    ap.add_argument("--tls-cert", help="PEM certificate (chain) to serve HTTPS with")
+    ap.add_argument("--tls-key", help="PEM private key of --tls-cert")
     args = ap.parse_args()
+    if bool(args.tls_cert) != bool(args.tls_key):
+        ap.error("--tls-cert and --tls-key go together")
 
     Handler.engine = Engine(args.data)
     Handler.verbose = args.verbose
-    server = ThreadingHTTPServer((args.host, args.port), Handler)
-    server.daemon_threads = True
+    server = Server((args.host, args.port), Handler)
+    scheme = "http"
+    if args.tls_cert:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(args.tls_cert, args.tls_key)
+        server.socket = ctx.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
+        scheme = "https"
 
     def stop(*_):
         raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, stop)
-    print(f"clickhouse_http listening on http://{args.host}:{server.server_address[1]} "
+    print(f"clickhouse_http listening on {scheme}://{args.host}:{server.server_address[1]} "
           f"(chdb {chdb.__version__}, data {args.data})", flush=True)
     try:
         server.serve_forever(poll_interval=0.2)

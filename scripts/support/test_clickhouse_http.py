@@ -8,6 +8,7 @@ Run with the support venv: /root/.cache/pgfanout/venv/bin/python -m pytest scrip
 import http.client
 import json
 import os
+import ssl
 import struct
 import subprocess
 import sys
@@ -145,3 +146,69 @@ def test_settings_and_database_do_not_leak(server):
     resp, _ = request(server, "/?max_threads=4&no_such_setting=1", b"SELECT 1")
     assert (resp.status, resp.getheader("X-ClickHouse-Exception-Code")) == (404, "115")
     assert sql(server, "SELECT getSetting('max_threads')") != b"4\n"
+
+
+def make_ca(dirpath, name):
+    """A CA and a certificate it signs for 127.0.0.1 (openssl, as the Rust TLS tests make them)."""
+    def run(*args):
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+    ca, ca_key = os.path.join(dirpath, f"{name}-ca.pem"), os.path.join(dirpath, f"{name}-ca.key")
+    run("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2",
+        "-subj", f"/CN={name} test CA", "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign", "-keyout", ca_key, "-out", ca)
+    key, csr, cert = (os.path.join(dirpath, f"{name}-server.{ext}") for ext in ("key", "csr", "pem"))
+    run("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-subj", "/CN=127.0.0.1",
+        "-keyout", key, "-out", csr)
+    ext = os.path.join(dirpath, f"{name}-server.ext")
+    with open(ext, "w") as f:
+        f.write("subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n")
+    run("x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-set_serial", "2", "-days", "2",
+        "-extfile", ext, "-out", cert)
+    return ca, cert, key
+
+
+@pytest.fixture(scope="module")
+def tls_server(tmp_path_factory):
+    certs = tmp_path_factory.mktemp("certs")
+    ca, cert, key = make_ca(str(certs), "good")
+    other_ca, _, _ = make_ca(str(certs), "other")
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(os.path.dirname(__file__), "clickhouse_http.py"),
+         "--host", "127.0.0.1", "--port", "0", "--data", str(tmp_path_factory.mktemp("chdb_tls")),
+         "--tls-cert", cert, "--tls-key", key],
+        stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    assert "listening on https://" in line, line
+    port = int(line.split("https://127.0.0.1:")[1].split()[0])
+    yield port, ca, other_ca
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_tls_mode_serves_https_verified_by_its_ca(tls_server):
+    port, ca, other_ca = tls_server
+    trusted = ssl.create_default_context(cafile=ca)
+    conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=30, context=trusted)
+    conn.request("POST", "/?default_format=JSONEachRow", body=b"SELECT 1 + 1 AS two")
+    resp = conn.getresponse()
+    assert (resp.status, json.loads(resp.read())) == (200, {"two": 2})
+    conn.close()
+
+    # Another CA does not vouch for the server's certificate: the client refuses it...
+    untrusted = http.client.HTTPSConnection("127.0.0.1", port, timeout=30,
+                                            context=ssl.create_default_context(cafile=other_ca))
+    with pytest.raises(ssl.SSLCertVerificationError):
+        untrusted.request("GET", "/ping")
+    untrusted.close()
+    # ...plain HTTP gets no answer...
+    plain = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    with pytest.raises((http.client.HTTPException, ConnectionError)):
+        plain.request("GET", "/ping")
+        plain.getresponse()
+    plain.close()
+    # ...and the adapter goes on serving verified clients.
+    conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=30, context=trusted)
+    conn.request("GET", "/ping")
+    resp = conn.getresponse()
+    assert (resp.status, resp.read()) == (200, b"Ok.\n")
+    conn.close()

@@ -8,6 +8,7 @@ pub mod clickhouse;
 pub mod file;
 pub mod http;
 pub mod redis;
+pub mod tls;
 
 use std::sync::Arc;
 
@@ -142,7 +143,7 @@ impl Boundary {
 pub fn build(cfg: &Config, dead_letter: Option<Arc<LogProducer>>) -> Result<Vec<Arc<dyn Sink>>, SinkError> {
     let mut sinks: Vec<Arc<dyn Sink>> = Vec::new();
     if let Some(c) = &cfg.clickhouse {
-        sinks.push(Arc::new(clickhouse::ClickHouseSink::new(c, dead_letter.clone())));
+        sinks.push(Arc::new(clickhouse::ClickHouseSink::new(c, dead_letter.clone())?));
     }
     if let Some(c) = &cfg.redis {
         sinks.push(Arc::new(redis::RedisSink::new(c, dead_letter.clone())?));
@@ -176,6 +177,11 @@ pub enum SinkError {
     ClickHouseSchema { step: String, source: ::clickhouse::error::Error },
     #[error("file sink {path}: {source}")]
     File { path: String, source: std::io::Error },
+    /// TLS settings that cannot work (a file unreadable, a CA for a URL
+    /// without TLS) or a handshake that failed (a certificate the CA does
+    /// not vouch for); never retried, the run stops at start.
+    #[error("{sink}: {detail}")]
+    Tls { sink: &'static str, detail: String },
     #[error("no sink is configured: add a [clickhouse], [redis], [http] or [file] section, or set pipeline.log_only = true to publish to the log only")]
     NoSink,
 }

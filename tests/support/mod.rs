@@ -148,6 +148,7 @@ impl TestEnvBuilder {
             },
             clickhouse: on(Sink::ClickHouse).then(|| ClickHouseConfig {
                 url: env("PGFANOUT_CLICKHOUSE_URL"),
+                ca_file: None,
                 database: name.clone(),
                 user: "default".into(),
                 password: Secret::default(),
@@ -156,6 +157,9 @@ impl TestEnvBuilder {
             }),
             redis: on(Sink::Redis).then(|| RedisConfig {
                 url: Secret(env("PGFANOUT_REDIS_URL")),
+                ca_file: None,
+                client_cert_file: None,
+                client_key_file: None,
                 key_prefix: format!("{name}:"),
                 stream_maxlen: 100_000,
                 top_window_secs: 600,

@@ -28,6 +28,18 @@ pub struct PrivateService {
     pub port: u16,
     dir: PathBuf,
     child: Option<Child>,
+    /// Served over TLS only (Redis: `--tls-port`, clients must present a
+    /// certificate `ca` signed; ClickHouse adapter: HTTPS).
+    tls: Option<ServerTls>,
+}
+
+/// What a service started with TLS presents and trusts.
+pub struct ServerTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// The CA its clients' certificates must chain to (Redis, PostgreSQL's
+    /// `hostssl … cert` lines).
+    pub ca: PathBuf,
 }
 
 /// `PGFANOUT_<NAME>` if set, else `<PGFANOUT_CACHE>/<rel>` (the cache
@@ -63,20 +75,31 @@ impl PrivateService {
         Self::launch(Kind::ClickHouse).await
     }
 
+    /// A Redis or ClickHouse adapter that speaks TLS only.
+    pub async fn with_tls(kind: Kind, tls: ServerTls) -> Self {
+        assert_ne!(kind, Kind::Tansu, "the broker's TLS is librdkafka's (log.properties)");
+        Self::start_new(kind, Some(tls)).await
+    }
+
     async fn launch(kind: Kind) -> Self {
+        Self::start_new(kind, None).await
+    }
+
+    async fn start_new(kind: Kind, tls: Option<ServerTls>) -> Self {
         let dir = std::env::temp_dir().join(format!("pgfanout-private-{}", super::unique_name()));
         std::fs::create_dir_all(&dir).expect("create private service dir");
-        let mut s = PrivateService { kind, port: free_port(), dir, child: None };
+        let mut s = PrivateService { kind, port: free_port(), dir, child: None, tls };
         s.start().await;
         s
     }
 
     /// The address a client is configured with.
     pub fn url(&self) -> String {
+        let tls = if self.tls.is_some() { "s" } else { "" };
         match self.kind {
-            Kind::Redis => format!("redis://127.0.0.1:{}", self.port),
+            Kind::Redis => format!("redis{tls}://127.0.0.1:{}", self.port),
             Kind::Tansu => format!("127.0.0.1:{}", self.port),
-            Kind::ClickHouse => format!("http://127.0.0.1:{}", self.port),
+            Kind::ClickHouse => format!("http{tls}://127.0.0.1:{}", self.port),
         }
     }
 
@@ -93,7 +116,19 @@ impl PrivateService {
         match self.kind {
             Kind::Redis => {
                 let mut c = Command::new("redis-server");
-                c.args(["--port", &port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                match &self.tls {
+                    None => c.args(["--port", &port]),
+                    // tls-auth-clients is on by default: a client without a
+                    // certificate the CA signed is refused.
+                    Some(tls) => c
+                        .args(["--port", "0", "--tls-port", &port, "--tls-cert-file"])
+                        .arg(&tls.cert)
+                        .arg("--tls-key-file")
+                        .arg(&tls.key)
+                        .arg("--tls-ca-cert-file")
+                        .arg(&tls.ca),
+                };
+                c.args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
                     .args(["--daemonize", "no", "--dir"])
                     .arg(&self.dir);
                 c
@@ -111,6 +146,9 @@ impl PrivateService {
                 std::fs::create_dir_all(&data).expect("create ClickHouse data dir");
                 let mut c = Command::new(cached_tool("PGFANOUT_PYTHON", "venv/bin/python"));
                 c.arg(script).args(["--host", "127.0.0.1", "--port", &port, "--data"]).arg(data);
+                if let Some(tls) = &self.tls {
+                    c.arg("--tls-cert").arg(&tls.cert).arg("--tls-key").arg(&tls.key);
+                }
                 c
             }
         }
@@ -148,6 +186,11 @@ impl PrivateService {
     }
 
     async fn answers(&self) -> bool {
+        if self.tls.is_some() {
+            // Both listen only once loaded (the adapter opens its engine
+            // first); a TLS client here would need the test's certificates.
+            return TcpStream::connect(("127.0.0.1", self.port)).is_ok();
+        }
         match self.kind {
             Kind::Tansu => TcpStream::connect(("127.0.0.1", self.port)).is_ok(),
             Kind::Redis => {
@@ -209,20 +252,27 @@ impl Drop for PrivateService {
 impl TestEnv {
     /// Points the sidecar's ClickHouse sink (and `self.ch`) at `ch` and
     /// creates the test's database and tables there. Call before `start`.
+    /// Over TLS, set `clickhouse.ca_file` first: `self.ch` is made from the
+    /// section as the sink makes its client.
     pub async fn use_private_clickhouse(&mut self, ch: &PrivateService) {
         assert_eq!(ch.kind, Kind::ClickHouse);
-        self.cfg.clickhouse.as_mut().unwrap().url = ch.url();
-        self.ch = Some(clickhouse::Client::default().with_url(ch.url()).with_database(&self.name));
+        let cfg = self.cfg.clickhouse.as_mut().unwrap();
+        cfg.url = ch.url();
+        self.ch =
+            Some(pgfanout::sinks::clickhouse::tls::client(cfg).expect("ClickHouse client").with_database(&self.name));
         pgfanout::commands::init::run(&self.cfg, false).await.expect("init on the private ClickHouse");
     }
 
-    /// Points the Redis sink (and `self.redis`) at `redis`. Call before `start`.
+    /// Points the Redis sink (and `self.redis`) at `redis`. Call before
+    /// `start`; over TLS, after setting the section's certificate keys
+    /// (`self.redis` is made from it as the sink makes its client).
     pub async fn use_private_redis(&mut self, redis: &PrivateService) {
         assert_eq!(redis.kind, Kind::Redis);
-        self.cfg.redis.as_mut().unwrap().url = pgfanout::config::Secret(redis.url());
+        let cfg = self.cfg.redis.as_mut().unwrap();
+        cfg.url = pgfanout::config::Secret(redis.url());
         self.redis = Some(
-            redis::Client::open(redis.url())
-                .unwrap()
+            pgfanout::sinks::redis::tls::client(cfg)
+                .expect("Redis client")
                 .get_multiplexed_async_connection()
                 .await
                 .expect("connect to the private Redis"),
@@ -255,14 +305,6 @@ pub const TLS_PG_PASSWORD: &str = "pgfanout-tls-test";
 /// client certificate only (`hostssl … cert`): the certificate's CN.
 pub const CERT_USER: &str = "pgfanout_cert";
 
-/// What [`PrivatePostgres::start_tls`] serves: its certificate and the CA
-/// that client certificates must be signed by.
-pub struct ServerTls<'a> {
-    pub cert: &'a Path,
-    pub key: &'a Path,
-    pub client_ca: &'a Path,
-}
-
 impl PrivatePostgres {
     /// Debian's PostgreSQL 15, which scripts/services always installs (the
     /// npm builds of the other majors ship no pg_resetwal): initdb, then
@@ -287,12 +329,12 @@ impl PrivatePostgres {
     /// with `ssl = on` and `tls`, and a pg_hba.conf of `hostssl` lines
     /// only: [`CERT_USER`] by client certificate, everyone else by password
     /// (`pgfanout`'s is [`TLS_PG_PASSWORD`]). The Unix socket stays trusted.
-    pub async fn start_tls(pg_version: &str, tls: ServerTls<'_>) -> Self {
+    pub async fn start_tls(pg_version: &str, tls: ServerTls) -> Self {
         let bin = PathBuf::from(super::env(&format!("PGFANOUT_PG{pg_version}_BIN")));
         let pg = Self::init(bin, true, |dir| {
             let certs = dir.join("tls");
             std::fs::create_dir_all(&certs).unwrap();
-            for (from, to) in [(tls.cert, "server.crt"), (tls.key, "server.key"), (tls.client_ca, "client-ca.crt")] {
+            for (from, to) in [(&tls.cert, "server.crt"), (&tls.key, "server.key"), (&tls.ca, "client-ca.crt")] {
                 std::fs::copy(from, certs.join(to)).unwrap_or_else(|e| panic!("copy {}: {e}", from.display()));
             }
             // PostgreSQL refuses a key others can read.

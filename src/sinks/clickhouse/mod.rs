@@ -30,6 +30,7 @@ use std::time::Duration;
 
 mod rows;
 mod schema;
+pub mod tls;
 
 use clickhouse::{Client, RowOwned, RowWrite};
 
@@ -118,15 +119,11 @@ fn exception_code(text: &str) -> Option<u32> {
 impl ClickHouseSink {
     /// `dead_letter`: where batches refused for good are parked, as
     /// `on_permanent_error` says; without one a permanent error stalls.
-    pub fn new(cfg: &ClickHouseConfig, dead_letter: Option<Arc<LogProducer>>) -> Self {
-        let client = Client::default()
-            .with_url(&cfg.url)
-            .with_database(&cfg.database)
-            .with_user(&cfg.user)
-            .with_password(cfg.password.expose());
+    pub fn new(cfg: &ClickHouseConfig, dead_letter: Option<Arc<LogProducer>>) -> Result<Self, SinkError> {
+        let client = tls::client(cfg)?.with_database(&cfg.database);
         let permanent_attempts = dead_letter.as_ref().and(cfg.on_permanent_error.attempts(cfg.permanent_attempts));
         let policy = Policy { permanent_attempts, ..Policy::sink("clickhouse", None) };
-        ClickHouseSink { client, cfg: cfg.clone(), policy, dead_letter }
+        Ok(ClickHouseSink { client, cfg: cfg.clone(), policy, dead_letter })
     }
 
     pub fn client(&self) -> &Client {
@@ -169,6 +166,28 @@ impl super::Sink for ClickHouseSink {
     /// tables that still have the old version column.
     async fn init(&self) -> Result<(), SinkError> {
         schema::apply(&self.cfg).await
+    }
+
+    /// Over `https://`, stops the run at start when the TLS handshake
+    /// fails (a certificate the CA does not vouch for, a server without
+    /// TLS): every attempt would fail alike, and a write only warns and
+    /// retries. Any other failure (ClickHouse down) is left to the writes,
+    /// which ride it out as before.
+    async fn connect(&self) -> Result<(), SinkError> {
+        if !tls::is_https(&self.cfg.url) {
+            return Ok(());
+        }
+        let ping = tokio::time::timeout(REQUEST_TIMEOUT, self.client.query("SELECT 1").execute()).await;
+        let Ok(Err(e)) = ping else { return Ok(()) };
+        let Some(why) = tls::handshake_failure(&e) else { return Ok(()) };
+        let against = match &self.cfg.ca_file {
+            Some(ca) => format!("clickhouse.ca_file = {}", ca.display()),
+            None => "the system's trusted roots (no clickhouse.ca_file)".into(),
+        };
+        Err(SinkError::Tls {
+            sink: "clickhouse",
+            detail: format!("TLS handshake failed: {why} (verified against {against})"),
+        })
     }
 
     async fn probe(&self) -> Result<Probe, String> {

@@ -13,7 +13,7 @@ pub async fn apply(cfg: &ClickHouseConfig) -> Result<(), SinkError> {
         let step = format!("applying sql/clickhouse/schema.sql: {step}");
         move |source| SinkError::ClickHouseSchema { step, source }
     };
-    let ch = clickhouse::Client::default().with_url(&cfg.url).with_user(&cfg.user).with_password(cfg.password.expose());
+    let ch = super::tls::client(cfg)?;
     ch.query(&format!("CREATE DATABASE IF NOT EXISTS `{}`", cfg.database.replace('`', "")))
         .execute()
         .await

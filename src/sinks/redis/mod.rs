@@ -46,6 +46,8 @@ use crate::log::LogProducer;
 use crate::retry::{self, ErrorClass, Policy};
 use crate::source::{Op, Position};
 
+pub mod tls;
+
 pub use self::script::{progress_key, SEEN_TTL_SECS};
 
 pub struct RedisSink {
@@ -83,7 +85,7 @@ impl RedisSink {
     /// `dead_letter`: where batches refused for good are parked, as
     /// `on_permanent_error` says; without one a permanent error stalls.
     pub fn new(cfg: &RedisConfig, dead_letter: Option<Arc<LogProducer>>) -> Result<Self, SinkError> {
-        let client = redis::Client::open(cfg.url.expose())?;
+        let client = tls::client(cfg)?;
         let permanent_attempts = dead_letter.as_ref().and(cfg.on_permanent_error.attempts(cfg.permanent_attempts));
         let policy = Policy { permanent_attempts, ..Policy::sink("redis", None) };
         let conn = tokio::sync::OnceCell::new();

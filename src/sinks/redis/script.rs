@@ -381,6 +381,9 @@ mod tests {
             top_window_secs: 600,
             on_permanent_error: Default::default(),
             permanent_attempts: 3,
+            ca_file: None,
+            client_cert_file: None,
+            client_key_file: None,
         }
     }
 
