@@ -10,8 +10,8 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use pgfanout::config::conninfo::SslMode;
 use pgfanout::config::{Config, Secret};
-use pgfanout::source::conninfo::SslMode;
 use support::certs::{Issued, TestCa};
 use support::private::{PrivatePostgres, ServerTls, CERT_USER, TLS_PG_PASSWORD};
 use support::{pg_versions, unique_name, wait_until, Sidecar, TestEnv};

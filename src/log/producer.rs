@@ -181,3 +181,54 @@ pub async fn ensure_topics(cfg: &LogConfig, topics: &[String]) -> Result<(), Log
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail API returns its own error
+    fn broker_tls_and_sasl_pass_through_as_secrets() {
+        // The README's example, as written there.
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "b.toml",
+                r#"
+                [source]
+                url = "postgres://localhost/db"
+                [log]
+                brokers = "broker-1.example.com:9093"
+                [log.properties]
+                "security.protocol" = "SASL_SSL"
+                "ssl.ca.location" = "/etc/pgfanout/kafka-ca.pem"
+                "sasl.mechanisms" = "SCRAM-SHA-512"
+                "sasl.username" = "pgfanout"
+                "sasl.password" = "kafka-s3cret"
+                [file]
+                path = "-"
+                "#,
+            )?;
+            let c = crate::config::Config::load(Some(std::path::Path::new("b.toml"))).expect("loads");
+            let props: Vec<(&str, &str)> = c.log.properties.iter().map(|(k, v)| (k.as_str(), v.expose())).collect();
+            assert_eq!(
+                props,
+                [
+                    ("sasl.mechanisms", "SCRAM-SHA-512"),
+                    ("sasl.password", "kafka-s3cret"),
+                    ("sasl.username", "pgfanout"),
+                    ("security.protocol", "SASL_SSL"),
+                    ("ssl.ca.location", "/etc/pgfanout/kafka-ca.pem"),
+                ]
+            );
+            assert!(!format!("{c:?}").contains("kafka-s3cret"));
+            // The bundled librdkafka takes them (built with OpenSSL, so
+            // SASL_SSL and SCRAM); it reads ssl.ca.location at once, which
+            // is left to the system's roots here.
+            let mut log = c.log.clone();
+            log.properties.remove("ssl.ca.location");
+            let made = client_config(&log).create::<rdkafka::producer::BaseProducer>();
+            assert!(made.is_ok(), "librdkafka refused the README's TLS/SASL settings: {:?}", made.err());
+            Ok(())
+        });
+    }
+}

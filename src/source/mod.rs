@@ -5,10 +5,9 @@
 //! `streamed` holds transactions the server streams before they commit.
 //! `snapshot` is the initial load (and `scan` the chunked table reads it
 //! shares with backfill; `copy` decodes their binary COPY data).
-//! `conninfo` takes libpq's TLS keys out of `source.url` and `tls` applies
-//! them to both kinds of connection.
+//! `tls` applies libpq's TLS keys (parsed out of `source.url` by
+//! `config::conninfo`) to both kinds of connection.
 
-pub mod conninfo;
 pub mod copy;
 pub mod pgoutput;
 pub mod relations;

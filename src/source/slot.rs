@@ -6,8 +6,8 @@ use tokio_postgres::config::{Host, SslMode};
 use tokio_postgres::Client;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
-use super::conninfo::{self, ConninfoError};
 use super::tls::{self, Attempt, Evidence, Link, Negotiation, TlsError, TlsPolicy};
+use crate::config::conninfo::{self, ConninfoError};
 use crate::config::SourceConfig;
 
 #[derive(Debug, thiserror::Error)]

@@ -19,7 +19,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::conninfo::{SslMode, TlsKeys};
+use crate::config::conninfo::{SslMode, TlsKeys};
 
 /// Which of pgfanout's two kinds of PostgreSQL connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -137,8 +137,10 @@ impl ClickHouseSink {
         events: &Table<EngagementRecord>,
         contents: &Table<ContentRecord>,
     ) -> Result<(), SinkError> {
-        self.write_table(events).await?;
-        self.write_table(contents).await
+        // Content first: a reader that sees an event also sees the content
+        // row it was enriched from (the dimension is never behind the facts).
+        self.write_table(contents).await?;
+        self.write_table(events).await
     }
 
     async fn write_table<T: RowOwned + RowWrite>(&self, table: &Table<T>) -> Result<(), SinkError> {

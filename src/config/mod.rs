@@ -9,7 +9,9 @@ use figment::providers::{Env, Format, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
-use crate::source::conninfo::{self, ConninfoError, SslMode, TlsKeys};
+pub mod conninfo;
+
+use self::conninfo::{ConninfoError, SslMode, TlsKeys};
 
 /// A string that must not be logged (passwords, shared secrets).
 #[derive(Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
@@ -603,7 +605,7 @@ mod tests {
             )?;
             jail.set_env("PGFANOUT_SOURCE__SSLMODE", "verify-full");
             let c = Config::load(Some(Path::new("p.toml"))).expect("loads");
-            let tls = crate::source::conninfo::split(c.source.url.expose()).unwrap().tls;
+            let tls = conninfo::split(c.source.url.expose()).unwrap().tls;
             assert_eq!(
                 tls.sslmode,
                 Some(SslMode::VerifyFull),
@@ -614,52 +616,6 @@ mod tests {
             jail.set_env("PGFANOUT_SOURCE__SSLMODE", "verify");
             let err = Config::load(Some(Path::new("p.toml"))).unwrap_err().to_string().to_lowercase();
             assert!(err.contains("source.sslmode") && err.contains("verify-full"), "{err}");
-            Ok(())
-        });
-    }
-
-    #[test]
-    #[allow(clippy::result_large_err)] // figment's Jail API returns its own error
-    fn broker_tls_and_sasl_pass_through_as_secrets() {
-        // The README's example, as written there.
-        figment::Jail::expect_with(|jail| {
-            jail.create_file(
-                "b.toml",
-                r#"
-                [source]
-                url = "postgres://localhost/db"
-                [log]
-                brokers = "broker-1.example.com:9093"
-                [log.properties]
-                "security.protocol" = "SASL_SSL"
-                "ssl.ca.location" = "/etc/pgfanout/kafka-ca.pem"
-                "sasl.mechanisms" = "SCRAM-SHA-512"
-                "sasl.username" = "pgfanout"
-                "sasl.password" = "kafka-s3cret"
-                [file]
-                path = "-"
-                "#,
-            )?;
-            let c = Config::load(Some(Path::new("b.toml"))).expect("loads");
-            let props: Vec<(&str, &str)> = c.log.properties.iter().map(|(k, v)| (k.as_str(), v.expose())).collect();
-            assert_eq!(
-                props,
-                [
-                    ("sasl.mechanisms", "SCRAM-SHA-512"),
-                    ("sasl.password", "kafka-s3cret"),
-                    ("sasl.username", "pgfanout"),
-                    ("security.protocol", "SASL_SSL"),
-                    ("ssl.ca.location", "/etc/pgfanout/kafka-ca.pem"),
-                ]
-            );
-            assert!(!format!("{c:?}").contains("kafka-s3cret"));
-            // The bundled librdkafka takes them (built with OpenSSL, so
-            // SASL_SSL and SCRAM); it reads ssl.ca.location at once, which
-            // is left to the system's roots here.
-            let mut log = c.log.clone();
-            log.properties.remove("ssl.ca.location");
-            let made = crate::log::producer::client_config(&log).create::<rdkafka::producer::BaseProducer>();
-            assert!(made.is_ok(), "librdkafka refused the README's TLS/SASL settings: {:?}", made.err());
             Ok(())
         });
     }
