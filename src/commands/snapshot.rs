@@ -128,6 +128,8 @@ pub enum SnapshotError {
     SlotBusy { slot: String, pid: i32 },
     #[error("another `pgfanout snapshot` is running for slot {slot}")]
     AlreadyRunning { slot: String },
+    #[error(transparent)]
+    Privilege(#[from] crate::source::privilege::MissingPrivilege),
 }
 struct Record {
     consistent_point: Option<u64>,
@@ -185,6 +187,10 @@ pub fn chunk_origin(chunk: &Chunk) -> String {
 
 /// Runs (or resumes) the snapshot of the configured slot.
 pub async fn run(cfg: &Config, opts: &SnapshotOptions) -> Result<SnapshotOutcome, SnapshotError> {
+    load(cfg, opts).await.map_err(|e| crate::source::privilege::explain(e, &cfg.source))
+}
+
+async fn load(cfg: &Config, opts: &SnapshotOptions) -> Result<SnapshotOutcome, SnapshotError> {
     let started = Instant::now();
     let url = cfg.source.url.expose();
     let slot_name = cfg.source.slot.as_str();

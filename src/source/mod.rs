@@ -8,6 +8,7 @@
 
 pub mod copy;
 pub mod pgoutput;
+pub mod privilege;
 pub mod relations;
 pub mod scan;
 pub mod session;

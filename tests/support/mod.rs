@@ -7,6 +7,7 @@
 
 pub mod logs;
 pub mod private;
+pub mod sinks;
 pub mod topics;
 
 use std::future::Future;
@@ -36,6 +37,23 @@ pub fn unique_name() -> String {
     format!("t_{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
 }
 
+/// How [`TestEnv::with_setup`] prepares the test's database.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Setup<'a> {
+    /// Run as the server's superuser in the new database, before `init`.
+    pub sql: &'a str,
+    /// Leave `pgfanout init` out (publication, slot, state, sink tables
+    /// and topics), e.g. for a test that runs it as another role.
+    pub skip_init: bool,
+}
+
+/// `url` (a postgres:// URL) connecting as `user` with `password`.
+pub fn url_as(url: &str, user: &str, password: &str) -> String {
+    let (scheme, rest) = url.split_once("://").expect("a postgres:// URL");
+    let host = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+    format!("{scheme}://{user}:{password}@{host}")
+}
+
 type RunningPipeline = (watch::Sender<bool>, JoinHandle<Result<(), pipeline::PipelineError>>);
 
 pub struct TestEnv {
@@ -58,6 +76,16 @@ impl TestEnv {
 
     /// Like `new`, on the PostgreSQL server at `admin_url` (a private one).
     pub async fn on_server(pg_version: &str, admin_url: &str) -> TestEnv {
+        Self::on_server_with(pg_version, admin_url, Setup::default()).await
+    }
+
+    /// Like `new`, with `setup`'s SQL run in the new database first and
+    /// `pgfanout init` (as the superuser of the server's URL) only if it says so.
+    pub async fn with_setup(pg_version: &str, setup: Setup<'_>) -> TestEnv {
+        Self::on_server_with(pg_version, &env(&format!("PGFANOUT_PG{pg_version}_URL")), setup).await
+    }
+
+    async fn on_server_with(pg_version: &str, admin_url: &str, setup: Setup<'_>) -> TestEnv {
         let name = unique_name();
         let admin = pgfanout::source::slot::connect(admin_url).await.expect("connect to PostgreSQL");
         admin.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create database");
@@ -125,8 +153,13 @@ impl TestEnv {
             // Any free port: sidecars started from tests run side by side.
             metrics: MetricsConfig { listen: "127.0.0.1:0".into(), ..Default::default() },
         };
-        pgfanout::commands::init::run(&cfg, true).await.expect("pgfanout init");
         let pg = pgfanout::source::slot::connect(&url).await.expect("connect to test database");
+        if !setup.sql.is_empty() {
+            pg.batch_execute(setup.sql).await.expect("setup SQL");
+        }
+        if !setup.skip_init {
+            pgfanout::commands::init::run(&cfg, true).await.expect("pgfanout init");
+        }
         let ch = clickhouse::Client::default().with_url(&cfg.clickhouse.as_ref().unwrap().url).with_database(&name);
         let redis = redis::Client::open(cfg.redis.as_ref().unwrap().url.expose())
             .unwrap()

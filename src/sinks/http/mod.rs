@@ -294,7 +294,9 @@ impl super::Sink for HttpSink {
     /// Returns the in-flight range, which the batcher must cut exactly as
     /// before (see `Replay::boundary`). Called once, before the first write.
     async fn follow_live(&self, pg: &Client, source: &SourceConfig) -> Result<Option<Arc<dyn Cuts>>, SinkError> {
-        let record = LiveRecord::load(pg, &source.slot).await.map_err(|e| SinkError::Http(e.to_string()))?;
+        let record = LiveRecord::load(pg, &source.slot)
+            .await
+            .map_err(|e| SinkError::Http(crate::source::privilege::explain(e, source).to_string()))?;
         let replay = record.inflight.map(|i| {
             tracing::info!(first = %i.first, last = %i.last, idempotency_key = %i.key, "the webhook batch in flight at the last stop is re-posted as it was if the stream replays it");
             Arc::new(Replay::new(i))
@@ -360,8 +362,8 @@ pub struct Inflight {
 impl LiveRecord {
     /// Loads the record of `slot` and takes it over for this run (a new
     /// generation), creating the table when it is missing (only then:
-    /// creating needs CREATE on the database, which a user of an existing
-    /// table may lack). A record whose positions lie beyond the server's WAL
+    /// creating needs CREATE on schema pgfanout_state, which a user of an
+    /// existing table may lack). A record whose positions lie beyond the server's WAL
     /// cannot be this cluster's (a database restored elsewhere) and is
     /// ignored, with a warning, rather than skipping new events.
     pub async fn load(pg: &Client, slot: &str) -> Result<LiveRecord, SlotError> {
@@ -372,7 +374,7 @@ impl LiveRecord {
             .get(0);
         if !exists {
             pg.batch_execute(PROGRESS_SCHEMA).await.map_err(query_err(
-                "create pgfanout_state.http_progress, the webhook sink's progress: it needs CREATE on the database once, or run sql/postgres/http_progress.sql as a user who has it",
+                "create pgfanout_state.http_progress, the webhook sink's progress: it needs CREATE on schema pgfanout_state (`pgfanout init --print-sql`), or run sql/postgres/http_progress.sql as a user who has it",
             ))?;
         }
         let row = pg
