@@ -17,7 +17,7 @@ use pgfanout::commands::snapshot::{self, SnapshotOptions, SnapshotOutcome};
 use pgfanout::config::{Config, Secret};
 use pgfanout::enrich::journal::JournalError;
 use pgfanout::pipeline::PipelineError;
-use pgfanout::source::slot::SlotError;
+use pgfanout::source::slot::{self, SlotError};
 use support::sinks::assert_every_sink_equals_postgres;
 use support::{pg_versions, url_as, Setup, TestEnv};
 
@@ -318,5 +318,49 @@ async fn partitioned(v: &str) {
 async fn a_partitioned_engagement_events_reaches_every_sink_as_one_table() {
     for v in pg_versions() {
         partitioned(&v).await;
+    }
+}
+
+async fn partition_root_and_identity(v: &str, logs: &support::logs::Logs) {
+    let t = TestEnv::with_setup(v, Setup { sql: PARTITIONED, skip_init: false }).await;
+    // A publication of old, its partitions published under their own names.
+    t.pg.batch_execute(&format!("ALTER PUBLICATION {} SET (publish_via_partition_root = false)", t.name))
+        .await
+        .unwrap();
+    let e = slot::ensure_publication(&t.pg, &t.cfg.source).await.expect_err("partitions not via their root");
+    assert!(matches!(e, SlotError::PartitionsNotViaRoot { .. }), "PG {v}: {e}");
+    let fix = format!("ALTER PUBLICATION {} SET (publish_via_partition_root = true)", t.name);
+    assert!(e.to_string().contains(&fix), "PG {v}: {e}");
+    // `run` refuses to start on it rather than miss the partitions' changes.
+    let (_stop, stopped) = tokio::sync::watch::channel(false);
+    let e = pgfanout::pipeline::run(t.cfg.clone(), stopped, Default::default()).await.expect_err("run refuses");
+    assert!(e.to_string().contains(&fix), "PG {v}: {e}");
+
+    // `init` sets it, and the publication lists the table itself again.
+    init::run(&t.cfg, false).await.expect("init");
+    let via_root: bool =
+        t.pg.query_one("SELECT pubviaroot FROM pg_publication WHERE pubname = $1", &[&t.name]).await.unwrap().get(0);
+    assert!(via_root, "PG {v}");
+    slot::ensure_publication(&t.pg, &t.cfg.source).await.expect("a publication via the root");
+
+    // A partition created later starts with REPLICA IDENTITY DEFAULT: the
+    // start warns, naming it and the statement.
+    t.pg.batch_execute(
+        "CREATE TABLE engagement_events_later PARTITION OF engagement_events
+           FOR VALUES FROM ('2100-01-01') TO ('2100-02-01')",
+    )
+    .await
+    .unwrap();
+    let warned = [t.name.as_str(), "WARN", "ALTER TABLE engagement_events_later REPLICA IDENTITY FULL;"];
+    assert!(logs.lines_with(&warned).is_empty(), "PG {v}: no warning before");
+    slot::ensure_publication(&t.pg, &t.cfg.source).await.expect("ensure_publication");
+    assert_eq!(logs.lines_with(&warned).len(), 1, "PG {v}: the warning names the new partition");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn partitions_are_published_via_their_root_with_the_tables_replica_identity() {
+    let logs = support::logs::capture();
+    for v in pg_versions() {
+        partition_root_and_identity(&v, &logs).await;
     }
 }

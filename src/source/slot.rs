@@ -142,7 +142,7 @@ pub async fn ensure_publication(client: &Client, cfg: &SourceConfig) -> Result<(
         }
         Some(_) => {}
     }
-    warn_partition_identity(client, &partitioned).await
+    warn_partition_identity(client, cfg, &partitioned).await
 }
 
 /// Warns naming the partitions whose replica identity differs from their
@@ -150,7 +150,11 @@ pub async fn ensure_publication(client: &Client, cfg: &SourceConfig) -> Result<(
 /// partition created later starts with DEFAULT, so its updates and deletes
 /// carry only the key of the old row (the enriched sinks cannot retract
 /// what it counted).
-async fn warn_partition_identity(client: &Client, partitioned: &[PgTable]) -> Result<(), SlotError> {
+async fn warn_partition_identity(
+    client: &Client,
+    cfg: &SourceConfig,
+    partitioned: &[PgTable],
+) -> Result<(), SlotError> {
     if partitioned.is_empty() {
         return Ok(());
     }
@@ -167,7 +171,7 @@ async fn warn_partition_identity(client: &Client, partitioned: &[PgTable]) -> Re
     if !rows.is_empty() {
         let fix: Vec<String> =
             rows.iter().map(|r| format!("ALTER TABLE {} REPLICA IDENTITY FULL;", r.get::<_, String>(0))).collect();
-        tracing::warn!(fix = %fix.join(" "), "partitions of a published table have another replica identity than the table: their updates and deletes do not carry the whole old row, so the enriched sinks cannot retract what the old row counted; give them the table's");
+        tracing::warn!(publication = %cfg.publication, fix = %fix.join(" "), "partitions of a published table have another replica identity than the table: their updates and deletes do not carry the whole old row, so the enriched sinks cannot retract what the old row counted; give them the table's");
     }
     Ok(())
 }

@@ -195,8 +195,8 @@ pub async fn postgres_window(t: &TestEnv) -> BTreeMap<String, i64> {
 }
 
 /// Each row's latest state in the log's topic of `engagement_events`
-/// (latest per message key by position, a delete removing it; then latest
-/// per event id), and the tables the records name.
+/// (latest per message key by position; a delete removes it), and the
+/// tables the records name.
 pub async fn log(t: &TestEnv) -> (Events, Vec<String>) {
     let topic = format!("{}public.engagement_events", t.cfg.log.topic_prefix);
     // Everything a sink holds went through the log first: read to its end.
@@ -230,17 +230,15 @@ pub async fn log(t: &TestEnv) -> (Events, Vec<String>) {
         });
         latest.insert(key, (pos, state));
     }
-    // By event id: an UPDATE that changes the key (event_ts, where it is part
-    // of a partitioned table's key) is logged under the new key alone, so the
-    // old key's last record is that row's earlier state.
-    let mut by_id: HashMap<i64, ((u64, u64), Event)> = HashMap::new();
-    for (pos, state) in latest.into_values() {
+    // An update that changed the key (event_ts, in a table partitioned by
+    // it) is a delete under the old key and a create under the new one, so
+    // no id may be live under two keys.
+    let mut by_id = Events::new();
+    for (_, state) in latest.into_values() {
         let Some((id, event)) = state else { continue };
-        if by_id.get(&id).map_or(true, |(p, _)| *p < pos) {
-            by_id.insert(id, (pos, event));
-        }
+        assert!(by_id.insert(id, event).is_none(), "event {id} is live under two keys of the log");
     }
-    (by_id.into_iter().map(|(id, (_, e))| (id, e)).collect(), tables)
+    (by_id, tables)
 }
 
 /// Fails naming the first differences between `got` and `want`.
