@@ -5,6 +5,8 @@
 //! `streamed` holds transactions the server streams before they commit.
 //! `snapshot` is the initial load (and `scan` the chunked table reads it
 //! shares with backfill; `copy` decodes their binary COPY data).
+//! `privilege` is what a least-privilege role needs and the errors that
+//! name what it lacks.
 
 pub mod copy;
 pub mod pgoutput;
