@@ -47,10 +47,11 @@
 //! such a change twice until its minute expires, and a row deleted in that
 //! interval has no snapshot event (where the crashed attempt had already
 //! delivered it to some sinks and not to others, those keep differing by
-//! that one event; its streamed delete reaches all of them). Integer keys give the same row the same
-//! position on every attempt, so the Redis watermark of a half-done chunk
-//! skips exactly the rows that attempt applied; other keys rank rows, which a
-//! concurrent insert or delete in the chunk's range can shift.
+//! that one event; its streamed delete reaches all of them). Single-column
+//! integer keys give the same row the same position on every attempt, so the
+//! Redis watermark of a half-done chunk skips exactly the rows that attempt
+//! applied; other keys (a composite key led by an integer too) rank rows,
+//! which a concurrent insert or delete in the chunk's range can shift.
 //!
 //! `pgfanout run` may start before the snapshot is done: sinks keep the
 //! highest version whatever the arrival order, with one exception, a

@@ -25,6 +25,7 @@
 use std::error::Error;
 use std::str::FromStr;
 
+use super::scan::quote_literal as literal;
 use super::slot::quote_ident;
 use crate::config::SourceConfig;
 
@@ -66,11 +67,6 @@ fn split_table(t: &str) -> (&str, &str) {
 fn qualified(t: &str) -> String {
     let (schema, name) = split_table(t);
     format!("{}.{}", quote_ident(schema), quote_ident(name))
-}
-
-/// Quotes an SQL string literal.
-fn literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
 }
 
 /// PostgreSQL's refusal in `err`'s chain, when it is one for want of a

@@ -104,7 +104,11 @@ fn publication_err(
 /// snapshot creates its slot itself, with an exported snapshot). When it
 /// exists but its tables are not `source.tables`, warns naming the tables:
 /// changes of a table missing from it never reach pgfanout (`pgfanout init`
-/// adds them, see [`add_missing_publication_tables`]).
+/// adds them, see [`add_missing_publication_tables`]). A partitioned table
+/// must be published via its root (its changes would otherwise arrive as
+/// its partitions'): a new publication is created so, an existing one
+/// without it is refused, and partitions whose replica identity is not
+/// their table's are warned about.
 pub async fn ensure_publication(client: &Client, cfg: &SourceConfig) -> Result<(), SlotError> {
     let wal_level: String = client.query_one("SHOW wal_level", &[]).await.map_err(query_err("SHOW wal_level"))?.get(0);
     if wal_level != "logical" {
@@ -182,7 +186,9 @@ async fn warn_partition_identity(
 /// streamed; rows the tables already held are not (a backfill or
 /// `pgfanout snapshot` loads them). Tables the publication has beyond
 /// `source.tables` are left alone (other consumers may read them) and
-/// reported. A missing publication is left to [`ensure_publication`].
+/// reported. A missing publication is left to [`ensure_publication`]. An
+/// existing one that publishes a partitioned table's partitions under their
+/// own names is switched to `publish_via_partition_root` first.
 pub async fn add_missing_publication_tables(client: &Client, cfg: &SourceConfig) -> Result<Vec<String>, SlotError> {
     let Some(mut diff) = publication_diff(client, cfg).await? else { return Ok(Vec::new()) };
     let partitioned = partitioned_tables(client, cfg).await?;
