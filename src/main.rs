@@ -32,6 +32,10 @@ enum Command {
         /// Leave the source tables alone (they exist already).
         #[arg(long)]
         no_source_schema: bool,
+        /// Print, and do not run, the SQL an administrator runs once so that the role of
+        /// source.url can run pgfanout without being a superuser (connects nowhere).
+        #[arg(long)]
+        print_sql: bool,
     },
     /// Stream the slot to the log and all sinks until SIGINT/SIGTERM.
     Run,
@@ -120,7 +124,10 @@ async fn main() -> anyhow::Result<()> {
     }
     let cfg = pgfanout::config::Config::load(cli.config.as_deref()).context("loading configuration")?;
     match cli.command {
-        Command::Init { no_source_schema } => pgfanout::commands::init::run(&cfg, !no_source_schema).await?,
+        Command::Init { print_sql: true, .. } => print!("{}", pgfanout::commands::init::print_sql(&cfg)),
+        Command::Init { no_source_schema, print_sql: false } => {
+            pgfanout::commands::init::run(&cfg, !no_source_schema).await?
+        }
         Command::Run => pgfanout::commands::run::run(cfg).await?,
         Command::Drain { until } => {
             let until = pgfanout::source::Lsn::parse(&until).map_err(|e| anyhow::anyhow!("--until: {e:?}"))?;

@@ -3,7 +3,16 @@
 -- any restart the dimension is rebuilt exactly as of the slot's confirmed
 -- position and replayed events are enriched as they were the first time.
 -- Created by `pgfanout init`, `run` and `snapshot`; not part of any publication.
-CREATE SCHEMA IF NOT EXISTS pgfanout_state;
+-- Only when missing: CREATE SCHEMA checks the database's CREATE privilege
+-- even with IF NOT EXISTS, which a least-privilege role lacks (its
+-- administrator creates the schema for it, owned by it: `pgfanout init
+-- --print-sql`).
+DO $$
+BEGIN
+  IF to_regnamespace('pgfanout_state') IS NULL THEN
+    CREATE SCHEMA IF NOT EXISTS pgfanout_state;
+  END IF;
+END $$;
 
 -- One row per slot whose journal has its starting state (the content table
 -- at the slot's creation point, or, for a slot older than the journal, as

@@ -4,7 +4,16 @@
 -- src/sinks/http.rs. Created by `pgfanout run` when missing; not part of any
 -- publication. Positions are `<commit LSN><ordinal>` in fixed-width hex (16
 -- and 8 digits), so text order is stream order.
-CREATE SCHEMA IF NOT EXISTS pgfanout_state;
+-- Only when missing: CREATE SCHEMA checks the database's CREATE privilege
+-- even with IF NOT EXISTS, which a least-privilege role lacks (its
+-- administrator creates the schema for it, owned by it: `pgfanout init
+-- --print-sql`).
+DO $$
+BEGIN
+  IF to_regnamespace('pgfanout_state') IS NULL THEN
+    CREATE SCHEMA IF NOT EXISTS pgfanout_state;
+  END IF;
+END $$;
 
 -- One row per slot. Written before each batch is posted: the batch before
 -- it was delivered (or parked as a dead letter), this one may or may not

@@ -23,7 +23,20 @@ CREATE TABLE IF NOT EXISTS engagement_events (
 -- (event_ts, content_id, event_id) needs the old event_ts and content_id to
 -- retract a row, and Redis's window must subtract what the old row counted.
 -- With the default identity a delete carries only the id.
-ALTER TABLE engagement_events REPLICA IDENTITY FULL;
 -- Content rows are small; FULL also means an update that leaves a TOASTed
 -- title untouched still carries its value.
-ALTER TABLE content REPLICA IDENTITY FULL;
+-- A partitioned table (created before `init`, e.g. engagement_events by
+-- month) gets it on every partition too: PostgreSQL does not pass it down,
+-- and the server logs a row's old version with its partition's identity.
+DO $$
+DECLARE
+  t regclass;
+BEGIN
+  FOR t IN
+    SELECT r FROM unnest(ARRAY['engagement_events', 'content']::regclass[]) AS r
+    UNION
+    SELECT p.relid FROM unnest(ARRAY['engagement_events', 'content']::regclass[]) AS r, pg_partition_tree(r) AS p
+  LOOP
+    EXECUTE format('ALTER TABLE %s REPLICA IDENTITY FULL', t);
+  END LOOP;
+END $$;

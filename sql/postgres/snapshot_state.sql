@@ -5,14 +5,23 @@
 -- for pgfanout's role) finds a schema named after it first on the default
 -- search_path ("$user", public), so its unqualified CREATE TABLE would land
 -- there. Tables an earlier version kept in `pgfanout` move once.
-CREATE SCHEMA IF NOT EXISTS pgfanout_state;
+-- Only when missing: CREATE SCHEMA checks the database's CREATE privilege
+-- even with IF NOT EXISTS, which a least-privilege role lacks (its
+-- administrator creates the schema for it, owned by it: `pgfanout init
+-- --print-sql`).
+DO $$
+BEGIN
+  IF to_regnamespace('pgfanout_state') IS NULL THEN
+    CREATE SCHEMA IF NOT EXISTS pgfanout_state;
+  END IF;
+END $$;
 ALTER TABLE IF EXISTS pgfanout.snapshots SET SCHEMA pgfanout_state;
 ALTER TABLE IF EXISTS pgfanout.snapshot_chunks SET SCHEMA pgfanout_state;
 DO $$
 BEGIN
   DROP SCHEMA IF EXISTS pgfanout;
-EXCEPTION WHEN dependent_objects_still_exist THEN
-  -- Something else lives there: leave it.
+EXCEPTION WHEN dependent_objects_still_exist OR insufficient_privilege THEN
+  -- Something else lives there, or it belongs to another role: leave it.
   NULL;
 END $$;
 

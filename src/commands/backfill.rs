@@ -114,6 +114,8 @@ pub enum BackfillError {
     NoDefaultColumn(TableName),
     #[error("empty range: --from {from} is not before --to {to}")]
     EmptyRange { from: DateTime<Utc>, to: DateTime<Utc> },
+    #[error(transparent)]
+    Privilege(#[from] crate::source::privilege::MissingPrivilege),
 }
 
 /// Parses `--from` / `--to`: a date (`2026-01-01`, midnight UTC) or an RFC 3339 timestamp.
@@ -132,6 +134,10 @@ pub fn chunk_origin(consistent_point: u64, chunk: &Chunk) -> String {
 }
 
 pub async fn run(cfg: &Config, opts: &BackfillOptions) -> Result<BackfillReport, BackfillError> {
+    reload(cfg, opts).await.map_err(|e| crate::source::privilege::explain(e, &cfg.source))
+}
+
+async fn reload(cfg: &Config, opts: &BackfillOptions) -> Result<BackfillReport, BackfillError> {
     let started = Instant::now();
     if let Some((from, to)) = opts.range.filter(|(from, to)| from >= to) {
         return Err(BackfillError::EmptyRange { from, to });

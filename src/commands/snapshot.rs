@@ -47,10 +47,11 @@
 //! such a change twice until its minute expires, and a row deleted in that
 //! interval has no snapshot event (where the crashed attempt had already
 //! delivered it to some sinks and not to others, those keep differing by
-//! that one event; its streamed delete reaches all of them). Integer keys give the same row the same
-//! position on every attempt, so the Redis watermark of a half-done chunk
-//! skips exactly the rows that attempt applied; other keys rank rows, which a
-//! concurrent insert or delete in the chunk's range can shift.
+//! that one event; its streamed delete reaches all of them). Single-column
+//! integer keys give the same row the same position on every attempt, so the
+//! Redis watermark of a half-done chunk skips exactly the rows that attempt
+//! applied; other keys (a composite key led by an integer too) rank rows,
+//! which a concurrent insert or delete in the chunk's range can shift.
 //!
 //! `pgfanout run` may start before the snapshot is done: sinks keep the
 //! highest version whatever the arrival order, with one exception, a
@@ -128,6 +129,8 @@ pub enum SnapshotError {
     SlotBusy { slot: String, pid: i32 },
     #[error("another `pgfanout snapshot` is running for slot {slot}")]
     AlreadyRunning { slot: String },
+    #[error(transparent)]
+    Privilege(#[from] crate::source::privilege::MissingPrivilege),
 }
 struct Record {
     consistent_point: Option<u64>,
@@ -185,6 +188,10 @@ pub fn chunk_origin(chunk: &Chunk) -> String {
 
 /// Runs (or resumes) the snapshot of the configured slot.
 pub async fn run(cfg: &Config, opts: &SnapshotOptions) -> Result<SnapshotOutcome, SnapshotError> {
+    load(cfg, opts).await.map_err(|e| crate::source::privilege::explain(e, &cfg.source))
+}
+
+async fn load(cfg: &Config, opts: &SnapshotOptions) -> Result<SnapshotOutcome, SnapshotError> {
     let started = Instant::now();
     let url = cfg.source.url.expose();
     let slot_name = cfg.source.slot.as_str();

@@ -53,6 +53,8 @@ pub enum PipelineError {
     ReaderGone,
     #[error("sink {sink} panicked while writing a batch (a bug; the batch is not acknowledged and is replayed on the next start)")]
     SinkPanicked { sink: &'static str },
+    #[error(transparent)]
+    Privilege(#[from] source::privilege::MissingPrivilege),
 }
 
 /// The topics `run` writes to, for `init`.
@@ -64,7 +66,12 @@ pub fn topics(cfg: &Config) -> Vec<String> {
 
 /// Runs until `shutdown` turns true, then drains what was read, flushes the
 /// sinks and reports the final flush position before returning.
-pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>, stats: Arc<Stats>) -> Result<(), PipelineError> {
+pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>, stats: Arc<Stats>) -> Result<(), PipelineError> {
+    let source_cfg = cfg.source.clone();
+    stream(cfg, shutdown, stats).await.map_err(|e| source::privilege::explain(e, &source_cfg))
+}
+
+async fn stream(cfg: Config, mut shutdown: watch::Receiver<bool>, stats: Arc<Stats>) -> Result<(), PipelineError> {
     let pg = slot::connect(cfg.source.url.expose()).await?;
     // The content as of the slot's confirmed position, not as of now: the
     // slot replays from there (see `enrich::journal`).

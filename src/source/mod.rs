@@ -7,9 +7,12 @@
 //! shares with backfill; `copy` decodes their binary COPY data).
 //! `tls` applies libpq's TLS keys (parsed out of `source.url` by
 //! `config::conninfo`) to both kinds of connection.
+//! `privilege` is what a least-privilege role needs and the errors that
+//! name what it lacks.
 
 pub mod copy;
 pub mod pgoutput;
+pub mod privilege;
 pub mod relations;
 pub mod scan;
 pub mod session;

@@ -115,8 +115,9 @@ pub async fn published_column_types(client: &Client, publication: &str) -> Resul
         .query(
             "SELECT DISTINCT a.atttypid
              FROM pg_publication_tables pt
-             JOIN pg_attribute a ON a.attrelid = format('%I.%I', pt.schemaname, pt.tablename)::regclass
-                                AND a.attnum > 0 AND NOT a.attisdropped
+             JOIN pg_namespace n ON n.nspname = pt.schemaname
+             JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = pt.tablename
+             JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
              WHERE pt.pubname = $1",
             &[&publication],
         )
@@ -131,13 +132,19 @@ pub async fn published_column_types(client: &Client, publication: &str) -> Resul
 /// updates and deletes carry the old row) that is every column, which would
 /// make the whole row the broker key and change the key whenever any column
 /// changes. The catalog knows the real key.
+///
+/// Tables are matched by name, not with a `::regclass` cast: the planner may
+/// evaluate the cast on catalog rows the publication's filter drops later,
+/// and naming a relation in `pg_toast` is refused to a role that is not a
+/// superuser.
 pub async fn primary_keys(client: &Client, publication: &str) -> Result<PrimaryKeys, tokio_postgres::Error> {
     let rows = client
         .query(
             "SELECT i.indrelid, a.attname::text
              FROM pg_publication_tables pt
-             JOIN pg_index i ON i.indrelid = format('%I.%I', pt.schemaname, pt.tablename)::regclass
-                            AND i.indisprimary
+             JOIN pg_namespace n ON n.nspname = pt.schemaname
+             JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = pt.tablename
+             JOIN pg_index i ON i.indrelid = c.oid AND i.indisprimary
              CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
              JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
              WHERE pt.pubname = $1

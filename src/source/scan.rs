@@ -86,7 +86,12 @@ pub enum KeyKind {
     Integer(usize),
     /// A single column of another type: ranges between sampled keys, rank ordinals.
     Ordered(usize),
-    /// A composite key or none: the table is one chunk.
+    /// A composite key led by an int2/int4/int8 column, such as a
+    /// partitioned table's `(id, event_ts)` (its key must hold the partition
+    /// key): ranges of that column as for `Integer`, rank ordinals (the
+    /// column alone may repeat, so its offset could name two rows).
+    IntegerPrefix(usize),
+    /// Another composite key, or none: the table is one chunk.
     Whole,
 }
 
@@ -148,10 +153,15 @@ impl ScanTable {
 
     pub fn key_kind(&self) -> KeyKind {
         match self.key.as_slice() {
-            [k] if matches!(self.columns[*k].type_oid, oid::INT2 | oid::INT4 | oid::INT8) => KeyKind::Integer(*k),
+            [k] if self.is_integer(*k) => KeyKind::Integer(*k),
             [k] => KeyKind::Ordered(*k),
+            [k, _, ..] if self.is_integer(*k) => KeyKind::IntegerPrefix(*k),
             _ => KeyKind::Whole,
         }
+    }
+
+    fn is_integer(&self, column: usize) -> bool {
+        matches!(self.columns[column].type_oid, oid::INT2 | oid::INT4 | oid::INT8)
     }
 
     fn qualified(&self) -> String {
@@ -177,11 +187,11 @@ impl ScanTable {
         let bound = |k: usize, op: &str, v: &str| {
             let col = &self.columns[k];
             match self.key_kind() {
-                KeyKind::Integer(_) => format!("{} {op} {v}", quote_ident(&col.name)),
+                KeyKind::Integer(_) | KeyKind::IntegerPrefix(_) => format!("{} {op} {v}", quote_ident(&col.name)),
                 _ => format!("{} {op} {}::{}", quote_ident(&col.name), quote_literal(v), col.type_name),
             }
         };
-        if let KeyKind::Integer(k) | KeyKind::Ordered(k) = self.key_kind() {
+        if let KeyKind::Integer(k) | KeyKind::Ordered(k) | KeyKind::IntegerPrefix(k) = self.key_kind() {
             if let Some(lo) = &chunk.lo {
                 conds.push(bound(k, ">", lo));
             }
@@ -266,7 +276,7 @@ pub async fn plan_table(
         rows,
     };
     match table.key_kind() {
-        KeyKind::Integer(k) => {
+        KeyKind::Integer(k) | KeyKind::IntegerPrefix(k) => {
             let col = quote_ident(&table.columns[k].name);
             let r = client
                 .query_one(
@@ -518,6 +528,34 @@ mod tests {
             ..u
         };
         assert!(p.copy_sql(&c, None).starts_with("COPY (SELECT \"k\", \"p\"::text FROM"), "{}", p.copy_sql(&c, None));
+    }
+
+    #[test]
+    fn a_composite_key_led_by_an_integer_is_cut_on_that_column() {
+        // A table partitioned by event_ts: its key must hold the partition key.
+        let t = ScanTable {
+            name: TableName::new("public", "engagement_events"),
+            columns: vec![
+                ScanColumn { name: "id".into(), type_oid: oid::INT8, type_name: "bigint".into() },
+                ScanColumn { name: "event_ts".into(), type_oid: oid::TIMESTAMPTZ, type_name: "timestamptz".into() },
+            ],
+            key: vec![0, 1],
+        };
+        assert_eq!(t.key_kind(), KeyKind::IntegerPrefix(0));
+        let c = Chunk { seq: 0, table: t.name.clone(), lo: Some("100".into()), hi: Some("200".into()), rows: 7 };
+        assert!(
+            t.copy_sql(&c, None).ends_with(
+                "WHERE \"id\" > 100 AND \"id\" <= 200 ORDER BY \"id\", \"event_ts\") TO STDOUT (FORMAT binary)"
+            ),
+            "{}",
+            t.copy_sql(&c, None)
+        );
+        // Led by another type: the table is one chunk.
+        let u = ScanTable { key: vec![1, 0], ..t };
+        assert_eq!(u.key_kind(), KeyKind::Whole);
+        assert!(u
+            .copy_sql(&Chunk { lo: None, hi: None, ..c }, None)
+            .ends_with("ORDER BY \"event_ts\", \"id\") TO STDOUT (FORMAT binary)"));
     }
 
     proptest! {

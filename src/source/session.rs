@@ -569,7 +569,19 @@ fn changes(
             let shape = relations.shape(rel_id, lsn)?;
             let before = old.as_ref().map(|o| shape.old_row(o, lsn)).transpose()?;
             let after = shape.row(&new, before.as_ref(), lsn)?;
-            vec![make(shape.table.clone(), Op::Update, shape.key_of(&after), before, Some(after))?]
+            let key = shape.key_of(&after);
+            match before.as_ref().map(|b| shape.key_of(b)).filter(|old_key| *old_key != key) {
+                // The key changed (an event's event_ts, where a table
+                // partitioned by it has it in its key): a delete under the
+                // old key and a create under the new one, as Debezium
+                // writes it, so a consumer that keeps rows by key (or a
+                // topic compacted by key) does not keep the old one.
+                Some(old_key) => vec![
+                    make(shape.table.clone(), Op::Delete, old_key, before, None)?,
+                    make(shape.table.clone(), Op::Create, key, None, Some(after))?,
+                ],
+                None => vec![make(shape.table.clone(), Op::Update, key, before, Some(after))?],
+            }
         }
         Message::Delete { rel_id, old, .. } => {
             let shape = relations.shape(rel_id, lsn)?;
@@ -620,5 +632,70 @@ pub async fn drain(cfg: &SourceConfig, until: u64) -> Result<u64, SessionError> 
     match reader.await {
         Ok(r) => r.map(|()| changes),
         Err(_) => Ok(changes),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use bytes::Bytes;
+
+    use super::super::pgoutput::{Cell, Column, OldTuple, Relation, Tuple};
+    use super::super::values::Value;
+    use super::*;
+
+    fn text(s: &str) -> Cell {
+        Cell::Text(Bytes::copy_from_slice(s.as_bytes()))
+    }
+
+    /// engagement_events partitioned by event_ts: its key is (id, event_ts).
+    fn relations() -> Relations {
+        let keys = HashMap::from([(7, vec!["id".to_string(), "event_ts".to_string()])]);
+        let mut r = Relations::new(keys, relations::Types::default(), false);
+        let column = |name: &str, type_oid| Column { key: true, name: name.into(), type_oid, type_modifier: -1 };
+        r.learn(&Relation {
+            xid: None,
+            rel_id: 7,
+            namespace: "public".into(),
+            name: "engagement_events".into(),
+            replica_identity: b'f',
+            columns: vec![column("id", 20), column("event_ts", 1184), column("duration_ms", 23)],
+        })
+        .unwrap();
+        r
+    }
+
+    fn update(old_ts: &str, new_ts: &str) -> Message {
+        Message::Update {
+            xid: None,
+            rel_id: 7,
+            old: Some(OldTuple::Full(Tuple(vec![text("1"), text(old_ts), text("10")]))),
+            new: Tuple(vec![text("1"), text(new_ts), text("20")]),
+        }
+    }
+
+    #[test]
+    fn an_update_that_changes_the_key_is_a_delete_and_a_create() {
+        let mut r = relations();
+        let mut tx = OpenTx { info: TxInfo { xid: 1, commit_lsn: 100, commit_ts_us: 0 }, ordinal: 0 };
+        let moved =
+            changes(update("2026-01-31 23:00:00+00", "2026-02-01 01:00:00+00"), &mut r, Some(&mut tx), 90).unwrap();
+        let ops: Vec<Op> = moved.iter().map(|c| c.op).collect();
+        assert_eq!(ops, [Op::Delete, Op::Create]);
+        let ts = |c: &Change| c.key.get("event_ts").cloned();
+        assert_ne!(ts(&moved[0]), ts(&moved[1]), "each under its own key");
+        assert_eq!(moved[0].before.as_ref().and_then(|b| b.get("duration_ms")).cloned(), Some(Value::Int4(10)));
+        assert!(moved[0].after.is_none() && moved[1].before.is_none());
+        assert_eq!(moved[1].after.as_ref().and_then(|a| a.get("duration_ms")).cloned(), Some(Value::Int4(20)));
+        assert_eq!((moved[0].position.ordinal, moved[1].position.ordinal), (1, 2));
+
+        // The same key: one update, with its old row.
+        let same =
+            changes(update("2026-02-01 01:00:00+00", "2026-02-01 01:00:00+00"), &mut r, Some(&mut tx), 95).unwrap();
+        assert_eq!(same.len(), 1);
+        assert_eq!(same[0].op, Op::Update);
+        assert!(same[0].before.is_some());
+        assert_eq!(same[0].position.ordinal, 3);
     }
 }

@@ -6,6 +6,7 @@ use tokio_postgres::config::{Host, SslMode};
 use tokio_postgres::Client;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
+use super::privilege::{self, MissingPrivilege};
 use super::tls::{self, Attempt, Evidence, Link, Negotiation, TlsError, TlsPolicy};
 use crate::config::conninfo::{self, ConninfoError};
 use crate::config::SourceConfig;
@@ -28,6 +29,10 @@ pub enum SlotError {
     WrongPlugin { slot: String, plugin: String },
     #[error("table {0} named in source.tables does not exist")]
     NoSuchTable(String),
+    #[error(transparent)]
+    Privilege(#[from] MissingPrivilege),
+    #[error("publication {publication} publishes the partitions of {tables} under their own names (publish_via_partition_root is off), which pgfanout would not recognise: run `ALTER PUBLICATION {publication} SET (publish_via_partition_root = true)` (`pgfanout init` does it when its role owns the publication)")]
+    PartitionsNotViaRoot { publication: String, tables: String },
 }
 
 /// Opens an ordinary (non-replication) connection and drives it in the
@@ -148,22 +153,66 @@ pub fn query_err(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> Sl
     move |source| SlotError::Query { what, source }
 }
 
+/// Maps a failed publication statement: refused for want of a privilege,
+/// to the error that gives an administrator the statement itself (the role
+/// pgfanout runs as usually owns neither the tables nor the publication).
+fn publication_err(
+    what: &'static str,
+    cfg: &SourceConfig,
+    statement: &str,
+) -> impl FnOnce(tokio_postgres::Error) -> SlotError {
+    let (role, _) = privilege::target(cfg);
+    let statement = format!("{statement};");
+    move |source| {
+        if source.code() != Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) {
+            return SlotError::Query { what, source };
+        }
+        SlotError::Privilege(MissingPrivilege {
+            context: format!("cannot {what}: {source}"),
+            role,
+            privilege:
+                "ownership of the published tables and of the publication (and CREATE on the database to create it)"
+                    .into(),
+            grant: statement,
+        })
+    }
+}
+
 /// Checks `wal_level` and creates the publication when it is missing (the
 /// snapshot creates its slot itself, with an exported snapshot). When it
 /// exists but its tables are not `source.tables`, warns naming the tables:
 /// changes of a table missing from it never reach pgfanout (`pgfanout init`
-/// adds them, see [`add_missing_publication_tables`]).
+/// adds them, see [`add_missing_publication_tables`]). A partitioned table
+/// must be published via its root (its changes would otherwise arrive as
+/// its partitions'): a new publication is created so, an existing one
+/// without it is refused, and partitions whose replica identity is not
+/// their table's are warned about.
 pub async fn ensure_publication(client: &Client, cfg: &SourceConfig) -> Result<(), SlotError> {
     let wal_level: String = client.query_one("SHOW wal_level", &[]).await.map_err(query_err("SHOW wal_level"))?.get(0);
     if wal_level != "logical" {
         return Err(SlotError::WalLevel(wal_level));
     }
+    let partitioned = partitioned_tables(client, cfg).await?;
     match publication_diff(client, cfg).await? {
         None => {
             let tables: Vec<String> = resolve_tables(client, cfg).await?.iter().map(|t| t.quoted()).collect();
-            let sql = format!("CREATE PUBLICATION {} FOR TABLE {}", quote_ident(&cfg.publication), tables.join(", "));
-            client.batch_execute(&sql).await.map_err(query_err("create publication"))?;
-            tracing::info!(publication = %cfg.publication, tables = ?cfg.tables, "created publication");
+            // A partitioned table's changes then arrive as its own (with
+            // its OID and name), whatever partition holds the row; without
+            // it they would arrive as each partition's.
+            let via_root = if partitioned.is_empty() { "" } else { " WITH (publish_via_partition_root = true)" };
+            let sql = format!(
+                "CREATE PUBLICATION {} FOR TABLE {}{via_root}",
+                quote_ident(&cfg.publication),
+                tables.join(", ")
+            );
+            client.batch_execute(&sql).await.map_err(publication_err("create the publication", cfg, &sql))?;
+            tracing::info!(publication = %cfg.publication, tables = ?cfg.tables, via_partition_root = !partitioned.is_empty(), "created publication");
+        }
+        Some(diff) if !diff.via_root && !partitioned.is_empty() => {
+            return Err(SlotError::PartitionsNotViaRoot {
+                publication: cfg.publication.clone(),
+                tables: names(&partitioned),
+            });
         }
         Some(diff) if !diff.missing.is_empty() || !diff.extra.is_empty() => {
             tracing::warn!(
@@ -175,6 +224,37 @@ pub async fn ensure_publication(client: &Client, cfg: &SourceConfig) -> Result<(
         }
         Some(_) => {}
     }
+    warn_partition_identity(client, cfg, &partitioned).await
+}
+
+/// Warns naming the partitions whose replica identity differs from their
+/// published root's: PostgreSQL does not pass `REPLICA IDENTITY` down, and a
+/// partition created later starts with DEFAULT, so its updates and deletes
+/// carry only the key of the old row (the enriched sinks cannot retract
+/// what it counted).
+async fn warn_partition_identity(
+    client: &Client,
+    cfg: &SourceConfig,
+    partitioned: &[PgTable],
+) -> Result<(), SlotError> {
+    if partitioned.is_empty() {
+        return Ok(());
+    }
+    let roots: Vec<String> = partitioned.iter().map(|t| t.quoted()).collect();
+    let rows = client
+        .query(
+            "SELECT p.relid::regclass::text FROM unnest($1::text[]) AS t, pg_partition_tree(t::regclass) AS p
+               JOIN pg_class c ON c.oid = p.relid
+              WHERE p.level > 0 AND c.relreplident <> (SELECT relreplident FROM pg_class WHERE oid = t::regclass)",
+            &[&roots],
+        )
+        .await
+        .map_err(query_err("read the partitions' replica identity"))?;
+    if !rows.is_empty() {
+        let fix: Vec<String> =
+            rows.iter().map(|r| format!("ALTER TABLE {} REPLICA IDENTITY FULL;", r.get::<_, String>(0))).collect();
+        tracing::warn!(publication = %cfg.publication, fix = %fix.join(" "), "partitions of a published table have another replica identity than the table: their updates and deletes do not carry the whole old row, so the enriched sinks cannot retract what the old row counted; give them the table's");
+    }
     Ok(())
 }
 
@@ -184,9 +264,20 @@ pub async fn ensure_publication(client: &Client, cfg: &SourceConfig) -> Result<(
 /// streamed; rows the tables already held are not (a backfill or
 /// `pgfanout snapshot` loads them). Tables the publication has beyond
 /// `source.tables` are left alone (other consumers may read them) and
-/// reported. A missing publication is left to [`ensure_publication`].
+/// reported. A missing publication is left to [`ensure_publication`]. An
+/// existing one that publishes a partitioned table's partitions under their
+/// own names is switched to `publish_via_partition_root` first.
 pub async fn add_missing_publication_tables(client: &Client, cfg: &SourceConfig) -> Result<Vec<String>, SlotError> {
-    let Some(diff) = publication_diff(client, cfg).await? else { return Ok(Vec::new()) };
+    let Some(mut diff) = publication_diff(client, cfg).await? else { return Ok(Vec::new()) };
+    let partitioned = partitioned_tables(client, cfg).await?;
+    if !diff.via_root && !partitioned.is_empty() {
+        let sql =
+            format!("ALTER PUBLICATION {} SET (publish_via_partition_root = true)", quote_ident(&cfg.publication));
+        client.batch_execute(&sql).await.map_err(publication_err("publish partitions via their root", cfg, &sql))?;
+        tracing::info!(publication = %cfg.publication, tables = %names(&partitioned), "the publication now publishes partitioned tables via their root: their changes arrive under the table's name");
+        // The publication's table list is the roots' from now on.
+        diff = publication_diff(client, cfg).await?.unwrap_or(diff);
+    }
     if !diff.extra.is_empty() {
         tracing::warn!(publication = %cfg.publication, extra = %names(&diff.extra), "the publication has tables that source.tables does not name; left as they are");
     }
@@ -195,7 +286,7 @@ pub async fn add_missing_publication_tables(client: &Client, cfg: &SourceConfig)
     }
     let tables: Vec<String> = diff.missing.iter().map(|t| t.quoted()).collect();
     let sql = format!("ALTER PUBLICATION {} ADD TABLE {}", quote_ident(&cfg.publication), tables.join(", "));
-    client.batch_execute(&sql).await.map_err(query_err("add tables to publication"))?;
+    client.batch_execute(&sql).await.map_err(publication_err("add tables to the publication", cfg, &sql))?;
     let added: Vec<String> = diff.missing.iter().map(|t| t.to_string()).collect();
     tracing::info!(publication = %cfg.publication, added = %added.join(", "), "added tables to the publication: their changes are streamed from now on, rows they already hold are not (backfill or snapshot them)");
     Ok(added)
@@ -243,22 +334,42 @@ async fn resolve_tables(client: &Client, cfg: &SourceConfig) -> Result<Vec<PgTab
     Ok(out)
 }
 
+/// The tables of `source.tables` that are partitioned.
+async fn partitioned_tables(client: &Client, cfg: &SourceConfig) -> Result<Vec<PgTable>, SlotError> {
+    Ok(client
+        .query(
+            "SELECT n.nspname::text, c.relname::text FROM unnest($1::text[]) AS t
+               JOIN pg_class c ON c.oid = to_regclass(t) JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE c.relkind = 'p' ORDER BY 1, 2",
+            &[&cfg.tables],
+        )
+        .await
+        .map_err(query_err("look up partitioned tables"))?
+        .iter()
+        .map(|r| PgTable { schema: r.get(0), name: r.get(1) })
+        .collect())
+}
+
 /// How the publication's tables differ from `source.tables`; None when
 /// there is no such publication.
 struct PublicationDiff {
     missing: Vec<PgTable>,
     extra: Vec<PgTable>,
+    /// `publish_via_partition_root`: a partitioned table is listed (and its
+    /// changes sent) as itself, not as its partitions.
+    via_root: bool,
 }
 
 async fn publication_diff(client: &Client, cfg: &SourceConfig) -> Result<Option<PublicationDiff>, SlotError> {
     let Some(row) = client
-        .query_opt("SELECT puballtables FROM pg_publication WHERE pubname = $1", &[&cfg.publication])
+        .query_opt("SELECT puballtables, pubviaroot FROM pg_publication WHERE pubname = $1", &[&cfg.publication])
         .await
         .map_err(query_err("look up publication"))?
     else {
         return Ok(None);
     };
     let all_tables: bool = row.get(0);
+    let via_root: bool = row.get(1);
     let published: Vec<PgTable> = client
         .query(
             "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1",
@@ -277,7 +388,7 @@ async fn publication_diff(client: &Client, cfg: &SourceConfig) -> Result<Option<
     missing.sort();
     missing.dedup();
     extra.sort();
-    Ok(Some(PublicationDiff { missing, extra }))
+    Ok(Some(PublicationDiff { missing, extra, via_root }))
 }
 
 /// The slot, when it exists, refusing one that can no longer be trusted.

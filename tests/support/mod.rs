@@ -10,6 +10,7 @@
 pub mod certs;
 pub mod logs;
 pub mod private;
+pub mod sinks;
 pub mod topics;
 pub mod workload;
 
@@ -80,9 +81,33 @@ pub struct TestEnvBuilder {
     admin_url: Option<String>,
     sinks: Vec<Sink>,
     edits: Vec<ConfigEdit>,
+    setup: Setup,
+}
+
+/// How [`TestEnvBuilder::setup`] prepares the test's database.
+#[derive(Debug, Clone, Default)]
+pub struct Setup {
+    /// Run as the server's superuser in the new database, before `init`.
+    pub sql: String,
+    /// Leave `pgfanout init` out (publication, slot, state, sink tables
+    /// and topics), e.g. for a test that runs it as another role.
+    pub skip_init: bool,
+}
+
+/// `url` (a postgres:// URL) connecting as `user` with `password`.
+pub fn url_as(url: &str, user: &str, password: &str) -> String {
+    let (scheme, rest) = url.split_once("://").expect("a postgres:// URL");
+    let host = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+    format!("{scheme}://{user}:{password}@{host}")
 }
 
 impl TestEnvBuilder {
+    /// SQL to run in the new database first, and whether to leave `init` out.
+    pub fn setup(mut self, setup: Setup) -> Self {
+        self.setup = setup;
+        self
+    }
+
     /// On the PostgreSQL server at `admin_url` (a private one) instead of
     /// the shared server of the builder's major.
     pub fn on_server(mut self, admin_url: &str) -> Self {
@@ -204,8 +229,13 @@ impl TestEnvBuilder {
         for edit in self.edits {
             edit(&mut cfg);
         }
-        pgfanout::commands::init::run(&cfg, true).await.expect("pgfanout init");
         let pg = pgfanout::source::slot::connect(&url).await.expect("connect to test database");
+        if !self.setup.sql.is_empty() {
+            pg.batch_execute(&self.setup.sql).await.expect("setup SQL");
+        }
+        if !self.setup.skip_init {
+            pgfanout::commands::init::run(&cfg, true).await.expect("pgfanout init");
+        }
         TestEnv {
             name,
             pg_version: self.pg_version,
@@ -247,7 +277,13 @@ impl TestEnv {
             admin_url: None,
             sinks: ALL_SINKS.to_vec(),
             edits: Vec::new(),
+            setup: Setup::default(),
         }
+    }
+
+    /// Every sink, with `setup` run first (see [`Setup`]).
+    pub async fn with_setup(pg_version: &str, setup: Setup) -> TestEnv {
+        Self::builder(pg_version).setup(setup).build().await
     }
 
     /// The test's ClickHouse database.

@@ -175,7 +175,9 @@ impl super::Sink for HttpSink {
     /// Returns the in-flight range, which the batcher must cut exactly as
     /// before (see `Replay::boundary`). Called once, before the first write.
     async fn follow_live(&self, pg: &Client, source: &SourceConfig) -> Result<Option<Arc<dyn Cuts>>, SinkError> {
-        let record = LiveRecord::load(pg, &source.slot).await.map_err(|e| SinkError::Http(e.to_string()))?;
+        let record = LiveRecord::load(pg, &source.slot)
+            .await
+            .map_err(|e| SinkError::Http(crate::source::privilege::explain(e, source).to_string()))?;
         let replay = record.inflight.map(|i| {
             tracing::info!(first = %i.first, last = %i.last, idempotency_key = %i.key, "the webhook batch in flight at the last stop is re-posted as it was if the stream replays it");
             Arc::new(Replay::new(i))

@@ -75,8 +75,8 @@ pub struct Inflight {
 impl LiveRecord {
     /// Loads the record of `slot` and takes it over for this run (a new
     /// generation), creating the table when it is missing (only then:
-    /// creating needs CREATE on the database, which a user of an existing
-    /// table may lack). A record whose positions lie beyond the server's WAL
+    /// creating needs CREATE on schema pgfanout_state, which a user of an
+    /// existing table may lack). A record whose positions lie beyond the server's WAL
     /// cannot be this cluster's (a database restored elsewhere) and is
     /// ignored, with a warning, rather than skipping new events.
     pub async fn load(pg: &Client, slot: &str) -> Result<LiveRecord, SlotError> {
@@ -87,7 +87,7 @@ impl LiveRecord {
             .get(0);
         if !exists {
             pg.batch_execute(PROGRESS_SCHEMA).await.map_err(query_err(
-                "create pgfanout_state.http_progress, the webhook sink's progress: it needs CREATE on the database once, or run sql/postgres/http_progress.sql as a user who has it",
+                "create pgfanout_state.http_progress, the webhook sink's progress: it needs CREATE on schema pgfanout_state (`pgfanout init --print-sql`), or run sql/postgres/http_progress.sql as a user who has it",
             ))?;
         }
         let row = pg
