@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use pgfanout::commands::backfill::{self, BackfillOptions};
 use support::topics::read_topic;
-use support::{pg_versions, wait_until, TestEnv};
+use support::{pg_versions, TestEnv};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -48,9 +48,7 @@ async fn a_table_added_mid_stream_is_snapshotted_while_run_streams() {
     let report = backfill::run(&t.cfg, &opts).await.expect("snapshot --table while run streams");
     assert_eq!(report.rows, 500, "every row the table holds at the snapshot's point");
     insert(&t, 500..600).await;
-    let end = t.wal_insert_lsn().await;
-    wait_until("the slot is acknowledged past every change", WAIT, || async { t.confirmed_flush_lsn().await >= end })
-        .await;
+    t.acked_everything(WAIT).await;
 
     let log = read_topic(&t, &topic, WAIT, |r| r.len() >= 800).await;
     let ids = |op: &str| -> Vec<i64> {

@@ -45,11 +45,6 @@ async fn top_score(t: &TestEnv, content_id: &str) -> Option<f64> {
     r.zscore(format!("{}top:window", t.cfg.redis.as_ref().unwrap().key_prefix), content_id).await.unwrap()
 }
 
-async fn acked_everything(t: &TestEnv) {
-    let end = t.wal_insert_lsn().await;
-    wait_until("the slot acknowledged everything", WAIT, || async { t.confirmed_flush_lsn().await >= end }).await;
-}
-
 #[derive(Debug, clickhouse::Row, serde::Deserialize)]
 struct Delivered {
     event_id: u64,
@@ -171,7 +166,7 @@ async fn odd_values(v: &str) {
     // And nothing was parked.
     let dead = read_topic(&t, &dead_letter_topic(&t), Duration::from_secs(3), |r| !r.is_empty()).await;
     assert!(dead.is_empty(), "PG {v}: dead letters: {dead:?}");
-    acked_everything(&t).await;
+    t.acked_everything(WAIT).await;
     assert!(t.pipeline_is_running());
     t.stop().await;
 }
@@ -232,7 +227,7 @@ async fn huge_payload(v: &str, logs: &logs::Logs) {
         !logs.lines_with(&["too large for the log", "public.engagement_events", commit_lsn]).is_empty(),
         "PG {v}: no log line naming table and position"
     );
-    acked_everything(&t).await;
+    t.acked_everything(WAIT).await;
     assert!(t.pipeline_is_running());
     t.stop().await;
 }
@@ -287,7 +282,7 @@ async fn moved_event(v: &str) {
         (&Json::from(5.0), &Json::from(2.5))
     );
     assert_eq!((stream_len(&t, "podcast").await, stream_len(&t, "video").await), (1, 1), "PG {v}");
-    acked_everything(&t).await;
+    t.acked_everything(WAIT).await;
     t.stop().await;
 }
 
@@ -348,7 +343,7 @@ async fn out_of_range(v: &str, logs: &logs::Logs) {
     assert_eq!(stream_len(&t, "podcast").await, 3, "PG {v}");
     let score = top_score(&t, A).await.unwrap();
     assert!((score - (0.5 + 1.0 + 2.0)).abs() < 1e-9, "PG {v}: A scores {score}");
-    acked_everything(&t).await;
+    t.acked_everything(WAIT).await;
     assert!(t.pipeline_is_running());
     t.stop().await;
 }

@@ -8,7 +8,7 @@ mod support;
 use std::time::Duration;
 
 use redis::AsyncCommands;
-use support::{pg_versions, wait_until, TestEnv};
+use support::{pg_versions, TestEnv};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -59,9 +59,7 @@ async fn without_http_clickhouse_redis_and_the_file_sink_get_every_event() {
     t.start();
     t.pg.batch_execute(CONTENT).await.unwrap();
     t.pg.batch_execute(&events(N)).await.unwrap();
-    let end = t.wal_insert_lsn().await;
-    wait_until("the slot is acknowledged past the events", WAIT, || async { t.confirmed_flush_lsn().await >= end })
-        .await;
+    t.acked_everything(WAIT).await;
     // Acknowledged means every sink flushed: no waiting for any of them now.
     assert_eq!(t.ch_count("SELECT count() FROM enriched_engagements FINAL").await, N as u64);
     let mut redis = t.redis();
@@ -106,9 +104,7 @@ async fn without_redis_the_other_sinks_get_every_event() {
     t.start();
     t.pg.batch_execute(CONTENT).await.unwrap();
     t.pg.batch_execute(&events(N)).await.unwrap();
-    let end = t.wal_insert_lsn().await;
-    wait_until("the slot is acknowledged past the events", WAIT, || async { t.confirmed_flush_lsn().await >= end })
-        .await;
+    t.acked_everything(WAIT).await;
     assert_eq!(t.ch_count("SELECT count() FROM enriched_engagements FINAL").await, N as u64);
     assert_eq!(t.http_get("_stats").await["events"], N as u64);
     let mut redis = t.redis();
@@ -133,11 +129,7 @@ async fn no_sink_is_refused_unless_the_run_is_log_only() {
     t.start();
     t.pg.batch_execute(CONTENT).await.unwrap();
     t.pg.batch_execute(&events(5)).await.unwrap();
-    let end = t.wal_insert_lsn().await;
-    wait_until("a log-only run acknowledges what it published", WAIT, || async {
-        t.confirmed_flush_lsn().await >= end
-    })
-    .await;
+    t.acked_everything(WAIT).await;
     let topic = format!("{}public.engagement_events", t.cfg.log.topic_prefix);
     let published = support::topics::read_topic(&t, &topic, WAIT, |r| r.len() >= 5).await;
     assert_eq!(published.len(), 5, "every event is in the log");

@@ -10,16 +10,10 @@ mod support;
 use std::time::Duration;
 
 use support::topics::read_topic;
-use support::{pg_versions, wait_until, TestEnv};
+use support::{pg_versions, TestEnv};
 
 const WAIT: Duration = Duration::from_secs(30);
 const C: &str = "550e8400-e29b-41d4-a716-446655440000";
-
-async fn acked_everything(t: &TestEnv) {
-    let end = t.wal_insert_lsn().await;
-    wait_until("the slot is acknowledged past every change", WAIT, || async { t.confirmed_flush_lsn().await >= end })
-        .await;
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn columns_added_renamed_retyped_and_dropped_mid_stream() {
@@ -50,7 +44,7 @@ async fn columns_added_renamed_retyped_and_dropped_mid_stream() {
     ))
     .await
     .unwrap();
-    acked_everything(&t).await;
+    t.acked_everything(WAIT).await;
 
     // The log follows every shape.
     let topic = format!("{}public.engagement_events", t.cfg.log.topic_prefix);
@@ -106,7 +100,7 @@ async fn a_new_primary_key_is_read_again() {
     .unwrap();
     t.pg.batch_execute("ALTER TABLE content ADD COLUMN code int").await.unwrap();
     t.pg.batch_execute(&format!("UPDATE content SET code = 7 WHERE id = '{C}'")).await.unwrap();
-    acked_everything(&t).await;
+    t.acked_everything(WAIT).await;
     // Replace the key: (id) -> (code). A new primary key on a table whose
     // replica identity is FULL leaves every column flagged; the key must
     // come from the catalog again.
@@ -116,7 +110,7 @@ async fn a_new_primary_key_is_read_again() {
     .await
     .unwrap();
     t.pg.batch_execute(&format!("UPDATE content SET title = 'B' WHERE id = '{C}'")).await.unwrap();
-    acked_everything(&t).await;
+    t.acked_everything(WAIT).await;
     let topic = format!("{}public.content", t.cfg.log.topic_prefix);
     let log = read_topic(&t, &topic, WAIT, |r| r.len() >= 3).await;
     let keys: Vec<serde_json::Value> =

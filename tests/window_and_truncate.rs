@@ -25,11 +25,6 @@ const CONTENTS: [(&str, i32); 4] = [
     ("00000000-0000-0000-0000-00000000000d", 1201),
 ];
 
-async fn acked_everything(t: &TestEnv) {
-    let end = t.wal_insert_lsn().await;
-    wait_until("the slot acknowledged everything", WAIT, || async { t.confirmed_flush_lsn().await >= end }).await;
-}
-
 async fn window(t: &TestEnv) -> BTreeMap<String, f64> {
     let mut r = t.redis();
     let top: Vec<(String, f64)> =
@@ -81,7 +76,7 @@ fn expected_window(model: &Model) -> BTreeMap<String, f64> {
 }
 
 async fn assert_window(t: &TestEnv, model: &Model, what: &str) {
-    acked_everything(t).await;
+    t.acked_everything(WAIT).await;
     let expected = expected_window(model);
     assert_eq!(
         window(t).await,
@@ -378,7 +373,7 @@ async fn truncate_mid_transaction(v: &str) {
     ))
     .await
     .unwrap();
-    acked_everything(&t).await;
+    t.acked_everything(WAIT).await;
 
     t.http_control(serde_json::json!({"hold": true})).await;
     t.pg.batch_execute(&format!(

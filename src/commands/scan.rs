@@ -162,8 +162,8 @@ where
         while let Some(c) = done_rx.recv().await {
             let origin = origins.get(&c.seq).cloned().flatten();
             mark(c).await?;
-            for (sink, origin) in sinks.iter().zip(std::iter::repeat(origin.as_deref())) {
-                let Some(origin) = origin else { continue };
+            let Some(origin) = origin.as_deref() else { continue };
+            for sink in &sinks {
                 if let Err(e) = sink.forget_origin(origin).await {
                     tracing::warn!(sink = sink.name(), origin, error = %e, "could not forget a finished chunk's progress (harmless)");
                 }

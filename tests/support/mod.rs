@@ -364,6 +364,16 @@ impl TestEnv {
             .and_then(|s| s.confirmed_flush_lsn)
             .unwrap_or(0)
     }
+
+    /// Waits until the slot is acknowledged past everything written so far
+    /// (so every sink has flushed it); fails the test after `timeout`.
+    pub async fn acked_everything(&self, timeout: Duration) {
+        let end = self.wal_insert_lsn().await;
+        wait_until("the slot is acknowledged past every change", timeout, || async {
+            self.confirmed_flush_lsn().await >= end
+        })
+        .await;
+    }
 }
 
 /// Polls `check` until it returns true; fails the test with `what` after `timeout`.
