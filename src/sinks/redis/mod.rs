@@ -97,8 +97,10 @@ impl RedisSink {
         // A batch is one script of thousands of commands, which can take a
         // few hundred ms; the default 500 ms response timeout would abandon
         // (and re-send) big batches whenever Redis is busy.
-        let config = redis::aio::ConnectionManagerConfig::new().set_response_timeout(Some(Duration::from_secs(30)));
-        let conn = self.conn.get_or_try_init(|| ConnectionManager::new_with_config(self.client.clone(), config));
+        let conn = self.conn.get_or_try_init(|| {
+            let config = redis::aio::ConnectionManagerConfig::new().set_response_timeout(Some(Duration::from_secs(30)));
+            ConnectionManager::new_with_config(self.client.clone(), config)
+        });
         Ok(conn.await?.clone())
     }
 
