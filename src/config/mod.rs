@@ -74,6 +74,7 @@ impl Config {
         if let Some(http) = &cfg.http {
             http.signing_key().map_err(|e| ConfigError(Box::new(figment::Error::from(e.to_string()))))?;
         }
+        cfg.log.debezium.check().map_err(|e| ConfigError(Box::new(figment::Error::from(e))))?;
         Ok(cfg)
     }
 }
@@ -186,6 +187,73 @@ pub struct LogConfig {
     /// Extra librdkafka properties (e.g. security.protocol, sasl.*, ssl.*).
     #[serde(default)]
     pub properties: std::collections::BTreeMap<String, Secret>,
+    /// What goes into the log besides the changes, under the names of
+    /// Debezium's PostgreSQL connector options, so its users find them.
+    #[serde(default)]
+    pub debezium: DebeziumConfig,
+}
+
+/// Debezium's options for what the log holds, each with Debezium's name
+/// and default.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DebeziumConfig {
+    /// A tombstone (the deleted key, no value) after each delete, so a
+    /// compacted topic forgets the key.
+    #[serde(rename = "tombstones.on.delete", default = "yes")]
+    pub tombstones_on_delete: bool,
+    /// Operations left out of the log, comma-separated among `c`, `u`,
+    /// `d`, `t`, or `none`. Only the log: the sinks still get every change.
+    #[serde(rename = "skipped.operations", default = "default_skipped_operations")]
+    pub skipped_operations: String,
+    /// BEGIN and END records in `<prefix>transaction` and a `transaction`
+    /// block in each change.
+    #[serde(rename = "provide.transaction.metadata", default)]
+    pub provide_transaction_metadata: bool,
+    /// The heartbeat topic is `<topic.heartbeat.prefix>.<prefix>`; written
+    /// every `source.heartbeat_ms` when that is on.
+    #[serde(rename = "topic.heartbeat.prefix", default = "default_heartbeat_prefix")]
+    pub topic_heartbeat_prefix: String,
+}
+
+impl Default for DebeziumConfig {
+    fn default() -> Self {
+        DebeziumConfig {
+            tombstones_on_delete: true,
+            skipped_operations: default_skipped_operations(),
+            provide_transaction_metadata: false,
+            topic_heartbeat_prefix: default_heartbeat_prefix(),
+        }
+    }
+}
+
+impl DebeziumConfig {
+    fn check(&self) -> Result<(), String> {
+        match self.skipped_operations.split(',').map(str::trim).find(|s| !matches!(*s, "c" | "u" | "d" | "t" | "none"))
+        {
+            Some(bad) => Err(format!(
+                "log.debezium.\"skipped.operations\": '{bad}' is not one of c, u, d, t, none (comma-separated)"
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether `op` (its one-letter code) stays out of the log.
+    pub fn skips(&self, op: &str) -> bool {
+        self.skipped_operations.split(',').map(str::trim).any(|s| s == op)
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_skipped_operations() -> String {
+    "t".into()
+}
+
+fn default_heartbeat_prefix() -> String {
+    "__debezium-heartbeat".into()
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -5,7 +5,7 @@
 use serde::Serialize;
 use serde_json::Value as Json;
 
-use crate::source::{Change, Lsn, Op, Row};
+use crate::source::{Change, Lsn, Op, Row, TxInfo};
 
 /// The message key: the row's primary key as a JSON object (so every change
 /// of one row lands in one partition, in order).
@@ -23,6 +23,23 @@ pub struct Envelope<'a> {
     source: Source<'a>,
     position: PositionJson,
     ts_ms: i64,
+    transaction: Option<&'a TransactionBlock>,
+}
+
+/// Debezium's `transaction` block of a change (with
+/// `provide.transaction.metadata`): the transaction's id and the change's
+/// place in it, overall and within its table, both counted from 1.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TransactionBlock {
+    pub id: String,
+    pub total_order: u64,
+    pub data_collection_order: u64,
+}
+
+/// The transaction id Debezium's PostgreSQL connector writes:
+/// `<txId>:<LSN>`, the LSN as a decimal number.
+pub fn transaction_id(tx: &TxInfo) -> String {
+    format!("{}:{}", tx.xid, tx.commit_lsn)
 }
 
 #[derive(Serialize)]
@@ -45,7 +62,12 @@ struct PositionJson {
     ordinal: u32,
 }
 
-pub fn envelope<'a>(change: &'a Change, database: &'a str, now_ms: i64) -> Envelope<'a> {
+pub fn envelope<'a>(
+    change: &'a Change,
+    database: &'a str,
+    now_ms: i64,
+    transaction: Option<&'a TransactionBlock>,
+) -> Envelope<'a> {
     Envelope {
         op: change.op,
         before: change.before.as_ref(),
@@ -64,15 +86,16 @@ pub fn envelope<'a>(change: &'a Change, database: &'a str, now_ms: i64) -> Envel
         },
         position: PositionJson { commit_lsn: change.position.commit_lsn, ordinal: change.position.ordinal },
         ts_ms: now_ms,
+        transaction,
     }
 }
 
 /// The envelope's bytes, as published.
-pub fn to_vec(change: &Change, database: &str, now_ms: i64) -> Vec<u8> {
+pub fn to_vec(change: &Change, database: &str, now_ms: i64, transaction: Option<&TransactionBlock>) -> Vec<u8> {
     // Sized for a typical row up front: growing from serde_json's default
     // 128 bytes copied every envelope three or four times.
     let mut out = Vec::with_capacity(768);
-    match serde_json::to_writer(&mut out, &envelope(change, database, now_ms)) {
+    match serde_json::to_writer(&mut out, &envelope(change, database, now_ms, transaction)) {
         Ok(()) => out,
         Err(_) => Vec::new(),
     }
@@ -80,7 +103,7 @@ pub fn to_vec(change: &Change, database: &str, now_ms: i64) -> Vec<u8> {
 
 /// The envelope as a JSON tree, for the rare paths that edit it.
 pub fn value(change: &Change, database: &str, now_ms: i64) -> Json {
-    serde_json::to_value(envelope(change, database, now_ms)).unwrap_or_default()
+    serde_json::to_value(envelope(change, database, now_ms, None)).unwrap_or_default()
 }
 
 /// The topic a table's changes go to.
@@ -117,7 +140,7 @@ mod tests {
         assert_eq!(v["position"]["ordinal"], 3);
         assert_eq!(key(&c), br#"{"id":7}"#);
         assert_eq!(topic("pgfanout.", &c), "pgfanout.public.engagement_events");
-        let bytes: Json = serde_json::from_slice(&to_vec(&c, "app", 5)).unwrap();
+        let bytes: Json = serde_json::from_slice(&to_vec(&c, "app", 5, None)).unwrap();
         assert_eq!(bytes, v, "the published bytes are the envelope");
     }
 }

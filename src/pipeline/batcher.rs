@@ -151,10 +151,16 @@ pub async fn drive(
             continue;
         }
         ack.open_tx = open_tx;
+        if cfg.source.heartbeat_ms > 0 && opts.origin.is_none() {
+            // Debezium's heartbeat record; a failure only delays the next one.
+            if let Err(e) = delivery.log.heartbeat(Duration::from_millis(cfg.source.heartbeat_ms)).await {
+                tracing::warn!(error = %e, "writing a heartbeat record to the log failed");
+            }
+        }
         let enriched = match batch.first() {
             Some(c) => {
                 observe::health::batch_started(&stats, c.tx.commit_ts_us);
-                let Some(enriched) = delivery.publish_and_enrich(&batch, opts).await? else {
+                let Some(enriched) = delivery.publish_and_enrich(&batch, opts, open_tx).await? else {
                     // Log only: published is all there is to do.
                     continue;
                 };

@@ -8,7 +8,7 @@ use super::fanout::per_table;
 use super::{topics, PipelineError};
 use crate::config::Config;
 use crate::enrich::{self, ContentDim, Enriched};
-use crate::log::{producer, LogProducer};
+use crate::log::{producer, LogProducer, Publish};
 use crate::observe::{self, Stats};
 use crate::retry;
 use crate::sinks::{self, Sink};
@@ -66,12 +66,14 @@ impl Delivery {
         &mut self,
         batch: &[Change],
         opts: &DeliverOptions,
+        tx_open: bool,
     ) -> Result<Option<Enriched>, PipelineError> {
         // The broker's errors are all transient: an oversized message, the
         // one that no retry can fix, is parked by `publish` itself.
         let policy = retry::Policy::sink("broker", None).failed("publishing to the broker failed; retrying");
         let log = &self.log;
-        let published = retry::run(&policy, |_| retry::ErrorClass::Transient, |_| log.publish(batch));
+        let how = Publish { origin: opts.origin.as_deref(), tx_open };
+        let published = retry::run(&policy, |_| retry::ErrorClass::Transient, |_| log.publish(batch, how));
         // Never given up (every error is transient); `?` only for the types.
         observe::timed("broker", published).await.map_err(|g| g.error)?;
         observe::metrics::count_tables("published", &per_table(batch));
@@ -87,7 +89,7 @@ impl Delivery {
         for (change, reason) in &enriched.rejected {
             tracing::error!(table = %change.table, position = %change.position, key = %change.key.to_json(), reason = %reason, "change cannot be enriched; parking it in the dead-letter topic");
             observe::error("enrich");
-            let payload = crate::log::envelope::to_vec(change, "", chrono::Utc::now().timestamp_millis());
+            let payload = crate::log::envelope::to_vec(change, "", chrono::Utc::now().timestamp_millis(), None);
             self.log.dead_letter("enrich", &change.position.event_id(), &payload, reason).await?;
         }
         Ok(Some(enriched))

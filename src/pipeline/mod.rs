@@ -61,6 +61,14 @@ pub enum PipelineError {
 pub fn topics(cfg: &Config) -> Vec<String> {
     let mut t: Vec<String> = cfg.source.tables.iter().map(|t| format!("{}{}", cfg.log.topic_prefix, t)).collect();
     t.push(producer::dead_letter_topic(&cfg.log.topic_prefix));
+    let layout =
+        crate::log::records::Layout { prefix: &cfg.log.topic_prefix, database: "", debezium: &cfg.log.debezium };
+    if cfg.log.debezium.provide_transaction_metadata {
+        t.push(layout.transaction_topic());
+    }
+    if cfg.source.heartbeat_ms > 0 {
+        t.push(layout.heartbeat_topic());
+    }
     t
 }
 

@@ -68,6 +68,12 @@ impl Position {
         format!("{}/{}", Lsn(self.commit_lsn).to_pg_string(), self.ordinal)
     }
 
+    /// The position an [`Position::event_id`] was written from.
+    pub fn from_event_id(s: &str) -> Option<Position> {
+        let (lsn, ordinal) = s.rsplit_once('/')?;
+        Some(Position { commit_lsn: Lsn::parse(lsn).ok()?.0, ordinal: ordinal.parse().ok()? })
+    }
+
     /// The position a [`Position::sortable_hex`] was written from.
     pub fn from_sortable_hex(s: &str) -> Option<Position> {
         if s.len() != 24 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -221,6 +227,7 @@ mod tests {
             prop_assert_eq!(Position::from_version(pa.version()), pa);
             prop_assert_eq!(Position::from_sortable_hex(&pa.sortable_hex()), Some(pa));
             prop_assert_eq!(pa.sortable_hex(), format!("{:024x}", pa.version()));
+            prop_assert_eq!(Position::from_event_id(&pa.event_id()), Some(pa));
         }
     }
 

@@ -1,0 +1,341 @@
+//! What a batch of changes becomes in the log, as Debezium lays it out: a
+//! record per change in its table's topic, a tombstone after each delete
+//! (`tombstones.on.delete`), nothing for a skipped operation
+//! (`skipped.operations`), and with `provide.transaction.metadata` a BEGIN
+//! and an END record per transaction in `<prefix>transaction` and a
+//! `transaction` block in each change.
+//!
+//! Every record carries a [`Mark`]: the position it belongs to and its kind.
+//! Marks grow along the records of one origin in the order they are sent,
+//! in every topic, which is what lets a restarted publisher recognise what
+//! a partition already holds (`log::tail`).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use super::envelope::{self, TransactionBlock};
+use crate::config::DebeziumConfig;
+use crate::source::{Change, Op, Position, TxInfo};
+
+/// A record's kind, in the order a transaction's records are sent: its
+/// BEGIN before its first change, a delete's tombstone right after it, its
+/// END after its last change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    Begin,
+    Change,
+    Tombstone,
+    End,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Begin => "begin",
+            Kind::Change => "change",
+            Kind::Tombstone => "tombstone",
+            Kind::End => "end",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Kind> {
+        [Kind::Begin, Kind::Change, Kind::Tombstone, Kind::End].into_iter().find(|k| k.as_str() == s)
+    }
+}
+
+/// Orders the records of one origin: by position, then kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Mark {
+    pub position: Position,
+    pub kind: Kind,
+}
+
+/// One record to publish.
+#[derive(Debug)]
+pub struct Record<'a> {
+    pub topic: Arc<str>,
+    pub key: Vec<u8>,
+    /// None for a tombstone.
+    pub payload: Option<Vec<u8>>,
+    pub mark: Mark,
+    /// The change it encodes (None for transaction records), for parking a
+    /// summary of it when the broker refuses its size.
+    pub change: Option<&'a Change>,
+}
+
+/// The transaction whose BEGIN went out and whose END has not, carried from
+/// batch to batch (a transaction can span many).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TxState {
+    open: Option<OpenTx>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct OpenTx {
+    tx: TxInfo,
+    id: String,
+    last: Position,
+    events: u64,
+    /// Events per `schema.table`, in name order as Debezium lists them.
+    per_collection: BTreeMap<String, u64>,
+}
+
+/// What stays fixed for a publisher.
+pub struct Layout<'a> {
+    pub prefix: &'a str,
+    pub database: &'a str,
+    pub debezium: &'a DebeziumConfig,
+}
+
+impl Layout<'_> {
+    pub fn transaction_topic(&self) -> String {
+        format!("{}transaction", self.prefix)
+    }
+
+    /// Debezium's `topic.prefix` (pgfanout's keeps a trailing dot).
+    pub fn server_name(&self) -> &str {
+        self.prefix.strip_suffix('.').unwrap_or(self.prefix)
+    }
+
+    pub fn heartbeat_topic(&self) -> String {
+        format!("{}.{}", self.debezium.topic_heartbeat_prefix, self.server_name())
+    }
+}
+
+/// The records of `changes`, in sending order. `tx`: the transaction state
+/// before the batch, updated to the state after it; `tx_open`: the batch
+/// ends inside a transaction (its commit is still to come). `transactions`:
+/// the live stream, which has transactions (a scan's rows have none).
+pub fn plan<'a>(
+    layout: &Layout<'_>,
+    changes: &'a [Change],
+    tx: &mut TxState,
+    tx_open: bool,
+    transactions: bool,
+    now_ms: i64,
+) -> Vec<Record<'a>> {
+    let metadata = transactions && layout.debezium.provide_transaction_metadata;
+    let tx_topic: Arc<str> = layout.transaction_topic().into();
+    let mut topics: Vec<(&crate::source::TableName, Arc<str>)> = Vec::new();
+    let mut out = Vec::with_capacity(changes.len() + changes.len() / 8 + 2);
+    for c in changes {
+        if layout.debezium.skips(c.op.code()) {
+            continue;
+        }
+        let mut block = None;
+        if metadata {
+            if tx.open.as_ref().is_some_and(|o| o.tx.commit_lsn != c.tx.commit_lsn) {
+                out.push(end_record(&tx_topic, tx.open.take().expect("checked")));
+            }
+            let open = tx.open.get_or_insert_with(|| {
+                let id = envelope::transaction_id(&c.tx);
+                out.push(begin_record(&tx_topic, &id, &c.tx, c.position));
+                OpenTx { tx: c.tx, id, last: c.position, events: 0, per_collection: BTreeMap::new() }
+            });
+            open.events += 1;
+            open.last = c.position;
+            let in_collection = open.per_collection.entry(format!("{}.{}", c.table.schema, c.table.name)).or_default();
+            *in_collection += 1;
+            block = Some(TransactionBlock {
+                id: open.id.clone(),
+                total_order: open.events,
+                data_collection_order: *in_collection,
+            });
+        }
+        let topic = match topics.iter().find(|(t, _)| *t == &c.table) {
+            Some((_, topic)) => topic.clone(),
+            None => {
+                let topic: Arc<str> = envelope::topic(layout.prefix, c).into();
+                topics.push((&c.table, topic.clone()));
+                topic
+            }
+        };
+        let key = envelope::key(c);
+        let payload = envelope::to_vec(c, layout.database, now_ms, block.as_ref());
+        let tombstone = (c.op == Op::Delete && layout.debezium.tombstones_on_delete).then(|| Record {
+            topic: topic.clone(),
+            key: key.clone(),
+            payload: None,
+            mark: Mark { position: c.position, kind: Kind::Tombstone },
+            change: None,
+        });
+        out.push(Record {
+            topic,
+            key,
+            payload: Some(payload),
+            mark: Mark { position: c.position, kind: Kind::Change },
+            change: Some(c),
+        });
+        out.extend(tombstone);
+    }
+    if !tx_open {
+        if let Some(open) = tx.open.take() {
+            out.push(end_record(&tx_topic, open));
+        }
+    }
+    out
+}
+
+#[derive(Serialize)]
+struct TxKey<'a> {
+    id: &'a str,
+}
+
+#[derive(Serialize)]
+struct TxValue<'a> {
+    status: &'static str,
+    id: &'a str,
+    ts_ms: i64,
+    event_count: Option<u64>,
+    data_collections: Option<Vec<Collection<'a>>>,
+}
+
+#[derive(Serialize)]
+struct Collection<'a> {
+    data_collection: &'a str,
+    event_count: u64,
+}
+
+fn begin_record<'a>(topic: &Arc<str>, id: &str, tx: &TxInfo, first: Position) -> Record<'a> {
+    let value = TxValue {
+        status: "BEGIN",
+        id,
+        ts_ms: tx.commit_ts_us.div_euclid(1000),
+        event_count: None,
+        data_collections: None,
+    };
+    Record {
+        topic: topic.clone(),
+        key: serde_json::to_vec(&TxKey { id }).unwrap_or_default(),
+        payload: serde_json::to_vec(&value).ok(),
+        mark: Mark { position: first, kind: Kind::Begin },
+        change: None,
+    }
+}
+
+fn end_record<'a>(topic: &Arc<str>, open: OpenTx) -> Record<'a> {
+    let collections =
+        open.per_collection.iter().map(|(name, n)| Collection { data_collection: name, event_count: *n }).collect();
+    let value = TxValue {
+        status: "END",
+        id: &open.id,
+        ts_ms: open.tx.commit_ts_us.div_euclid(1000),
+        event_count: Some(open.events),
+        data_collections: Some(collections),
+    };
+    Record {
+        topic: topic.clone(),
+        key: serde_json::to_vec(&TxKey { id: &open.id }).unwrap_or_default(),
+        payload: serde_json::to_vec(&value).ok(),
+        mark: Mark { position: open.last, kind: Kind::End },
+        change: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::values::Value;
+    use crate::source::{Row, TableName};
+
+    fn change(table: &str, op: Op, commit_lsn: u64, ordinal: u32, id: i64) -> Change {
+        let row = Row(vec![("id".into(), Value::Int8(id))]);
+        Change {
+            table: TableName::new("public", table),
+            op,
+            key: row.clone(),
+            before: matches!(op, Op::Update | Op::Delete).then(|| row.clone()),
+            after: matches!(op, Op::Create | Op::Update).then_some(row),
+            lsn: commit_lsn - 8,
+            tx: TxInfo { xid: commit_lsn as u32, commit_lsn, commit_ts_us: 1_700_000_000_000_000 },
+            position: Position { commit_lsn, ordinal },
+        }
+    }
+
+    fn layout(d: &DebeziumConfig) -> Layout<'_> {
+        Layout { prefix: "pgf.", database: "app", debezium: d }
+    }
+
+    fn json(bytes: &Option<Vec<u8>>) -> serde_json::Value {
+        bytes.as_deref().map(|b| serde_json::from_slice(b).unwrap()).unwrap_or_default()
+    }
+
+    #[test]
+    fn a_delete_is_followed_by_its_tombstone_and_truncate_is_skipped_by_default() {
+        let d = DebeziumConfig::default();
+        let changes = [change("a", Op::Delete, 100, 0, 1), change("a", Op::Truncate, 100, 1, 0)];
+        let records = plan(&layout(&d), &changes, &mut TxState::default(), false, true, 0);
+        assert_eq!(records.len(), 2, "{records:?}");
+        assert_eq!(json(&records[0].payload)["op"], "d");
+        assert_eq!(records[1].payload, None, "the tombstone has no value");
+        assert_eq!(records[1].key, records[0].key, "and the deleted row's key");
+        assert!(records[0].mark < records[1].mark);
+
+        let kept = DebeziumConfig { tombstones_on_delete: false, skipped_operations: "none".into(), ..d };
+        let records = plan(&layout(&kept), &changes, &mut TxState::default(), false, true, 0);
+        let ops: Vec<_> = records.iter().map(|r| json(&r.payload)["op"].clone()).collect();
+        assert_eq!(ops, ["d", "t"]);
+    }
+
+    #[test]
+    fn transactions_get_begin_and_end_records_across_batches() {
+        let d = DebeziumConfig { provide_transaction_metadata: true, ..DebeziumConfig::default() };
+        let l = layout(&d);
+        let mut tx = TxState::default();
+        // Transaction 100 spans two batches; 200 starts and ends in the second.
+        let first = [change("a", Op::Create, 100, 0, 1), change("b", Op::Create, 100, 1, 2)];
+        let records = plan(&l, &first, &mut tx, true, true, 0);
+        let kinds: Vec<_> = records.iter().map(|r| r.mark.kind).collect();
+        assert_eq!(kinds, [Kind::Begin, Kind::Change, Kind::Change], "no END while the transaction is open");
+        assert_eq!(&*records[0].topic, "pgf.transaction");
+        assert_eq!(json(&records[0].payload)["status"], "BEGIN");
+        assert!(json(&records[0].payload)["event_count"].is_null());
+        assert_eq!(json(&records[2].payload)["transaction"]["total_order"], 2);
+        assert_eq!(json(&records[2].payload)["transaction"]["data_collection_order"], 1);
+
+        let second = [change("a", Op::Create, 100, 2, 3), change("a", Op::Update, 200, 0, 3)];
+        let records = plan(&l, &second, &mut tx, false, true, 0);
+        let kinds: Vec<_> = records.iter().map(|r| (r.mark.kind, r.mark.position.commit_lsn)).collect();
+        assert_eq!(
+            kinds,
+            [(Kind::Change, 100), (Kind::End, 100), (Kind::Begin, 200), (Kind::Change, 200), (Kind::End, 200)]
+        );
+        let end = json(&records[1].payload);
+        assert_eq!(end["status"], "END");
+        assert_eq!(end["event_count"], 3);
+        assert_eq!(
+            end["data_collections"],
+            serde_json::json!([{"data_collection": "public.a", "event_count": 2}, {"data_collection": "public.b", "event_count": 1}])
+        );
+        assert_eq!(json(&records[0].payload)["transaction"]["data_collection_order"], 2);
+        assert_eq!(json(&records[0].payload)["transaction"]["id"], end["id"]);
+        assert_eq!(tx, TxState::default(), "nothing open after the last commit");
+        // Marks grow in sending order within each topic.
+        for topic in ["pgf.transaction", "pgf.public.a"] {
+            let marks: Vec<_> = records.iter().filter(|r| &*r.topic == topic).map(|r| r.mark).collect();
+            assert!(marks.windows(2).all(|w| w[0] < w[1]), "{topic}: {marks:?}");
+        }
+    }
+
+    #[test]
+    fn scans_and_the_default_have_no_transaction_records() {
+        let on = DebeziumConfig { provide_transaction_metadata: true, ..DebeziumConfig::default() };
+        let rows = [change("a", Op::Read, 100, 0, 1)];
+        let records = plan(&layout(&on), &rows, &mut TxState::default(), false, false, 0);
+        assert_eq!(records.len(), 1);
+        assert!(json(&records[0].payload)["transaction"].is_null());
+        let off = DebeziumConfig::default();
+        let records = plan(&layout(&off), &rows, &mut TxState::default(), false, true, 0);
+        assert_eq!(records.len(), 1);
+    }
+
+    #[test]
+    fn kinds_read_back() {
+        for k in [Kind::Begin, Kind::Change, Kind::Tombstone, Kind::End] {
+            assert_eq!(Kind::parse(k.as_str()), Some(k));
+        }
+        assert_eq!(Kind::parse("other"), None);
+    }
+}
