@@ -88,8 +88,12 @@ async fn deletes_get_tombstones_truncate_is_skipped_and_transactions_are_framed(
     assert_eq!(log[5].key, log[4].key, "the tombstone carries the deleted key");
     assert!(log[5].payload.is_null());
 
-    // Transaction records: BEGIN, END per transaction, with the counts.
-    let tx = read_topic(&t, &format!("{prefix}transaction"), WAIT, |r| r.len() >= 4).await;
+    // Transaction records: BEGIN, END per transaction, with the counts
+    // (the first pair is the content row's, written before the events).
+    let all = read_topic(&t, &format!("{prefix}transaction"), WAIT, |r| r.len() >= 6).await;
+    assert_eq!(all.len(), 6, "{all:?}");
+    assert_eq!(all[1].payload["data_collections"][0]["data_collection"], "public.content");
+    let tx = &all[2..];
     let statuses: Vec<&str> = tx.iter().map(|r| r.payload["status"].as_str().unwrap()).collect();
     assert_eq!(statuses, ["BEGIN", "END", "BEGIN", "END"]);
     assert_eq!(tx[1].payload["event_count"], 4);
@@ -98,19 +102,32 @@ async fn deletes_get_tombstones_truncate_is_skipped_and_transactions_are_framed(
         serde_json::json!([{"data_collection": "public.engagement_events", "event_count": 4}])
     );
     assert_eq!(tx[3].payload["event_count"], 1, "the skipped TRUNCATE is not counted");
-    assert_eq!(tx[0].payload["id"], tx[1].payload["id"]);
-    assert_ne!(tx[1].payload["id"], tx[3].payload["id"]);
     assert!(tx[0].payload["event_count"].is_null());
     let key: serde_json::Value = serde_json::from_str(tx[0].key.as_deref().unwrap()).unwrap();
     assert_eq!(key["id"], tx[0].payload["id"]);
+    // Debezium's ids are `<txId>:<LSN>`: a BEGIN and each change by the
+    // change's own LSN, an END by its commit's end.
+    let id = |v: &serde_json::Value| -> (u64, u64) {
+        let (xid, lsn) = v.as_str().unwrap().split_once(':').unwrap();
+        (xid.parse().unwrap(), lsn.parse().unwrap())
+    };
+    let txid = |r: &Record| r.payload["source"]["txId"].as_u64().unwrap();
+    let lsn = |r: &Record| r.payload["source"]["lsn"].as_u64().unwrap();
+    assert_eq!(id(&tx[0].payload["id"]), (txid(&log[0]), lsn(&log[0])), "BEGIN by the first change");
+    assert_eq!(id(&tx[1].payload["id"]).0, txid(&log[0]));
+    assert!(id(&tx[1].payload["id"]).1 > lsn(&log[3]), "END by the commit's end");
+    assert_eq!(id(&tx[2].payload["id"]), (txid(&log[4]), lsn(&log[4])));
     // Each change's block names its transaction and its place in it.
-    let orders: Vec<(serde_json::Value, u64)> = log[..5]
+    let orders: Vec<((u64, u64), u64, u64)> = log[..5]
         .iter()
-        .map(|r| (r.payload["transaction"]["id"].clone(), r.payload["transaction"]["total_order"].as_u64().unwrap()))
+        .map(|r| {
+            let b = &r.payload["transaction"];
+            (id(&b["id"]), b["total_order"].as_u64().unwrap(), b["data_collection_order"].as_u64().unwrap())
+        })
         .collect();
-    let first = tx[0].payload["id"].clone();
-    let second = tx[2].payload["id"].clone();
-    assert_eq!(orders, [(first.clone(), 1), (first.clone(), 2), (first.clone(), 3), (first, 4), (second, 1)]);
+    let want: Vec<((u64, u64), u64, u64)> =
+        log[..5].iter().zip([1, 2, 3, 4, 1]).map(|(r, n)| ((txid(r), lsn(r)), n, n)).collect();
+    assert_eq!(orders, want);
 
     // Heartbeats, keyed by the server name (Debezium's topic.prefix).
     let server = prefix.trim_end_matches('.');
@@ -168,11 +185,14 @@ async fn a_replay_publishes_nothing_the_log_already_holds() {
     assert_eq!(before.len(), 60, "40 creates, 10 deletes, 10 tombstones");
     assert!(before.iter().map(|r| r.partition).collect::<std::collections::HashSet<_>>().len() > 1);
     let tx_topic = format!("{}transaction", t.cfg.log.topic_prefix);
-    assert_eq!(read_topic(&t, &tx_topic, WAIT, |r| r.len() >= 4).await.len(), 4);
+    // The content row's transaction, the inserts', the deletes'.
+    assert_eq!(read_topic(&t, &tx_topic, WAIT, |r| r.len() >= 6).await.len(), 6);
 
     // The slot as it was before the changes: everything is replayed.
-    let used = std::mem::replace(&mut t.cfg.source.slot, replay);
-    t.pg.execute("SELECT pg_drop_replication_slot($1)", &[&used]).await.unwrap();
+    let slot = t.cfg.source.slot.clone();
+    t.pg.execute("SELECT pg_drop_replication_slot($1)", &[&slot]).await.unwrap();
+    t.pg.execute("SELECT pg_copy_logical_replication_slot($1, $2)", &[&replay, &slot]).await.unwrap();
+    t.pg.execute("SELECT pg_drop_replication_slot($1)", &[&replay]).await.unwrap();
     t.start();
     t.pg.batch_execute(&insert_events(41..=45)).await.unwrap();
     t.acked_everything(WAIT).await;
@@ -183,7 +203,7 @@ async fn a_replay_publishes_nothing_the_log_already_holds() {
     }
     assert!(seen.values().all(|n| *n == 1), "a record published twice: {seen:?}");
     assert_eq!(after.len(), 65, "the replay added only the 5 new changes");
-    let tx_after = read_topic(&t, &tx_topic, WAIT, |r| r.len() >= 6).await;
-    assert_eq!(tx_after.len(), 6, "and only the new transaction's BEGIN and END");
+    let tx_after = read_topic(&t, &tx_topic, WAIT, |r| r.len() >= 8).await;
+    assert_eq!(tx_after.len(), 8, "and only the new transaction's BEGIN and END");
     t.stop().await;
 }

@@ -5,7 +5,7 @@
 use serde::Serialize;
 use serde_json::Value as Json;
 
-use crate::source::{Change, Lsn, Op, Row, TxInfo};
+use crate::source::{Change, Lsn, Op, Row};
 
 /// The message key: the row's primary key as a JSON object (so every change
 /// of one row lands in one partition, in order).
@@ -36,10 +36,12 @@ pub struct TransactionBlock {
     pub data_collection_order: u64,
 }
 
-/// The transaction id Debezium's PostgreSQL connector writes:
-/// `<txId>:<LSN>`, the LSN as a decimal number.
-pub fn transaction_id(tx: &TxInfo) -> String {
-    format!("{}:{}", tx.xid, tx.commit_lsn)
+/// A transaction id as Debezium's PostgreSQL connector writes it:
+/// `<txId>:<LSN>`, the LSN a decimal number. Which LSN depends on the
+/// record (Debezium 3.6, read off its output): a BEGIN and each change use
+/// the change's own, an END its commit's end.
+pub fn transaction_id(xid: u32, lsn: u64) -> String {
+    format!("{xid}:{lsn}")
 }
 
 #[derive(Serialize)]

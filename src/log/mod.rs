@@ -10,4 +10,5 @@ pub mod producer;
 pub mod records;
 pub mod tail;
 
-pub use producer::{LogError, LogProducer, Publish};
+pub use producer::{LogError, LogProducer};
+pub use records::Publish;

@@ -19,7 +19,7 @@ use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 
 use super::envelope;
-use super::records::{self, Layout, Record, TxState};
+use super::records::{self, Layout, Publish, Record, TxState};
 use super::tail::{self, Tails};
 use crate::config::LogConfig;
 use crate::source::Change;
@@ -61,17 +61,6 @@ struct PublishState {
     /// come with its tails).
     partitions: HashMap<String, i32>,
     last_heartbeat: Option<Instant>,
-}
-
-/// How a batch is published.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Publish<'a> {
-    /// None for the live stream, else the scan chunk's name. Only the live
-    /// stream skips what the log already holds: its positions are the
-    /// WAL's, the same on every replay.
-    pub origin: Option<&'a str>,
-    /// The batch ends inside a transaction (no END record yet).
-    pub tx_open: bool,
 }
 
 /// How long reading the partitions' last records may take before the
@@ -154,9 +143,8 @@ impl LogProducer {
     pub async fn publish(&self, changes: &[Change], how: Publish<'_>) -> Result<(), LogError> {
         let mut state = self.state.lock().await;
         let now_ms = chrono::Utc::now().timestamp_millis();
-        let live = how.origin.is_none();
         let mut tx = state.tx.clone();
-        let records = records::plan(&self.layout(), changes, &mut tx, how.tx_open, live, now_ms);
+        let records = records::plan(&self.layout(), changes, &mut tx, &how, now_ms);
         let result = self.send(&mut state, &records, how, now_ms).await;
         match &result {
             Ok(()) => state.tx = tx,
@@ -223,7 +211,12 @@ impl LogProducer {
         let mut pending = Vec::with_capacity(records.len());
         let mut skipped = 0u64;
         for r in records {
-            let partition = partition_for(&r.key, state.partitions.get(&*r.topic).copied().unwrap_or(1));
+            // An unkeyed record (a TRUNCATE) goes to partition 0: a fixed
+            // place, so a replay finds it where it was.
+            let partition = match &r.key {
+                Some(key) => partition_for(key, state.partitions.get(&*r.topic).copied().unwrap_or(1)),
+                None => 0,
+            };
             if live(how) && state.tails.as_ref().is_some_and(|t| t.holds(&r.topic, partition, r.mark)) {
                 skipped += 1;
                 continue;
@@ -233,7 +226,10 @@ impl LogProducer {
                 .insert(Header { key: tail::POSITION_HEADER, value: Some(&position) })
                 .insert(Header { key: tail::KIND_HEADER, value: Some(r.mark.kind.as_str()) })
                 .insert(Header { key: tail::ORIGIN_HEADER, value: Some(origin) });
-            let mut record = FutureRecord::to(&r.topic).partition(partition).key(&r.key).headers(headers);
+            let mut record = FutureRecord::<[u8], [u8]>::to(&r.topic).partition(partition).headers(headers);
+            if let Some(key) = &r.key {
+                record = record.key(key);
+            }
             if let Some(payload) = &r.payload {
                 record = record.payload(payload);
             }
@@ -253,7 +249,7 @@ impl LogProducer {
                     }
                     // No retry can make it fit, and retrying would stop the stream for good.
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge), _)) => {
-                        let bytes = r.key.len() + r.payload.as_ref().map_or(0, Vec::len);
+                        let bytes = r.key.as_ref().map_or(0, Vec::len) + r.payload.as_ref().map_or(0, Vec::len);
                         self.park_oversized(r, bytes, now_ms).await?;
                         break;
                     }

@@ -56,26 +56,45 @@ pub struct Mark {
 #[derive(Debug)]
 pub struct Record<'a> {
     pub topic: Arc<str>,
-    pub key: Vec<u8>,
+    /// None for a TRUNCATE, which has no row (Debezium sends it unkeyed).
+    pub key: Option<Vec<u8>>,
     /// None for a tombstone.
     pub payload: Option<Vec<u8>>,
     pub mark: Mark,
-    /// The change it encodes (None for transaction records), for parking a
-    /// summary of it when the broker refuses its size.
+    /// The change it encodes (None for tombstones and transaction
+    /// records), for parking a summary of it when the broker refuses its size.
     pub change: Option<&'a Change>,
 }
 
-/// The transaction whose BEGIN went out and whose END has not, carried from
-/// batch to batch (a transaction can span many).
+/// How a batch is published.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Publish<'a> {
+    /// None for the live stream, else the scan chunk's name. Only the live
+    /// stream has transactions, and only it skips what the log already
+    /// holds: its positions are the WAL's, the same on every replay.
+    pub origin: Option<&'a str>,
+    /// The batch ends inside a transaction (its commit is still to come).
+    pub tx_open: bool,
+    /// `(commit LSN, end LSN)` of the commits the batch holds: Debezium
+    /// names a transaction's END by its commit's end.
+    pub commits: &'a [(u64, u64)],
+}
+
+/// The live stream's transaction state, carried from batch to batch (a
+/// transaction can span many).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct TxState {
+    /// The commit LSN of the transaction whose changes are being read.
+    current: Option<u64>,
+    /// The end LSN of the last transaction that ended.
+    pub last_end: Option<u64>,
+    /// The transaction whose BEGIN went out and whose END has not.
     open: Option<OpenTx>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 struct OpenTx {
     tx: TxInfo,
-    id: String,
     last: Position,
     events: u64,
     /// Events per `schema.table`, in name order as Debezium lists them.
@@ -104,46 +123,45 @@ impl Layout<'_> {
     }
 }
 
-/// The records of `changes`, in sending order. `tx`: the transaction state
-/// before the batch, updated to the state after it; `tx_open`: the batch
-/// ends inside a transaction (its commit is still to come). `transactions`:
-/// the live stream, which has transactions (a scan's rows have none).
+/// The records of `changes`, in sending order; `tx` is the transaction
+/// state before the batch and becomes the state after it.
 pub fn plan<'a>(
     layout: &Layout<'_>,
     changes: &'a [Change],
     tx: &mut TxState,
-    tx_open: bool,
-    transactions: bool,
+    how: &Publish<'_>,
     now_ms: i64,
 ) -> Vec<Record<'a>> {
-    let metadata = transactions && layout.debezium.provide_transaction_metadata;
+    let live = how.origin.is_none();
+    let metadata = live && layout.debezium.provide_transaction_metadata;
     let tx_topic: Arc<str> = layout.transaction_topic().into();
     let mut topics: Vec<(&crate::source::TableName, Arc<str>)> = Vec::new();
     let mut out = Vec::with_capacity(changes.len() + changes.len() / 8 + 2);
     for c in changes {
+        if live {
+            if tx.current.is_some_and(|cur| cur != c.tx.commit_lsn) {
+                end_transaction(tx, how, &tx_topic, &mut out);
+            }
+            tx.current = Some(c.tx.commit_lsn);
+        }
         if layout.debezium.skips(c.op.code()) {
             continue;
         }
-        let mut block = None;
-        if metadata {
-            if tx.open.as_ref().is_some_and(|o| o.tx.commit_lsn != c.tx.commit_lsn) {
-                out.push(end_record(&tx_topic, tx.open.take().expect("checked")));
-            }
+        let block = metadata.then(|| {
             let open = tx.open.get_or_insert_with(|| {
-                let id = envelope::transaction_id(&c.tx);
-                out.push(begin_record(&tx_topic, &id, &c.tx, c.position));
-                OpenTx { tx: c.tx, id, last: c.position, events: 0, per_collection: BTreeMap::new() }
+                out.push(begin_record(&tx_topic, c));
+                OpenTx { tx: c.tx, last: c.position, events: 0, per_collection: BTreeMap::new() }
             });
             open.events += 1;
             open.last = c.position;
             let in_collection = open.per_collection.entry(format!("{}.{}", c.table.schema, c.table.name)).or_default();
             *in_collection += 1;
-            block = Some(TransactionBlock {
-                id: open.id.clone(),
+            TransactionBlock {
+                id: envelope::transaction_id(c.tx.xid, c.lsn),
                 total_order: open.events,
                 data_collection_order: *in_collection,
-            });
-        }
+            }
+        });
         let topic = match topics.iter().find(|(t, _)| *t == &c.table) {
             Some((_, topic)) => topic.clone(),
             None => {
@@ -152,7 +170,7 @@ pub fn plan<'a>(
                 topic
             }
         };
-        let key = envelope::key(c);
+        let key = (c.op != Op::Truncate).then(|| envelope::key(c));
         let payload = envelope::to_vec(c, layout.database, now_ms, block.as_ref());
         let tombstone = (c.op == Op::Delete && layout.debezium.tombstones_on_delete).then(|| Record {
             topic: topic.clone(),
@@ -170,26 +188,32 @@ pub fn plan<'a>(
         });
         out.extend(tombstone);
     }
-    if !tx_open {
-        if let Some(open) = tx.open.take() {
-            out.push(end_record(&tx_topic, open));
-        }
+    if live && !how.tx_open && tx.current.is_some() {
+        end_transaction(tx, how, &tx_topic, &mut out);
     }
     out
 }
 
-#[derive(Serialize)]
-struct TxKey<'a> {
-    id: &'a str,
+/// The transaction being read ended: its END record if its BEGIN went out.
+fn end_transaction(tx: &mut TxState, how: &Publish<'_>, topic: &Arc<str>, out: &mut Vec<Record<'_>>) {
+    let Some(commit_lsn) = tx.current.take() else { return };
+    // The batch that ends a transaction holds its commit (the reader hands
+    // the commit before the next transaction's first change).
+    let end = how.commits.iter().find(|(c, _)| *c == commit_lsn).map_or(commit_lsn, |(_, end)| *end);
+    tx.last_end = Some(end);
+    if let Some(open) = tx.open.take() {
+        out.push(end_record(topic, open, end));
+    }
 }
 
+// Field order as Debezium's `TransactionMetadataValue` schema has it.
 #[derive(Serialize)]
 struct TxValue<'a> {
     status: &'static str,
     id: &'a str,
-    ts_ms: i64,
     event_count: Option<u64>,
     data_collections: Option<Vec<Collection<'a>>>,
+    ts_ms: i64,
 }
 
 #[derive(Serialize)]
@@ -198,36 +222,45 @@ struct Collection<'a> {
     event_count: u64,
 }
 
-fn begin_record<'a>(topic: &Arc<str>, id: &str, tx: &TxInfo, first: Position) -> Record<'a> {
+fn tx_key(id: &str) -> Option<Vec<u8>> {
+    serde_json::to_vec(&serde_json::json!({ "id": id })).ok()
+}
+
+/// BEGIN: named, as Debezium does, by the transaction id and its first
+/// change's LSN.
+fn begin_record<'a>(topic: &Arc<str>, first: &Change) -> Record<'a> {
+    let id = envelope::transaction_id(first.tx.xid, first.lsn);
     let value = TxValue {
         status: "BEGIN",
-        id,
-        ts_ms: tx.commit_ts_us.div_euclid(1000),
+        id: &id,
         event_count: None,
         data_collections: None,
+        ts_ms: first.tx.commit_ts_us.div_euclid(1000),
     };
     Record {
         topic: topic.clone(),
-        key: serde_json::to_vec(&TxKey { id }).unwrap_or_default(),
+        key: tx_key(&id),
         payload: serde_json::to_vec(&value).ok(),
-        mark: Mark { position: first, kind: Kind::Begin },
+        mark: Mark { position: first.position, kind: Kind::Begin },
         change: None,
     }
 }
 
-fn end_record<'a>(topic: &Arc<str>, open: OpenTx) -> Record<'a> {
+/// END: named by the transaction id and its commit's end LSN.
+fn end_record<'a>(topic: &Arc<str>, open: OpenTx, end_lsn: u64) -> Record<'a> {
+    let id = envelope::transaction_id(open.tx.xid, end_lsn);
     let collections =
         open.per_collection.iter().map(|(name, n)| Collection { data_collection: name, event_count: *n }).collect();
     let value = TxValue {
         status: "END",
-        id: &open.id,
-        ts_ms: open.tx.commit_ts_us.div_euclid(1000),
+        id: &id,
         event_count: Some(open.events),
         data_collections: Some(collections),
+        ts_ms: open.tx.commit_ts_us.div_euclid(1000),
     };
     Record {
         topic: topic.clone(),
-        key: serde_json::to_vec(&TxKey { id: &open.id }).unwrap_or_default(),
+        key: tx_key(&id),
         payload: serde_json::to_vec(&value).ok(),
         mark: Mark { position: open.last, kind: Kind::End },
         change: None,
@@ -266,17 +299,19 @@ mod tests {
     fn a_delete_is_followed_by_its_tombstone_and_truncate_is_skipped_by_default() {
         let d = DebeziumConfig::default();
         let changes = [change("a", Op::Delete, 100, 0, 1), change("a", Op::Truncate, 100, 1, 0)];
-        let records = plan(&layout(&d), &changes, &mut TxState::default(), false, true, 0);
+        let records = plan(&layout(&d), &changes, &mut TxState::default(), &Publish::default(), 0);
         assert_eq!(records.len(), 2, "{records:?}");
         assert_eq!(json(&records[0].payload)["op"], "d");
         assert_eq!(records[1].payload, None, "the tombstone has no value");
         assert_eq!(records[1].key, records[0].key, "and the deleted row's key");
+        assert!(records[0].key.is_some());
         assert!(records[0].mark < records[1].mark);
 
         let kept = DebeziumConfig { tombstones_on_delete: false, skipped_operations: "none".into(), ..d };
-        let records = plan(&layout(&kept), &changes, &mut TxState::default(), false, true, 0);
+        let records = plan(&layout(&kept), &changes, &mut TxState::default(), &Publish::default(), 0);
         let ops: Vec<_> = records.iter().map(|r| json(&r.payload)["op"].clone()).collect();
         assert_eq!(ops, ["d", "t"]);
+        assert_eq!(records[1].key, None, "a TRUNCATE is unkeyed");
     }
 
     #[test]
@@ -286,7 +321,7 @@ mod tests {
         let mut tx = TxState::default();
         // Transaction 100 spans two batches; 200 starts and ends in the second.
         let first = [change("a", Op::Create, 100, 0, 1), change("b", Op::Create, 100, 1, 2)];
-        let records = plan(&l, &first, &mut tx, true, true, 0);
+        let records = plan(&l, &first, &mut tx, &Publish { tx_open: true, ..Publish::default() }, 0);
         let kinds: Vec<_> = records.iter().map(|r| r.mark.kind).collect();
         assert_eq!(kinds, [Kind::Begin, Kind::Change, Kind::Change], "no END while the transaction is open");
         assert_eq!(&*records[0].topic, "pgf.transaction");
@@ -296,7 +331,8 @@ mod tests {
         assert_eq!(json(&records[2].payload)["transaction"]["data_collection_order"], 1);
 
         let second = [change("a", Op::Create, 100, 2, 3), change("a", Op::Update, 200, 0, 3)];
-        let records = plan(&l, &second, &mut tx, false, true, 0);
+        let records =
+            plan(&l, &second, &mut tx, &Publish { commits: &[(100, 150), (200, 250)], ..Publish::default() }, 0);
         let kinds: Vec<_> = records.iter().map(|r| (r.mark.kind, r.mark.position.commit_lsn)).collect();
         assert_eq!(
             kinds,
@@ -310,8 +346,12 @@ mod tests {
             serde_json::json!([{"data_collection": "public.a", "event_count": 2}, {"data_collection": "public.b", "event_count": 1}])
         );
         assert_eq!(json(&records[0].payload)["transaction"]["data_collection_order"], 2);
-        assert_eq!(json(&records[0].payload)["transaction"]["id"], end["id"]);
-        assert_eq!(tx, TxState::default(), "nothing open after the last commit");
+        // Debezium's ids: BEGIN and each change by their own LSN, END by the commit's end.
+        assert_eq!(end["id"], "100:150");
+        assert_eq!(json(&records[0].payload)["transaction"]["id"], "100:92");
+        assert_eq!(json(&records[2].payload)["id"], "200:192");
+        assert_eq!(json(&records[4].payload)["id"], "200:250");
+        assert_eq!(tx, TxState { last_end: Some(250), ..TxState::default() }, "nothing open after the last commit");
         // Marks grow in sending order within each topic.
         for topic in ["pgf.transaction", "pgf.public.a"] {
             let marks: Vec<_> = records.iter().filter(|r| &*r.topic == topic).map(|r| r.mark).collect();
@@ -323,11 +363,17 @@ mod tests {
     fn scans_and_the_default_have_no_transaction_records() {
         let on = DebeziumConfig { provide_transaction_metadata: true, ..DebeziumConfig::default() };
         let rows = [change("a", Op::Read, 100, 0, 1)];
-        let records = plan(&layout(&on), &rows, &mut TxState::default(), false, false, 0);
+        let records = plan(
+            &layout(&on),
+            &rows,
+            &mut TxState::default(),
+            &Publish { origin: Some("chunk"), ..Publish::default() },
+            0,
+        );
         assert_eq!(records.len(), 1);
         assert!(json(&records[0].payload)["transaction"].is_null());
         let off = DebeziumConfig::default();
-        let records = plan(&layout(&off), &rows, &mut TxState::default(), false, true, 0);
+        let records = plan(&layout(&off), &rows, &mut TxState::default(), &Publish::default(), 0);
         assert_eq!(records.len(), 1);
     }
 

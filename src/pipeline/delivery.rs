@@ -59,6 +59,20 @@ impl Delivery {
         Ok(Delivery { log, dim, sinks, stats })
     }
 
+    /// Publishes `batch` to the log, retrying until the broker takes it. An
+    /// empty batch still ends the transactions whose commits `how` holds
+    /// (their END records).
+    pub async fn publish(&self, batch: &[Change], how: Publish<'_>) -> Result<(), PipelineError> {
+        // The broker's errors are all transient: an oversized message, the
+        // one that no retry can fix, is parked by `publish` itself.
+        let policy = retry::Policy::sink("broker", None).failed("publishing to the broker failed; retrying");
+        let log = &self.log;
+        let published = retry::run(&policy, |_| retry::ErrorClass::Transient, |_| log.publish(batch, how));
+        // Never given up (every error is transient); `?` only for the types.
+        observe::timed("broker", published).await.map_err(|g| g.error)?;
+        Ok(())
+    }
+
     /// Publishes the batch to the log (retrying
     /// until the broker takes it), enriches it and parks what cannot be
     /// enriched. `None` for a log-only delivery (nothing more to do).
@@ -66,16 +80,9 @@ impl Delivery {
         &mut self,
         batch: &[Change],
         opts: &DeliverOptions,
-        tx_open: bool,
+        how: Publish<'_>,
     ) -> Result<Option<Enriched>, PipelineError> {
-        // The broker's errors are all transient: an oversized message, the
-        // one that no retry can fix, is parked by `publish` itself.
-        let policy = retry::Policy::sink("broker", None).failed("publishing to the broker failed; retrying");
-        let log = &self.log;
-        let how = Publish { origin: opts.origin.as_deref(), tx_open };
-        let published = retry::run(&policy, |_| retry::ErrorClass::Transient, |_| log.publish(batch, how));
-        // Never given up (every error is transient); `?` only for the types.
-        observe::timed("broker", published).await.map_err(|g| g.error)?;
+        self.publish(batch, how).await?;
         observe::metrics::count_tables("published", &per_table(batch));
         if opts.log_only {
             self.stats.changes.fetch_add(batch.len() as u64, Ordering::Relaxed);
