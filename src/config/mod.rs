@@ -82,11 +82,14 @@ impl Config {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SourceConfig {
-    /// libpq-style URL or key=value string; the password inside is never logged.
+    /// libpq-style URL or key=value string; the password inside is never
+    /// logged. With several hosts (`postgres://h1:p1,h2:p2/db`), every
+    /// connection goes to the first that is a primary (after a promotion,
+    /// the promoted standby).
     pub url: Secret,
     /// Connect the replication stream over this Unix socket directory instead
     /// of TCP (faster next to PostgreSQL: the walsender spends most of its time
-    /// in send()).
+    /// in send()). Only with one host in `url`.
     #[serde(default)]
     pub socket_dir: Option<String>,
     #[serde(default = "default_slot")]

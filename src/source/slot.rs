@@ -2,7 +2,7 @@
 //! for the states that would otherwise lose data silently (dropped,
 //! invalidated, held by another process).
 
-use tokio_postgres::config::SslMode;
+use tokio_postgres::config::{SslMode, TargetSessionAttrs};
 use tokio_postgres::Client;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
@@ -50,23 +50,32 @@ pub async fn connect(url: &str) -> Result<Client, SlotError> {
 /// (libpq's `host=h1,h2`, `postgres://h1:p1,h2:p2/db`), and says which
 /// server that is, so that the replication connection goes to the same
 /// one. pgfanout reads its slot and writes its state on the primary, so a
-/// standby is skipped whatever `target_session_attrs` says; after a
-/// promotion the next connection finds the new primary in the list. Each
+/// standby is skipped whatever `target_session_attrs` says (`read-write`
+/// also skips a primary whose sessions are read-only, as libpq does);
+/// after a promotion the next connection finds the new primary. Each
 /// server gets the string's TLS settings (source/tls.rs), verify-full
 /// checking that server's own name.
 pub async fn connect_primary(url: &str) -> Result<(Client, Endpoint), SlotError> {
     let split = conninfo::split(url).map_err(SlotError::Url)?;
     let pg = split.pg_config().map_err(SlotError::Url)?;
     let endpoints = conninfo::endpoints(&pg).map_err(SlotError::Url)?;
-    let (keys, pg) = (&split.tls, &pg);
+    let read_write = pg.get_target_session_attrs() == TargetSessionAttrs::ReadWrite;
+    // Asked here rather than by tokio-postgres (which would refuse a
+    // standby as "database does not allow writes"), to say which it was.
+    let mut any = pg.clone();
+    any.target_session_attrs(TargetSessionAttrs::Any);
+    let (keys, any) = (&split.tls, &any);
     first_primary(&endpoints, |server| async move {
-        let client = connect_to(keys, pg, &server).await?;
-        let in_recovery: bool = client
-            .query_one("SELECT pg_is_in_recovery()", &[])
+        let client = connect_to(keys, any, &server).await?;
+        let row = client
+            .query_one("SELECT pg_is_in_recovery(), current_setting('transaction_read_only') = 'on'", &[])
             .await
-            .map_err(query_err("ask whether the server is a standby"))?
-            .get(0);
-        Ok(if in_recovery { Probe::Standby } else { Probe::Primary(client) })
+            .map_err(query_err("ask whether the server is a standby"))?;
+        Ok(match (row.get(0), row.get(1)) {
+            (true, _) => Probe::Standby,
+            (false, true) if read_write => Probe::ReadOnly,
+            _ => Probe::Primary(client),
+        })
     })
     .await
 }
@@ -76,6 +85,9 @@ enum Probe<C> {
     Primary(C),
     /// In recovery: a standby, or a server not yet through its promotion.
     Standby,
+    /// A primary whose sessions are read-only (`default_transaction_read_only`),
+    /// passed over under `target_session_attrs=read-write`.
+    ReadOnly,
 }
 
 /// The first of `servers` that `probe` finds a primary. A string naming
@@ -92,7 +104,7 @@ where
         match probe(server.clone()).await {
             Ok(Probe::Primary(client)) => {
                 if !passed_over.is_empty() {
-                    tracing::info!(server = %server, passed_over = %passed_over.join("; "), "connected to the primary");
+                    tracing::info!(server = %server, passed_over = %passed_over.join("; "), "connected to the primary, passing over the hosts before it");
                 }
                 return Ok((client, server.clone()));
             }
@@ -100,11 +112,14 @@ where
                 tracing::info!(server = %server, "skipping a standby (in recovery): pgfanout needs the primary");
                 passed_over.push(format!("{server}: a standby (in recovery)"));
             }
-            Err(e) if servers.len() == 1 => return Err(e),
-            Err(e) => {
-                tracing::info!(server = %server, error = %e, "cannot connect to this host; trying the next");
-                passed_over.push(format!("{server}: {e}"));
+            Ok(Probe::ReadOnly) => {
+                tracing::info!(server = %server, "skipping a server whose sessions are read-only (target_session_attrs=read-write)");
+                passed_over.push(format!("{server}: read-only sessions (transaction_read_only is on)"));
             }
+            Err(e) if servers.len() == 1 => return Err(e),
+            // Said once a primary is found (or in the error): a host that
+            // is down after a failover would otherwise log at every connection.
+            Err(e) => passed_over.push(format!("{server}: {e}")),
         }
     }
     Err(SlotError::NoPrimary { tried: passed_over.join("; ") })
@@ -484,7 +499,8 @@ mod tests {
     }
 
     /// Probes that find each server as `roles` says: `p` primary, `s`
-    /// standby, `x` unreachable; returns the chosen server and the probed ones.
+    /// standby, `r` read-only, `x` unreachable; returns the chosen server
+    /// and how many were probed.
     async fn choose(conninfo: &str, roles: &str) -> (Result<Endpoint, SlotError>, usize) {
         let servers = servers(conninfo);
         let mut probed = 0;
@@ -495,6 +511,7 @@ mod tests {
                 match role {
                     b'p' => Ok(Probe::Primary(())),
                     b's' => Ok(Probe::Standby),
+                    b'r' => Ok(Probe::ReadOnly),
                     _ => Err(SlotError::Url(ConninfoError::NoHost)),
                 }
             }
@@ -510,6 +527,8 @@ mod tests {
         assert_eq!((chosen.unwrap().to_string(), probed), ("h1:5433".into(), 1), "the first one, nothing more asked");
         let (chosen, probed) = choose(url, "sxp").await;
         assert_eq!((chosen.unwrap().to_string(), probed), ("h3:5435".into(), 3));
+        let (chosen, _) = choose(url, "rsp").await;
+        assert_eq!(chosen.unwrap().to_string(), "h3:5435");
         // After a promotion: the old primary gone, the promoted standby next.
         let (chosen, _) = choose("host=h1,h2 port=5433,5434", "xp").await;
         assert_eq!(chosen.unwrap().to_string(), "h2:5434");
@@ -517,8 +536,9 @@ mod tests {
 
     #[tokio::test]
     async fn without_a_primary_the_error_names_every_host_tried() {
-        let (chosen, _) = choose("host=h1,h2 port=5433,5434", "xs").await;
+        let (chosen, _) = choose("host=h1,h2,h3 port=5433,5434,5435", "xsr").await;
         let e = chosen.unwrap_err().to_string();
+        assert!(e.contains("h3:5435: read-only sessions (transaction_read_only is on)"), "{e}");
         assert!(e.starts_with("no host of source.url is a primary"), "{e}");
         assert!(
             e.contains("h1:5433: invalid PostgreSQL connection string: the connection string names no host"),
