@@ -20,7 +20,7 @@ pub enum SlotError {
     #[error(transparent)]
     Tls(#[from] TlsError),
     #[error(
-        "no host of source.url is a primary (pgfanout reads its slot and writes its state on the primary): {tried}"
+        "found no primary among the hosts of source.url, and pgfanout needs one (it reads its slot and writes its state there): {tried}"
     )]
     NoPrimary { tried: String },
     #[error("PostgreSQL query failed ({what}): {source}")]
@@ -78,6 +78,19 @@ pub async fn connect_primary(url: &str) -> Result<(Client, Endpoint), SlotError>
         })
     })
     .await
+}
+
+/// The server of `url` a replication connection of its own should go to:
+/// the one server a single-host string names (its connection then fails
+/// with its own error, TLS included), else the primary among the hosts,
+/// found as [`connect_primary`] finds it.
+pub async fn primary(url: &str) -> Result<Endpoint, SlotError> {
+    let split = conninfo::split(url).map_err(SlotError::Url)?;
+    let servers = conninfo::endpoints(&split.pg_config().map_err(SlotError::Url)?).map_err(SlotError::Url)?;
+    match <[Endpoint; 1]>::try_from(servers) {
+        Ok([one]) => Ok(one),
+        Err(_) => connect_primary(url).await.map(|(_, server)| server),
+    }
 }
 
 /// What a server turned out to be once connected.
@@ -539,7 +552,7 @@ mod tests {
         let (chosen, _) = choose("host=h1,h2,h3 port=5433,5434,5435", "xsr").await;
         let e = chosen.unwrap_err().to_string();
         assert!(e.contains("h3:5435: read-only sessions (transaction_read_only is on)"), "{e}");
-        assert!(e.starts_with("no host of source.url is a primary"), "{e}");
+        assert!(e.starts_with("found no primary among the hosts of source.url"), "{e}");
         assert!(
             e.contains("h1:5433: invalid PostgreSQL connection string: the connection string names no host"),
             "{e}"

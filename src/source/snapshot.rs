@@ -49,9 +49,7 @@ pub async fn create_slot_exporting(
 ) -> Result<ExportedSnapshot, ExportError> {
     let mut rc = source.clone();
     rc.slot = slot_name.to_string();
-    // Only to learn which host is the primary; the snapshot is imported on
-    // connections of their own.
-    let (_, primary) = slot::connect_primary(source.url.expose()).await?;
+    let primary = slot::primary(source.url.expose()).await?;
     let (config, tls) = replication_config(&rc, &primary)?;
     let mut session = ReplicationClient::connect_gated(config).await?;
     // The first query waits for the connection: TLS and login failures come here.
