@@ -6,6 +6,10 @@
 //! receiver is back, `pgfanout dead-letters replay --sink http` re-delivers
 //! them: the receiver ends holding every change exactly once, and a second
 //! replay posts nothing at all.
+//!
+//! And Redis, which skips positions at or below its watermark: a batch it
+//! refused for good (WRONGTYPE), replayed after the live stream went past
+//! it, lands in its stream and the window exactly once.
 
 mod support;
 
@@ -14,6 +18,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
+use redis::AsyncCommands;
 use serde_json::Value as Json;
 use support::topics::read_topic;
 use support::{pg_versions, wait_until, Sink, TestEnv};
@@ -174,4 +179,78 @@ async fn parked_webhook_batches_are_listed_and_replayed_once() {
     assert!(stdout(&again).contains("0 replayed, 0 failed, 3 replayed before"), "{}", stdout(&again));
     assert_eq!(t.http_get("_stats").await, after, "the second replay posted");
     assert_eq!(received(&t).await, got);
+}
+
+/// Event ids in `<prefix>stream:<kind>`, in stream order.
+async fn stream_ids(t: &TestEnv, kind: &str) -> Vec<i64> {
+    let key = format!("{}stream:{kind}", t.cfg.redis.as_ref().unwrap().key_prefix);
+    let reply: redis::streams::StreamRangeReply = t.redis().xrange_all(key).await.unwrap();
+    reply
+        .ids
+        .iter()
+        .map(|e| {
+            serde_json::from_str::<Json>(&e.get::<String>("data").unwrap()).unwrap()["event"]["event_id"]
+                .as_i64()
+                .unwrap()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_redis_batch_replays_past_the_live_watermark() {
+    const PODCAST: &str = "00000000-0000-0000-0000-0000000000a1";
+    const VIDEO: &str = "00000000-0000-0000-0000-0000000000b2";
+    let v = pg_versions()[0].clone();
+    let mut t = TestEnv::builder(&v).sinks(&[Sink::Redis]).build().await;
+    let config = t.write_config(&t.cfg, "pgfanout");
+    let prefix = t.cfg.redis.as_ref().unwrap().key_prefix.clone();
+    t.pg.batch_execute(&format!(
+        "INSERT INTO content VALUES ('{PODCAST}', 'p', 'P', 'podcast', 600, now()), ('{VIDEO}', 'v', 'V', 'video', 300, now())"
+    ))
+    .await
+    .unwrap();
+    let insert = |id: i64, content: &str| {
+        format!(
+            "INSERT INTO engagement_events (id, content_id, event_type, event_ts, duration_ms) VALUES ({id}, '{content}', 'play', now(), {})",
+            7_000 * id
+        )
+    };
+    t.start();
+    t.pg.batch_execute(&insert(1, PODCAST)).await.unwrap();
+    wait_until("event 1 in Redis", WAIT, || async { stream_ids(&t, "podcast").await == [1] }).await;
+
+    // The video stream's key holds a string: every write to it is WRONGTYPE.
+    let video = format!("{prefix}stream:video");
+    t.redis().set::<_, _, ()>(&video, "not a stream").await.unwrap();
+    t.pg.batch_execute(&insert(2, VIDEO)).await.unwrap();
+    t.acked_everything(WAIT).await;
+    t.redis().del::<_, ()>(&video).await.unwrap();
+    // The live stream goes on past the parked batch.
+    t.pg.batch_execute(&format!("{}; {}", insert(3, VIDEO), insert(4, PODCAST))).await.unwrap();
+    wait_until("events 3 and 4 in Redis", WAIT, || async { stream_ids(&t, "video").await == [3] }).await;
+    t.acked_everything(WAIT).await;
+    t.stop().await;
+    assert_eq!(stream_ids(&t, "podcast").await, [1, 4]);
+    assert_ne!(support::sinks::redis_window(&t).await, support::sinks::postgres_window(&t).await);
+
+    let listed = list_json(&config);
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["sink"], "redis");
+    assert!(listed[0]["reason"].as_str().unwrap().contains("WRONGTYPE"), "{listed:?}");
+
+    let replayed = pgfanout(&config, &["dead-letters", "replay", "--sink", "redis"]);
+    assert!(replayed.status.success());
+    assert!(stdout(&replayed).contains("1 replayed, 0 failed"), "{}", stdout(&replayed));
+    assert_eq!(stream_ids(&t, "video").await, [3, 2]);
+    assert_eq!(support::sinks::redis_window(&t).await, support::sinks::postgres_window(&t).await);
+    // The replay's own watermark is gone once it is recorded.
+    let watermarks: Vec<String> = t.redis().keys(format!("{prefix}position:*")).await.unwrap();
+    assert!(watermarks.is_empty(), "{watermarks:?}");
+
+    let again = pgfanout(&config, &["dead-letters", "replay"]);
+    assert!(again.status.success());
+    assert!(stdout(&again).contains("0 replayed, 0 failed, 1 replayed before"), "{}", stdout(&again));
+    assert_eq!(stream_ids(&t, "video").await, [3, 2]);
+    assert_eq!(stream_ids(&t, "podcast").await, [1, 4]);
+    assert_eq!(support::sinks::redis_window(&t).await, support::sinks::postgres_window(&t).await);
 }
