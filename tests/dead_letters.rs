@@ -2,7 +2,9 @@
 //! for longer than the sink's retry budget (`max_attempts`), so the sink
 //! parks its batches and the stream goes on. `pgfanout dead-letters list`
 //! shows them (sink, reason, positions, time, not replayed); a replay while
-//! the receiver still fails exits 1 and leaves them parked; once the
+//! the receiver still fails exits 1 and leaves them parked (a batch larger
+//! than the broker takes is parked in parts, each replayed as a batch of its
+//! own); once the
 //! receiver is back, `pgfanout dead-letters replay --sink http` re-delivers
 //! them: the receiver ends holding every change exactly once, and a second
 //! replay posts nothing at all.
@@ -77,6 +79,8 @@ async fn parked_webhook_batches_are_listed_and_replayed_once() {
             http.max_attempts = 3;
             http.backoff_initial_ms = 20;
             http.backoff_max_ms = 50;
+            // Small enough that a batch of 100 events is parked in parts.
+            cfg.log.properties.insert("message.max.bytes".into(), pgfanout::config::Secret("20000".into()));
         })
         .build()
         .await;
@@ -112,14 +116,20 @@ async fn parked_webhook_batches_are_listed_and_replayed_once() {
     t.acked_everything(WAIT).await;
     t.pg.batch_execute("DELETE FROM engagement_events WHERE id = 3").await.unwrap();
     t.acked_everything(WAIT).await;
+    let many: Vec<String> = (6..=105).map(|i| i.to_string()).collect();
+    t.pg.batch_execute(&insert(&many.join(","))).await.unwrap();
+    t.acked_everything(WAIT).await;
     t.stop().await;
     let before = t.http_get("_stats").await;
     assert_eq!(before["events"], 1, "only event 1 got through: {before}");
 
     // Parked in the dead-letter topic with the batch, its format and time.
     let topic = format!("{}dead_letter", t.cfg.log.topic_prefix);
-    let dead = read_topic(&t, &topic, WAIT, |r| r.len() >= 3).await;
-    assert_eq!(dead.len(), 3, "{dead:?}");
+    let dead = read_topic(&t, &topic, WAIT, |r| {
+        r.iter().map(|d| d.payload["engagements"].as_u64().unwrap_or(0)).sum::<u64>() >= 106
+    })
+    .await;
+    let parts = dead.len() - 3;
     for d in &dead {
         assert_eq!(d.headers.get("pgfanout.sink").map(String::as_str), Some("http"), "{d:?}");
         assert_eq!(d.headers.get("pgfanout.format").map(String::as_str), Some("batch.v1"), "{d:?}");
@@ -128,11 +138,14 @@ async fn parked_webhook_batches_are_listed_and_replayed_once() {
         assert_eq!(d.payload["attempts"], 3, "{d:?}");
     }
     let sizes: Vec<u64> = dead.iter().map(|d| d.payload["engagements"].as_u64().unwrap()).collect();
-    assert_eq!(sizes, [3, 2, 1]);
+    assert_eq!(sizes[..3], [3, 2, 1]);
+    assert!(parts > 1 && sizes[3..].iter().all(|&n| n < 100), "the batch of 100 in parts: {sizes:?}");
+    assert_eq!(sizes[3..].iter().sum::<u64>(), 100, "{sizes:?}");
+    let n = dead.len();
 
     // Listed: sink, reason, positions, time, not replayed.
     let listed = list_json(&config);
-    assert_eq!(listed.len(), 3, "{listed:?}");
+    assert_eq!(listed.len(), n, "{listed:?}");
     for (l, d) in listed.iter().zip(&dead) {
         assert_eq!(l["sink"], "http", "{l}");
         assert!(l["reason"].as_str().unwrap().contains("HTTP 500"), "{l}");
@@ -142,15 +155,15 @@ async fn parked_webhook_batches_are_listed_and_replayed_once() {
         assert!(l["replayed_at"].is_null() && l["not_replayable"].is_null(), "{l}");
     }
     let table = stdout(&pgfanout(&config, &["dead-letters", "list", "--sink", "http"]));
-    assert!(table.contains("3 dead letters, 3 waiting for replay"), "{table}");
+    assert!(table.contains(&format!("{n} dead letters, {n} waiting for replay")), "{table}");
     assert!(stdout(&pgfanout(&config, &["dead-letters", "list", "--sink", "redis"])).contains("no dead letters"));
 
     // Replayed while the receiver still fails: exit 1, still parked, nothing arrived.
     let failed = pgfanout(&config, &["dead-letters", "replay", "--sink", "http"]);
     assert_eq!(failed.status.code(), Some(1));
     let text = stdout(&failed);
-    assert_eq!(text.matches("FAILED").count(), 3, "{text}");
-    assert!(text.contains("HTTP 500") && text.contains("0 replayed, 3 failed"), "{text}");
+    assert_eq!(text.matches("FAILED").count(), n, "{text}");
+    assert!(text.contains("HTTP 500") && text.contains(&format!("0 replayed, {n} failed")), "{text}");
     assert!(list_json(&config).iter().all(|l| l["replayed_at"].is_null()));
     assert_eq!(t.http_get("_stats").await["events"], 1);
 
@@ -158,25 +171,27 @@ async fn parked_webhook_batches_are_listed_and_replayed_once() {
     t.http_control(serde_json::json!({"fail_next": 0})).await;
     let replayed = pgfanout(&config, &["dead-letters", "replay", "--sink", "http", "--since", "1h"]);
     assert!(replayed.status.success());
-    assert!(stdout(&replayed).contains("3 replayed, 0 failed"), "{}", stdout(&replayed));
+    assert!(stdout(&replayed).contains(&format!("{n} replayed, 0 failed")), "{}", stdout(&replayed));
     let got = received(&t).await;
     let mut changes: Vec<(i64, String)> = got.values().flatten().cloned().collect();
     changes.sort();
-    let expected: Vec<(i64, String)> = [(1, "c"), (1, "u"), (2, "c"), (3, "c"), (3, "d"), (4, "c"), (5, "c")]
+    let mut expected: Vec<(i64, String)> = [(1, "c"), (1, "u"), (2, "c"), (3, "c"), (3, "d"), (4, "c"), (5, "c")]
         .map(|(i, op)| (i, op.to_string()))
         .into();
+    expected.extend((6..=105).map(|i| (i, "c".to_string())));
+    expected.sort();
     assert_eq!(changes, expected, "{got:?}");
     assert!(got.values().all(|c| c.len() == 1), "a change arrived twice: {got:?}");
     let after = t.http_get("_stats").await;
     assert_eq!((after["duplicates"].as_u64(), after["conflicts"].as_u64()), (Some(0), Some(0)), "{after}");
     let listed = list_json(&config);
     assert!(listed.iter().all(|l| l["replayed_at"].is_string()), "{listed:?}");
-    assert!(stdout(&pgfanout(&config, &["dead-letters", "list"])).contains("3 dead letters, 0 waiting for replay"));
+    assert!(stdout(&pgfanout(&config, &["dead-letters", "list"])).contains(&format!("{n} dead letters, 0 waiting")));
 
     // Twice: nothing is posted at all.
     let again = pgfanout(&config, &["dead-letters", "replay"]);
     assert!(again.status.success());
-    assert!(stdout(&again).contains("0 replayed, 0 failed, 3 replayed before"), "{}", stdout(&again));
+    assert!(stdout(&again).contains(&format!("0 replayed, 0 failed, {n} replayed before")), "{}", stdout(&again));
     assert_eq!(t.http_get("_stats").await, after, "the second replay posted");
     assert_eq!(received(&t).await, got);
 }

@@ -6,9 +6,10 @@
 //! error and its change positions, and the stream goes on: Redis gets the
 //! event, the slot moves past it, later events reach ClickHouse once the
 //! column is fixed, and `dead-letters replay` (refused again before the
-//! fix, reported and left parked) delivers the parked batch after it. With `"stall"` the pipeline stops at the batch and
-//! alerts, the slot stays before it, and once the column is fixed the batch
-//! is written: nothing is lost.
+//! fix, reported and left parked) delivers the parked batch after it.
+//! With `"stall"` the pipeline stops at the batch and alerts, the slot
+//! stays before it, and once the column is fixed the batch is written:
+//! nothing is lost.
 
 mod support;
 

@@ -20,7 +20,7 @@ use serde::Serialize;
 use crate::config::Config;
 use crate::log::producer::{self, ENVELOPE_FORMAT, ERROR_HEADER, FORMAT_HEADER, PARKED_AT_HEADER, SINK_HEADER};
 use crate::log::{LogError, LogProducer, LogRecord};
-use crate::sinks::parked::{ParkedBatch, BATCH_FORMAT};
+use crate::sinks::parked::{ParkedBatch, BATCH_FORMAT, SUMMARY_FORMAT};
 use crate::sinks::{self, Refused, Sink, SinkError};
 
 #[derive(Debug, thiserror::Error)]
@@ -104,7 +104,7 @@ impl DeadLetter {
             .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
             .map(|t| t.with_timezone(&Utc))
             .or_else(|| r.timestamp_ms.and_then(DateTime::from_timestamp_millis));
-        let not_replayable = why_not_replayable(&sink, format.as_deref());
+        let not_replayable = why_not_replayable(&sink, format.as_deref(), &r.payload);
         DeadLetter {
             partition: r.partition,
             offset: r.offset,
@@ -130,10 +130,24 @@ impl DeadLetter {
     }
 }
 
-/// Why a record with this sink and format cannot be re-delivered, for the user.
-fn why_not_replayable(sink: &str, format: Option<&str>) -> Option<String> {
+/// Why a record with this sink, format and payload cannot be re-delivered,
+/// for the user.
+fn why_not_replayable(sink: &str, format: Option<&str>, payload: &[u8]) -> Option<String> {
     match (sink, format) {
-        (_, Some(BATCH_FORMAT)) => None,
+        (_, Some(BATCH_FORMAT)) => match ParkedBatch::parse(payload) {
+            Err(e) => Some(format!("unreadable payload: {e}")),
+            Ok(batch) => batch.truncate().map(|at| {
+                format!(
+                    "it holds a TRUNCATE (at {at}), which replayed now would remove what the sink got since: \
+                     re-deliver with pgfanout backfill instead"
+                )
+            }),
+        },
+        (_, Some(SUMMARY_FORMAT)) => Some(
+            "a change of it was larger than the broker takes, so only its positions were kept: re-deliver it \
+             with pgfanout backfill over its time range"
+                .into(),
+        ),
         ("log", _) => Some(
             "a change whose envelope is larger than the broker takes: the sinks got it, only the log lacks it \
              (raise the broker's message size limit for later changes); nothing to replay"
@@ -451,26 +465,25 @@ mod tests {
         }
     }
 
+    fn parked_of(ops: &[crate::source::Op]) -> ParkedBatch {
+        let change = |(i, &op): (usize, &crate::source::Op)| crate::enrich::EngagementChange {
+            op,
+            current: (op != crate::source::Op::Truncate)
+                .then(|| crate::enrich::EngagementRow { event_id: i as i64, ..Default::default() }),
+            previous: None,
+            position: crate::source::Position { commit_lsn: 0x16b_3f28, ordinal: 2 + i as u32 },
+            commit_ts: 0,
+            replay_digest: None,
+        };
+        let batch =
+            crate::enrich::Enriched { engagements: ops.iter().enumerate().map(change).collect(), ..Default::default() };
+        ParkedBatch::new("http", "http://r/hook", &batch, "HTTP 500", 8).unwrap()
+    }
+
     #[test]
     fn records_are_listed_with_positions_time_and_whether_they_can_be_replayed() {
-        let parked = ParkedBatch::new(
-            "http",
-            "http://r/hook",
-            &crate::enrich::Enriched {
-                engagements: vec![crate::enrich::EngagementChange {
-                    op: crate::source::Op::Truncate,
-                    current: None,
-                    previous: None,
-                    position: crate::source::Position { commit_lsn: 0x16b_3f28, ordinal: 2 },
-                    commit_ts: 0,
-                    replay_digest: None,
-                }],
-                ..Default::default()
-            },
-            "HTTP 500",
-            8,
-        )
-        .unwrap();
+        use crate::source::Op;
+        let parked = parked_of(&[Op::Create]);
         let none = BTreeMap::new();
         let batch = DeadLetter::of(record("http", Some(BATCH_FORMAT), &parked.key(), &parked.to_json()), &none);
         assert_eq!(batch.positions(), "0/16B3F28/2");
@@ -484,6 +497,18 @@ mod tests {
         assert!(Filter { sink: Some("http".into()), since: Some(now() - chrono::TimeDelta::hours(1)) }.keeps(&batch));
         assert!(!Filter { sink: Some("redis".into()), since: None }.keeps(&batch));
         assert!(!Filter { sink: None, since: Some(now()) }.keeps(&batch));
+
+        // A TRUNCATE replayed late would wipe what the sink got since.
+        let truncating = parked_of(&[Op::Create, Op::Truncate, Op::Create]);
+        let truncating = DeadLetter::of(record("http", Some(BATCH_FORMAT), "k", &truncating.to_json()), &none);
+        assert_eq!(truncating.positions(), "0/16B3F28/2..0/16B3F28/4");
+        let why = truncating.not_replayable.unwrap();
+        assert!(why.contains("TRUNCATE (at 0/16B3F28/3)") && why.contains("backfill"), "{why}");
+        let mut summary = parked_of(&[Op::Create, Op::Create]);
+        summary.format = SUMMARY_FORMAT.into();
+        let summary = DeadLetter::of(record("redis", Some(SUMMARY_FORMAT), "k", &summary.to_json()), &none);
+        assert_eq!(summary.changes, Some(2));
+        assert!(summary.not_replayable.unwrap().contains("larger than the broker takes"));
 
         let log = DeadLetter::of(record("log", Some(ENVELOPE_FORMAT), "0/1A/3", b"{\"op\":\"c\"}"), &none);
         assert_eq!((log.positions(), log.changes), ("0/1A/3".to_string(), Some(1)));

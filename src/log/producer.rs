@@ -35,6 +35,17 @@ pub enum LogError {
     ReadStalled { topic: String, left: String },
 }
 
+impl LogError {
+    /// The broker (or librdkafka's own `message.max.bytes`) refused the
+    /// message for its size: no retry helps, a smaller one may pass.
+    pub fn is_too_large(&self) -> bool {
+        matches!(
+            self,
+            LogError::Produce { source: KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge), .. }
+        )
+    }
+}
+
 pub struct LogProducer {
     producer: FutureProducer,
     cfg: LogConfig,

@@ -35,6 +35,26 @@ pub struct LogRecord {
 }
 
 impl LogRecord {
+    /// A consumed message as a record.
+    pub fn of(msg: &impl Message<Headers = impl Headers>) -> LogRecord {
+        let headers = msg
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|h| (h.key.to_string(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        LogRecord {
+            partition: msg.partition(),
+            offset: msg.offset(),
+            key: msg.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+            payload: msg.payload().unwrap_or_default().to_vec(),
+            headers,
+            timestamp_ms: msg.timestamp().to_millis(),
+        }
+    }
+
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).map(String::as_str)
     }
@@ -107,22 +127,7 @@ fn read_blocking(cfg: &LogConfig, topic: &str) -> Result<Vec<LogRecord>, LogErro
             ends.remove(&msg.partition());
             continue;
         }
-        let headers = msg
-            .headers()
-            .map(|h| {
-                h.iter()
-                    .map(|h| (h.key.to_string(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned()))
-                    .collect()
-            })
-            .unwrap_or_default();
-        out.push(LogRecord {
-            partition: msg.partition(),
-            offset: msg.offset(),
-            key: msg.key().map(|k| String::from_utf8_lossy(k).into_owned()),
-            payload: msg.payload().unwrap_or_default().to_vec(),
-            headers,
-            timestamp_ms: msg.timestamp().to_millis(),
-        });
+        out.push(LogRecord::of(&msg));
         if msg.offset() + 1 >= end {
             ends.remove(&msg.partition());
         }

@@ -14,6 +14,9 @@ use crate::source::{Op, Position};
 /// The `pgfanout.format` header and `format` field of a parked batch. A
 /// reader refuses other versions rather than guess at them.
 pub const BATCH_FORMAT: &str = "batch.v1";
+/// A parked batch without its changes: one change alone was larger than
+/// the broker takes, so only the summary (positions, counts) was kept.
+pub const SUMMARY_FORMAT: &str = "summary.v1";
 
 /// A parked batch, as the dead-letter record's payload holds it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -136,9 +139,66 @@ impl ParkedBatch {
         serde_json::to_vec(self).expect("a parked batch serializes")
     }
 
-    /// Parks it: one record in the dead-letter topic, once the broker has it.
+    /// Parks it: one record in the dead-letter topic, once the broker has
+    /// it; or, when that is larger than the broker takes, its halves, each
+    /// a batch of its own (and replayed as one), down to single changes;
+    /// a single change too large is parked as its summary alone.
     pub async fn send(&self, log: &LogProducer) -> Result<(), LogError> {
-        log.dead_letter(&self.sink, &self.key(), &self.to_json(), &self.error, BATCH_FORMAT).await
+        let sent = log.dead_letter(&self.sink, &self.key(), &self.to_json(), &self.error, self.format_name()).await;
+        match sent {
+            Err(e) if e.is_too_large() => {}
+            other => return other,
+        }
+        let Some((a, b)) = self.halves() else {
+            tracing::error!(sink = %self.sink, first = %self.first, "a single parked change is larger than the broker takes; parking its summary only (re-deliver it with pgfanout backfill)");
+            let summary = ParkedBatch {
+                format: SUMMARY_FORMAT.into(),
+                batch: Batch { engagements: Vec::new(), contents: Vec::new() },
+                ..self.clone()
+            };
+            return log.dead_letter(&self.sink, &self.key(), &summary.to_json(), &self.error, SUMMARY_FORMAT).await;
+        };
+        tracing::warn!(sink = %self.sink, first = %self.first, last = %self.last, "parked batch larger than the broker takes; parking it in two halves");
+        Box::pin(a.send(log)).await?;
+        Box::pin(b.send(log)).await
+    }
+
+    fn format_name(&self) -> &'static str {
+        if self.format == SUMMARY_FORMAT {
+            SUMMARY_FORMAT
+        } else {
+            BATCH_FORMAT
+        }
+    }
+
+    /// The batch in two, each half of its engagements and of its content
+    /// changes (a replay applies each by its own position, so the halves
+    /// need not interleave); None for a single change.
+    fn halves(&self) -> Option<(ParkedBatch, ParkedBatch)> {
+        if self.changes < 2 {
+            return None;
+        }
+        let (e, c) = (&self.batch.engagements, &self.batch.contents);
+        // A lone engagement and a lone content change split between them.
+        let (ne, nc) = if e.len() == 1 && c.len() == 1 { (1, 0) } else { (e.len() / 2, c.len() / 2) };
+        let part = |engagements: &[ParkedEngagement], contents: &[ParkedContent]| {
+            let changes = Enriched {
+                origin: self.origin.clone(),
+                engagements: engagements.iter().cloned().map(ParkedEngagement::into_change).collect(),
+                contents: contents.iter().cloned().map(ParkedContent::into_change).collect(),
+                ..Enriched::default()
+            };
+            ParkedBatch::new(&self.sink, &self.tables, &changes, &self.error, self.attempts)
+        };
+        Some((part(&e[..ne], &c[..nc])?, part(&e[ne..], &c[nc..])?))
+    }
+
+    /// The position of a TRUNCATE the batch holds, if any: replayed later,
+    /// it would remove from the sink what was written since.
+    pub fn truncate(&self) -> Option<String> {
+        let e = self.batch.engagements.iter().filter(|c| c.op == Op::Truncate).map(|c| c.position);
+        let c = self.batch.contents.iter().filter(|c| c.op == Op::Truncate).map(|c| c.position);
+        e.chain(c).min().map(|p| p.event_id())
     }
 
     /// The batch as the sink was given it, under `origin` (see
@@ -158,22 +218,34 @@ impl ParkedBatch {
             .batch
             .engagements
             .into_iter()
-            .map(|c| EngagementChange {
-                op: c.op,
-                current: derive(c.current),
-                previous: derive(c.previous),
-                position: c.position,
-                commit_ts: c.commit_ts,
-                replay_digest: c.replay_digest,
+            .map(|c| {
+                let mut change = c.into_change();
+                change.current = derive(change.current);
+                change.previous = derive(change.previous);
+                change
             })
             .collect();
-        let contents = self
-            .batch
-            .contents
-            .into_iter()
-            .map(|c| ContentChange { op: c.op, content: c.content, position: c.position, commit_ts: c.commit_ts })
-            .collect();
+        let contents = self.batch.contents.into_iter().map(ParkedContent::into_change).collect();
         Enriched { origin, engagements, contents, ..Enriched::default() }
+    }
+}
+
+impl ParkedEngagement {
+    fn into_change(self) -> EngagementChange {
+        EngagementChange {
+            op: self.op,
+            current: self.current,
+            previous: self.previous,
+            position: self.position,
+            commit_ts: self.commit_ts,
+            replay_digest: self.replay_digest,
+        }
+    }
+}
+
+impl ParkedContent {
+    fn into_change(self) -> ContentChange {
+        ContentChange { op: self.op, content: self.content, position: self.position, commit_ts: self.commit_ts }
     }
 }
 
@@ -283,6 +355,30 @@ mod tests {
         assert_eq!(json["engagements"], 4);
         assert_eq!(json["batch"]["engagements"][0]["position"], "000010000000200000000001");
         assert_eq!(parked.key(), format!("{}..{}", parked.first, parked.last));
+    }
+
+    #[test]
+    fn a_batch_splits_into_halves_that_together_hold_every_change() {
+        let b = batch();
+        let parked = ParkedBatch::new("clickhouse", "t", &b, "e", 3).unwrap();
+        assert_eq!(parked.truncate().as_deref(), Some("0/3000/0"));
+        let (a, z) = parked.halves().unwrap();
+        assert_eq!((a.changes, z.changes), (2, 3));
+        assert_eq!((a.engagements, a.contents, z.engagements, z.contents), (2, 0, 2, 1));
+        assert_eq!((a.first.as_str(), a.last.as_str()), ("1000/2000/1", "1000/2000/2"));
+        let mut whole = a.clone().into_enriched(None);
+        let rest = z.clone().into_enriched(None);
+        whole.engagements.extend(rest.engagements);
+        whole.contents.extend(rest.contents);
+        assert_eq!(whole, Enriched { origin: None, ..b.clone() });
+        // Down to single changes, never an empty half.
+        let (one, two) = z.halves().unwrap();
+        assert_eq!((one.changes, two.changes), (1, 2));
+        assert!(one.halves().is_none());
+        let (x, y) = two.halves().unwrap();
+        assert_eq!((x.engagements, x.contents, y.engagements, y.contents), (1, 0, 0, 1));
+        assert!(x.halves().is_none());
+        assert_eq!(z.key(), format!("{}..{}", z.first, z.last));
     }
 
     #[test]
