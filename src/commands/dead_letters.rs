@@ -77,6 +77,8 @@ pub struct DeadLetter {
     pub replayed_at: Option<DateTime<Utc>>,
     /// Why `replay` cannot re-deliver it (None: it can).
     pub not_replayable: Option<String>,
+    /// The record's key (`<first>..<last>`, or a change's position).
+    pub key: Option<String>,
     #[serde(skip)]
     payload: Vec<u8>,
 }
@@ -113,10 +115,14 @@ impl DeadLetter {
             last,
             changes,
             parked_at,
-            replayed_at: replayed.get(&marker_key(r.partition, r.offset)).map(|m| m.replayed_at),
+            replayed_at: replayed
+                .get(&marker_key(r.partition, r.offset))
+                .filter(|m| m.key == r.key && m.sink == sink)
+                .map(|m| m.replayed_at),
             not_replayable,
             format,
             sink,
+            key: r.key,
             payload: r.payload,
         }
     }
@@ -167,11 +173,14 @@ fn why_not_replayable(sink: &str, format: Option<&str>, payload: &[u8]) -> Optio
     }
 }
 
-/// What `<prefix>dead_letter.replayed` holds per replayed record.
+/// What `<prefix>dead_letter.replayed` holds per replayed record. It names
+/// the record by its key too: a dead-letter topic deleted and made again
+/// starts its offsets over, and its new records are not the replayed ones.
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 struct Replayed {
     partition: i32,
     offset: i64,
+    key: Option<String>,
     sink: String,
     replayed_at: DateTime<Utc>,
 }
@@ -379,7 +388,13 @@ async fn redeliver(log: &LogProducer, sink: &dyn Sink, d: &DeadLetter) -> Result
         tracing::error!(sink = sink.name(), record = %marker_key(d.partition, d.offset), error = %e, "replaying a dead letter failed; it stays parked");
         return Ok(Outcome::Failed(e.to_string()));
     }
-    let marker = Replayed { partition: d.partition, offset: d.offset, sink: d.sink.clone(), replayed_at: Utc::now() };
+    let marker = Replayed {
+        partition: d.partition,
+        offset: d.offset,
+        key: d.key.clone(),
+        sink: d.sink.clone(),
+        replayed_at: Utc::now(),
+    };
     let payload = serde_json::to_vec(&marker).expect("a marker serializes");
     log.record_replayed(&marker_key(d.partition, d.offset), &payload).await?;
     if let Err(e) = sink.forget_origin(&origin).await {
@@ -519,12 +534,20 @@ mod tests {
         assert_eq!((old.positions(), old.changes), ("0/1/1..0/2/4".to_string(), Some(5)));
         assert!(old.not_replayable.as_deref().is_some_and(|w| w.contains("older pgfanout")));
 
-        let marked = BTreeMap::from([(
-            marker_key(0, 7),
-            Replayed { partition: 0, offset: 7, sink: "http".into(), replayed_at: now() },
-        )]);
+        let marker = |key: &str| Replayed {
+            partition: 0,
+            offset: 7,
+            key: Some(key.into()),
+            sink: "http".into(),
+            replayed_at: now(),
+        };
+        let marked = BTreeMap::from([(marker_key(0, 7), marker(&parked.key()))]);
         let done = DeadLetter::of(record("http", Some(BATCH_FORMAT), &parked.key(), &parked.to_json()), &marked);
         assert_eq!(done.replayed_at, Some(now()));
+        // A record at the same offset of a topic made again is another one.
+        let other = BTreeMap::from([(marker_key(0, 7), marker("0/1/1..0/1/2"))]);
+        let fresh = DeadLetter::of(record("http", Some(BATCH_FORMAT), &parked.key(), &parked.to_json()), &other);
+        assert_eq!(fresh.replayed_at, None);
         let table = render(&[batch, log, done]);
         assert!(table.contains("3 dead letters, 1 waiting for replay"), "{table}");
         assert!(table.contains("0/7 (log): a change whose envelope"), "{table}");
