@@ -1,4 +1,4 @@
-//! The command line: `init`, `run`, `status`, `snapshot`, `backfill`, `generate`.
+//! The command line: `init`, `run`, `status`, `snapshot`, `backfill`, `generate`, `dead-letters`.
 
 use std::path::PathBuf;
 
@@ -96,6 +96,33 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
+    /// What the sinks parked in the dead-letter topic, and its re-delivery once the cause is fixed.
+    DeadLetters {
+        #[command(subcommand)]
+        action: DeadLettersAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeadLettersAction {
+    /// One line per parked record: sink, reason, positions, time parked, replayed or not.
+    List {
+        /// Only what this sink parked (clickhouse, redis, http; log and enrich for changes no sink got).
+        #[arg(long)]
+        sink: Option<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-deliver each parked batch to its sink (the sink's own idempotent write) and record it
+    /// as replayed, so a second run changes nothing; exit 1 if any fails again (it stays parked).
+    Replay {
+        #[arg(long)]
+        sink: Option<String>,
+        /// Only what was parked since: an RFC 3339 time or a duration back from now (2h, 30m, 7d).
+        #[arg(long, value_parser = pgfanout::commands::dead_letters::parse_since)]
+        since: Option<chrono::DateTime<chrono::Utc>>,
+    },
 }
 
 /// How `snapshot` and `backfill` read tables.
@@ -178,6 +205,23 @@ async fn main() -> anyhow::Result<()> {
             };
             let n = pgfanout::commands::generate::run(&client, &w).await.context("writing the workload")?;
             println!("{n}");
+        }
+        Command::DeadLetters { action: DeadLettersAction::List { sink, json } } => {
+            let filter = pgfanout::commands::dead_letters::Filter { sink, since: None };
+            let letters = pgfanout::commands::dead_letters::list(&cfg, &filter).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&letters)?);
+            } else {
+                print!("{}", pgfanout::commands::dead_letters::render(&letters));
+            }
+        }
+        Command::DeadLetters { action: DeadLettersAction::Replay { sink, since } } => {
+            let filter = pgfanout::commands::dead_letters::Filter { sink, since };
+            let report = pgfanout::commands::dead_letters::replay(&cfg, &filter).await?;
+            print!("{}", report.render());
+            if report.failed() > 0 {
+                std::process::exit(1);
+            }
         }
     }
     Ok(())

@@ -193,7 +193,8 @@ async fn redis_applies_every_batch_of_a_transaction_past_a_million_changes() {
     use pgfanout::source::{Op, Position};
     let t = TestEnv::builder(&pg_versions()[0]).sinks(&[support::Sink::Redis]).build().await;
     use pgfanout::sinks::Sink;
-    let sink = pgfanout::sinks::redis::RedisSink::new(t.cfg.redis.as_ref().unwrap(), None).unwrap();
+    let sink = pgfanout::sinks::redis::RedisSink::new(t.cfg.redis.as_ref().unwrap(), &pgfanout::sinks::Refused::Stall)
+        .unwrap();
     let batch = |ordinal: u32| Enriched {
         engagements: vec![EngagementChange {
             op: Op::Create,

@@ -122,7 +122,8 @@ async fn no_sink_is_refused_unless_the_run_is_log_only() {
     t.cfg.clickhouse = None;
     t.cfg.redis = None;
     t.cfg.http = None;
-    let e = pgfanout::sinks::build(&t.cfg, None).err().expect("no sink is an error").to_string();
+    let e =
+        pgfanout::sinks::build(&t.cfg, pgfanout::sinks::Refused::Stall).err().expect("no sink is an error").to_string();
     assert!(e.contains("no sink is configured") && e.contains("log_only"), "{e}");
     // Log-only: the slot moves once the broker has the changes.
     t.cfg.pipeline.log_only = true;

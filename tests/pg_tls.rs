@@ -3,7 +3,8 @@
 //! the pipeline streams with `sslmode=verify-full` (password or client
 //! certificate), and each failure (unknown CA, wrong host name, a plain
 //! connection, a refused or missing client certificate, a server without
-//! TLS) is an error naming the connection, SQL or replication, and why.
+//! TLS) is an error naming the connection, SQL or replication, and why;
+//! with several hosts, verify-full checks the name of the host chosen.
 
 mod support;
 
@@ -302,5 +303,35 @@ async fn a_server_without_tls_is_named_and_prefer_falls_back() {
         let prefer = format!("{url}?sslmode=prefer");
         pgfanout::source::slot::connect(&prefer).await.expect("prefer falls back to plain");
         replication(&t, &prefer).await.expect("prefer falls back to plain on the replication connection");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_several_hosts_verify_full_checks_the_name_of_the_host_chosen() {
+    for v in pg_versions() {
+        let s = TlsServer::start(&v).await;
+        let t = TestEnv::builder(&v).on_server(&s.admin_url()).build().await;
+        let port = s.pg.port;
+        // The same server twice: first by an address its certificate does
+        // not name (passed over), then by the name it holds.
+        let hosts = |list: &str| {
+            format!(
+                "host={list} port={port} user=pgfanout password={TLS_PG_PASSWORD} dbname={} {}",
+                t.name,
+                keys("verify-full", &s.ca.cert())
+            )
+        };
+        let url = hosts("127.0.0.1,localhost");
+        let (_, chosen) = pgfanout::source::slot::connect_primary(&url)
+            .await
+            .unwrap_or_else(|e| panic!("PG {v}: the host whose name the certificate holds: {e}"));
+        assert_eq!(chosen.to_string(), format!("localhost:{port}"), "PG {v}");
+        replication(&t, &url).await.unwrap_or_else(|e| panic!("PG {v}: the replication connection to it: {e}"));
+
+        let err = sql_error(&hosts("127.0.0.1,127.0.0.1")).await;
+        let mismatch = format!(
+            "127.0.0.1:{port}: SQL connection to 127.0.0.1:{port} failed the TLS handshake (sslmode=verify-full): the server's certificate is not valid for the host name 127.0.0.1"
+        );
+        assert_says(&err, &["found no primary among the hosts of source.url", &mismatch]);
     }
 }

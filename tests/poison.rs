@@ -5,14 +5,17 @@
 //! parked in the dead-letter topic after `permanent_attempts`, with the
 //! error and its change positions, and the stream goes on: Redis gets the
 //! event, the slot moves past it, later events reach ClickHouse once the
-//! column is fixed. With `"stall"` the pipeline stops at the batch and
-//! alerts, the slot stays before it, and once the column is fixed the batch
-//! is written: nothing is lost.
+//! column is fixed, and `dead-letters replay` (refused again before the
+//! fix, reported and left parked) delivers the parked batch after it.
+//! With `"stall"` the pipeline stops at the batch and alerts, the slot
+//! stays before it, and once the column is fixed the batch is written:
+//! nothing is lost.
 
 mod support;
 
 use std::time::Duration;
 
+use pgfanout::commands::dead_letters::{self, Filter, Outcome};
 use pgfanout::config::OnPermanentError;
 use redis::AsyncCommands;
 use serde_json::Value as Json;
@@ -119,6 +122,11 @@ async fn parked(v: &str, logs: &logs::Logs) {
     wait_until("the slot acknowledged event 2", WAIT, || async { t.confirmed_flush_lsn().await >= end }).await;
     assert_eq!(redis_ids(&t).await, vec![1, 2], "PG {v}");
     assert!(ch_event(&t, 2).await.is_none(), "PG {v}: the parked batch is not in ClickHouse");
+    // Replayed before the fix: refused again, reported, still parked.
+    let clickhouse = Filter { sink: Some("clickhouse".into()), since: None };
+    let report = dead_letters::replay(&t.cfg, &clickhouse).await.unwrap();
+    assert_eq!(report.failed(), 1, "PG {v}: {}", report.render());
+    assert!(report.render().contains("duration_ms"), "PG {v}: {}", report.render());
 
     // Fixed: later events reach ClickHouse, with PostgreSQL's values.
     t.ch().query(FIX).execute().await.expect("changing the column type back");
@@ -126,6 +134,12 @@ async fn parked(v: &str, logs: &logs::Logs) {
     wait_until("ClickHouse holds event 3", WAIT, || async { ch_event(&t, 3).await.is_some() }).await;
     assert_eq!(ch_event(&t, 3).await, Some((Some(18_000), Some(pg_percent(&t, 3).await))), "PG {v}");
     wait_until("the slot acknowledged everything", WAIT, || async { t.confirmed_flush_lsn().await >= end }).await;
+    assert_eq!(redis_ids(&t).await, vec![1, 2, 3], "PG {v}");
+    // And the parked batch, replayed: ClickHouse gets event 2, Redis (which
+    // had it) is left alone.
+    let report = dead_letters::replay(&t.cfg, &clickhouse).await.unwrap();
+    assert_eq!(report.count(|o| *o == Outcome::Replayed), 1, "PG {v}: {}", report.render());
+    assert_eq!(ch_event(&t, 2).await, Some((Some(12_000), Some(pg_percent(&t, 2).await))), "PG {v}");
     assert_eq!(redis_ids(&t).await, vec![1, 2, 3], "PG {v}");
     assert!(t.pipeline_is_running());
     t.stop().await;

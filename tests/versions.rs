@@ -68,7 +68,11 @@ fn batch(position: Position, duration_ms: i32, title: &str) -> Enriched {
 async fn clickhouse_orders_versions_above_bit_64() {
     let t = TestEnv::builder(&pg_versions()[0]).sinks(&[support::Sink::ClickHouse]).build().await;
     use pgfanout::sinks::Sink;
-    let sink = pgfanout::sinks::clickhouse::ClickHouseSink::new(t.cfg.clickhouse.as_ref().unwrap(), None).unwrap();
+    let sink = pgfanout::sinks::clickhouse::ClickHouseSink::new(
+        t.cfg.clickhouse.as_ref().unwrap(),
+        &pgfanout::sinks::Refused::Stall,
+    )
+    .unwrap();
     let high = Position { commit_lsn: 0x2_0000_0010, ordinal: 1 };
     let low = Position { commit_lsn: 0x1_0000_0010, ordinal: 1 };
     assert_eq!(high.version() as u64, low.version() as u64, "the test needs versions apart only above bit 64");

@@ -60,7 +60,7 @@ async fn apply(cfg: &Config, with_source_schema: bool) -> Result<(), InitError> 
     crate::enrich::journal::prepare(&pg, &cfg.source).await?;
 
     // Each configured sink's tables (ClickHouse's database and tables).
-    for sink in crate::sinks::build(cfg, None)? {
+    for sink in crate::sinks::build(cfg, crate::sinks::Refused::Stall)? {
         sink.init().await?;
     }
 

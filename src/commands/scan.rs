@@ -154,7 +154,11 @@ where
     let total_rows: u64 = job.chunks.iter().map(|c| c.rows).sum();
     let progress = ScanProgress::new(what, total_rows);
     let logger = progress.spawn_logger(Duration::from_secs(5));
-    let sinks = if log_only { Vec::new() } else { crate::sinks::build(&job.cfg, None).map_err(PipelineError::from)? };
+    let sinks = if log_only {
+        Vec::new()
+    } else {
+        crate::sinks::build(&job.cfg, crate::sinks::Refused::Stall).map_err(PipelineError::from)?
+    };
     let origin_of = |c: &Chunk| (job.options)(c).origin;
     let origins: HashMap<u32, Option<String>> = job.chunks.iter().map(|c| (c.seq, origin_of(c))).collect();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Chunk>();

@@ -120,7 +120,7 @@ pub async fn check(cfg: &Config) -> anyhow::Result<Report> {
     };
     let slot = slot_report(&pg, &cfg.source.slot).await?;
     // Each configured sink, through its `Sink::probe`; the broker beside them.
-    let configured = crate::sinks::build(cfg, None)?;
+    let configured = crate::sinks::build(cfg, crate::sinks::Refused::Stall)?;
     let probes = configured.iter().map(|s| {
         probe(s.name(), async move {
             let p = s.probe().await?;

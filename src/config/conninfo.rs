@@ -1,11 +1,18 @@
-//! libpq's TLS keys in a connection string. tokio-postgres parses the rest
-//! of `source.url` but knows only `sslmode=disable|prefer|require` and
-//! refuses `sslrootcert`, `sslcert` and `sslkey`, so they are taken out
-//! here (from a URL's query or a key=value string, as libpq reads them),
-//! and `[source]` keys of the same names are folded back in. Pure: no I/O.
+//! libpq's TLS keys in a connection string, and the servers it names.
+//! tokio-postgres parses the rest of `source.url` but knows only
+//! `sslmode=disable|prefer|require` and refuses `sslrootcert`, `sslcert`
+//! and `sslkey`, so they are taken out here (from a URL's query or a
+//! key=value string, as libpq reads them), and `[source]` keys of the same
+//! names are folded back in. A multi-host string (`host=h1,h2 port=p1,p2`,
+//! `postgres://h1:p1,h2:p2/db`) is cut into its servers ([`endpoints`]),
+//! so that pgfanout can choose the primary among them and open every
+//! connection, the replication one too, to that one server. Pure: no I/O.
 
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
+
+use tokio_postgres::config::{Host, TargetSessionAttrs};
 
 use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use serde::{Deserialize, Serialize};
@@ -109,6 +116,12 @@ pub enum ConninfoError {
     Value { key: &'static str, why: &'static str },
     #[error("key=value connection string: {0}")]
     KeyValue(&'static str),
+    #[error("the connection string names no host (give host or hostaddr)")]
+    NoHost,
+    #[error("the connection string names {hosts} hosts but {other}: give one per host")]
+    HostCounts { hosts: usize, other: String },
+    #[error("target_session_attrs=read-only asks for a standby, but pgfanout reads its slot and writes its state on the primary: use read-write, or leave it out (pgfanout always picks the primary among the hosts)")]
+    ReadOnlyTarget,
     // tokio-postgres's parse errors name the option, never its value.
     #[error(transparent)]
     Parse(#[from] tokio_postgres::Error),
@@ -180,8 +193,130 @@ impl Split {
         if pg.get_ssl_negotiation() == tokio_postgres::config::SslNegotiation::Direct {
             return Err(ConninfoError::DirectNegotiation);
         }
+        if pg.get_target_session_attrs() == TargetSessionAttrs::ReadOnly {
+            return Err(ConninfoError::ReadOnlyTarget);
+        }
         Ok(pg)
     }
+}
+
+/// One server of a connection string, with the port and `hostaddr` that
+/// go with it (libpq pairs the lists by position; one port serves all).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    /// `host`: a name or address over TCP, or a Unix socket directory;
+    /// None when only `hostaddr` is given.
+    pub host: Option<Host>,
+    /// libpq's `hostaddr`: the address to connect to, while the
+    /// certificate is checked against `host`.
+    pub hostaddr: Option<IpAddr>,
+    pub port: u16,
+}
+
+impl Endpoint {
+    pub fn is_tcp(&self) -> bool {
+        self.hostaddr.is_some() || matches!(self.host, Some(Host::Tcp(_)))
+    }
+
+    /// The name the server's certificate must hold: the host's, else the
+    /// address (or the socket directory, where TLS is not used).
+    pub fn name(&self) -> String {
+        match (&self.host, self.hostaddr) {
+            (Some(Host::Tcp(h)), _) => h.clone(),
+            (Some(Host::Unix(p)), _) => p.display().to_string(),
+            (None, Some(addr)) => addr.to_string(),
+            (None, None) => String::new(),
+        }
+    }
+
+    /// Where to connect: `hostaddr` when given, else the host.
+    pub fn dial(&self) -> String {
+        self.hostaddr.map_or_else(|| self.name(), |a| a.to_string())
+    }
+
+    /// `pg` (every setting of it) connecting to this server alone.
+    pub fn config(&self, pg: &tokio_postgres::Config) -> tokio_postgres::Config {
+        let mut one = tokio_postgres::Config::new();
+        if let Some(user) = pg.get_user() {
+            one.user(user);
+        }
+        if let Some(password) = pg.get_password() {
+            one.password(password);
+        }
+        if let Some(dbname) = pg.get_dbname() {
+            one.dbname(dbname);
+        }
+        if let Some(options) = pg.get_options() {
+            one.options(options);
+        }
+        if let Some(name) = pg.get_application_name() {
+            one.application_name(name);
+        }
+        if let Some(t) = pg.get_connect_timeout() {
+            one.connect_timeout(*t);
+        }
+        if let Some(t) = pg.get_tcp_user_timeout() {
+            one.tcp_user_timeout(*t);
+        }
+        if let Some(i) = pg.get_keepalives_interval() {
+            one.keepalives_interval(i);
+        }
+        if let Some(r) = pg.get_keepalives_retries() {
+            one.keepalives_retries(r);
+        }
+        one.ssl_mode(pg.get_ssl_mode())
+            .ssl_negotiation(pg.get_ssl_negotiation())
+            .keepalives(pg.get_keepalives())
+            .keepalives_idle(pg.get_keepalives_idle())
+            .target_session_attrs(pg.get_target_session_attrs())
+            .channel_binding(pg.get_channel_binding())
+            .load_balance_hosts(pg.get_load_balance_hosts())
+            .port(self.port);
+        match &self.host {
+            Some(Host::Tcp(h)) => {
+                one.host(h);
+            }
+            Some(Host::Unix(p)) => {
+                one.host_path(p);
+            }
+            None => {}
+        }
+        if let Some(addr) = self.hostaddr {
+            one.hostaddr(addr);
+        }
+        one
+    }
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.name(), self.port)
+    }
+}
+
+/// The servers `pg` names, in the order libpq tries them: one per host (or
+/// per `hostaddr` when no host is given), each with its port (a single
+/// port serves every host; none is 5432). Counts that do not pair up are
+/// refused, as libpq refuses them.
+pub fn endpoints(pg: &tokio_postgres::Config) -> Result<Vec<Endpoint>, ConninfoError> {
+    let (hosts, addrs, ports) = (pg.get_hosts(), pg.get_hostaddrs(), pg.get_ports());
+    let n = hosts.len().max(addrs.len());
+    if n == 0 {
+        return Err(ConninfoError::NoHost);
+    }
+    if !hosts.is_empty() && !addrs.is_empty() && hosts.len() != addrs.len() {
+        return Err(ConninfoError::HostCounts { hosts: hosts.len(), other: format!("{} hostaddrs", addrs.len()) });
+    }
+    if ports.len() > 1 && ports.len() != n {
+        return Err(ConninfoError::HostCounts { hosts: n, other: format!("{} ports", ports.len()) });
+    }
+    Ok((0..n)
+        .map(|i| Endpoint {
+            host: hosts.get(i).cloned(),
+            hostaddr: addrs.get(i).copied(),
+            port: ports.get(i).or(ports.first()).copied().unwrap_or(5432),
+        })
+        .collect())
 }
 
 /// `conninfo` with the keys `over` sets replacing its own: how `[source]`'s
@@ -369,6 +504,65 @@ mod tests {
         // Nothing to fold: the string is left exactly as it was.
         let plain = "postgres://u@h/db?sslmode=disable";
         assert_eq!(with_tls_keys(plain, &TlsKeys::default()).unwrap(), plain);
+    }
+
+    fn servers(conninfo: &str) -> Vec<String> {
+        let pg = split(conninfo).unwrap().pg_config().unwrap();
+        endpoints(&pg).unwrap().iter().map(|e| e.to_string()).collect()
+    }
+
+    #[test]
+    fn multi_host_strings_name_each_server_with_its_port() {
+        assert_eq!(
+            servers("postgresql://u@h1:5433,h2:5434/db?target_session_attrs=read-write"),
+            ["h1:5433", "h2:5434"]
+        );
+        assert_eq!(servers("host=h1,h2 port=5433,5434 dbname=db"), ["h1:5433", "h2:5434"]);
+        // One port for every host; none is 5432.
+        assert_eq!(servers("host=h1,h2,h3 port=6000"), ["h1:6000", "h2:6000", "h3:6000"]);
+        assert_eq!(servers("postgres://u@h1,h2/db"), ["h1:5432", "h2:5432"]);
+        // hostaddr: the name stays the host's (what the certificate must hold).
+        let pg = split("host=a.example,b.example hostaddr=10.0.0.1,10.0.0.2 port=1,2").unwrap().pg_config().unwrap();
+        let e = endpoints(&pg).unwrap();
+        assert_eq!(
+            (e[1].name(), e[1].dial(), e[1].port, e[1].is_tcp()),
+            ("b.example".into(), "10.0.0.2".into(), 2, true)
+        );
+        let only_addr = endpoints(&split("hostaddr=10.0.0.9").unwrap().pg_config().unwrap()).unwrap();
+        assert_eq!((only_addr[0].name(), only_addr[0].host.clone()), ("10.0.0.9".into(), None));
+        let unix = endpoints(&split("host=/run/pg port=5433").unwrap().pg_config().unwrap()).unwrap();
+        assert!(!unix[0].is_tcp());
+    }
+
+    #[test]
+    fn counts_that_do_not_pair_up_are_refused() {
+        let err = |s: &str| endpoints(&split(s).unwrap().pg_config().unwrap()).unwrap_err().to_string();
+        assert!(err("host=h1,h2,h3 port=1,2").contains("3 hosts but 2 ports"), "{}", err("host=h1,h2,h3 port=1,2"));
+        assert!(err("host=h1,h2 hostaddr=10.0.0.1").contains("2 hosts but 1 hostaddrs"));
+        assert!(matches!(endpoints(&tokio_postgres::Config::new()), Err(ConninfoError::NoHost)));
+        let ro = split("host=h1,h2 target_session_attrs=read-only").unwrap().pg_config();
+        assert!(matches!(ro, Err(ConninfoError::ReadOnlyTarget)));
+    }
+
+    #[test]
+    fn a_server_s_config_is_the_string_with_that_host_alone() {
+        let multi = split(
+            "postgresql://u:pw@h1:5433,h2:5434/db?target_session_attrs=read-write&connect_timeout=3&application_name=a&options=-c%20x%3D1&keepalives_idle=30",
+        )
+        .unwrap()
+        .pg_config()
+        .unwrap();
+        let second = &endpoints(&multi).unwrap()[1];
+        let alone = split(
+            "postgresql://u:pw@h2:5434/db?target_session_attrs=read-write&connect_timeout=3&application_name=a&options=-c%20x%3D1&keepalives_idle=30",
+        )
+        .unwrap()
+        .pg_config()
+        .unwrap();
+        assert_eq!(second.config(&multi), alone);
+        let kv = split("host=a,b hostaddr=10.0.0.1,10.0.0.2 port=1,2 user=u").unwrap().pg_config().unwrap();
+        let want = split("host=b hostaddr=10.0.0.2 port=2 user=u").unwrap().pg_config().unwrap();
+        assert_eq!(endpoints(&kv).unwrap()[1].config(&kv), want);
     }
 
     #[test]

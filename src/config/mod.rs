@@ -70,6 +70,7 @@ impl Config {
             .source
             .url_with_tls_keys()
             .map_err(|e| ConfigError(Box::new(figment::Error::from(format!("source.url / source.ssl*: {e}")))))?;
+        cfg.source.check_socket_dir().map_err(|e| ConfigError(Box::new(figment::Error::from(e))))?;
         // A secret that cannot sign fails here, at start, not at the first batch.
         if let Some(http) = &cfg.http {
             http.signing_key().map_err(|e| ConfigError(Box::new(figment::Error::from(e.to_string()))))?;
@@ -82,11 +83,14 @@ impl Config {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SourceConfig {
-    /// libpq-style URL or key=value string; the password inside is never logged.
+    /// libpq-style URL or key=value string; the password inside is never
+    /// logged. With several hosts (`postgres://h1:p1,h2:p2/db`), every
+    /// connection goes to the first that is a primary (after a promotion,
+    /// the promoted standby).
     pub url: Secret,
     /// Connect the replication stream over this Unix socket directory instead
     /// of TCP (faster next to PostgreSQL: the walsender spends most of its time
-    /// in send()).
+    /// in send()). Only with one host in `url`.
     #[serde(default)]
     pub socket_dir: Option<String>,
     #[serde(default = "default_slot")]
@@ -160,6 +164,23 @@ impl SourceConfig {
             sslkey: self.sslkey.clone(),
         };
         conninfo::with_tls_keys(self.url.expose(), &keys).map(Secret)
+    }
+
+    /// `socket_dir` with a multi-host `url` is refused: the socket reaches
+    /// only the server beside pgfanout, while the primary, which the
+    /// replication connection must reach, is whichever of the hosts holds
+    /// that role (a promotion moves it).
+    pub fn check_socket_dir(&self) -> Result<(), String> {
+        let Some(dir) = &self.socket_dir else { return Ok(()) };
+        // A string that does not parse fails at the first connection, with its own error.
+        let hosts = conninfo::split(self.url.expose())
+            .and_then(|s| s.pg_config())
+            .and_then(|pg| conninfo::endpoints(&pg))
+            .map_or(1, |e| e.len());
+        if hosts > 1 {
+            return Err(format!("source.socket_dir ({dir}) cannot be used with {hosts} hosts in source.url: the replication connection goes to whichever host is the primary; remove socket_dir, or list one host"));
+        }
+        Ok(())
     }
 
     /// The protocol version to ask a server of version `server_version_num` for.
@@ -684,6 +705,22 @@ mod tests {
             jail.set_env("PGFANOUT_SOURCE__SSLMODE", "verify");
             let err = Config::load(Some(Path::new("p.toml"))).unwrap_err().to_string().to_lowercase();
             assert!(err.contains("source.sslmode") && err.contains("verify-full"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail API returns its own error
+    fn socket_dir_is_refused_with_several_hosts() {
+        figment::Jail::expect_with(|jail| {
+            let file = |url: &str| {
+                format!("[source]\nurl = \"{url}\"\nsocket_dir = \"/run/pg\"\n[log]\nbrokers = \"b:9092\"\n")
+            };
+            jail.create_file("one.toml", &file("postgres://u@db1:5432/app"))?;
+            Config::load(Some(Path::new("one.toml"))).expect("one host with socket_dir");
+            jail.create_file("two.toml", &file("postgres://u@db1:5432,db2:5432/app?target_session_attrs=read-write"))?;
+            let err = Config::load(Some(Path::new("two.toml"))).unwrap_err().to_string();
+            assert!(err.contains("source.socket_dir (/run/pg) cannot be used with 2 hosts"), "{err}");
             Ok(())
         });
     }

@@ -9,7 +9,7 @@ pub mod journal;
 
 pub use content::{Content, ContentDim, ContentError, ContentVersion, VersionKind};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::source::values::Value;
@@ -72,7 +72,7 @@ fn percent_hundredths(duration_ms: i32, length_seconds: i32) -> Option<i64> {
 
 /// One enriched engagement event: the row as stored in ClickHouse, streamed
 /// to Redis and posted to the HTTP system.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct EngagementRow {
     pub event_id: i64,
     pub content_id: Option<Uuid>,

@@ -3,12 +3,15 @@
 //! read the same stream and nothing depends on the sidecar's memory.
 //! `envelope` is a change's record, `records` what a batch becomes (with
 //! tombstones and transaction records), `tail` what the log already holds,
-//! `producer` sends it.
+//! `producer` sends it, `reader` reads a topic back (the dead-letter topic,
+//! for `pgfanout dead-letters`).
 
 pub mod envelope;
 pub mod producer;
+pub mod reader;
 pub mod records;
 pub mod tail;
 
 pub use producer::{LogError, LogProducer};
+pub use reader::{read_to_end, LogRecord};
 pub use records::Publish;

@@ -38,6 +38,21 @@ pub enum LogError {
     CreateTopic { topic: String, reason: String },
     #[error("reading what topic {topic} already holds failed: {reason}")]
     Tail { topic: String, reason: String },
+    #[error("reading topic {topic} failed: {source}")]
+    Read { topic: String, source: KafkaError },
+    #[error("reading topic {topic}: nothing arrived for 30 s, {left} still unread; is the broker up?")]
+    ReadStalled { topic: String, left: String },
+}
+
+impl LogError {
+    /// The broker (or librdkafka's own `message.max.bytes`) refused the
+    /// message for its size: no retry helps, a smaller one may pass.
+    pub fn is_too_large(&self) -> bool {
+        matches!(
+            self,
+            LogError::Produce { source: KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge), .. }
+        )
+    }
 }
 
 pub struct LogProducer {
@@ -332,16 +347,29 @@ impl LogProducer {
             }
         }
         let payload = serde_json::to_vec(&value).unwrap_or_default();
-        self.dead_letter("log", &c.position.event_id(), &payload, &reason).await
+        self.dead_letter("log", &c.position.event_id(), &payload, &reason, ENVELOPE_FORMAT).await
     }
 
     /// Parks a payload that a sink could never deliver, with the reason, in
-    /// the dead-letter topic. Counts as delivered only once the broker has it.
-    pub async fn dead_letter(&self, sink: &str, key: &str, payload: &[u8], error: &str) -> Result<(), LogError> {
+    /// the dead-letter topic: headers [`SINK_HEADER`], [`ERROR_HEADER`],
+    /// [`FORMAT_HEADER`] (`format`: how the payload reads, so `pgfanout
+    /// dead-letters` knows what it can replay) and [`PARKED_AT_HEADER`].
+    /// Counts as delivered only once the broker has it.
+    pub async fn dead_letter(
+        &self,
+        sink: &str,
+        key: &str,
+        payload: &[u8],
+        error: &str,
+        format: &str,
+    ) -> Result<(), LogError> {
         let topic = dead_letter_topic(&self.cfg.topic_prefix);
+        let parked_at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
         let headers = OwnedHeaders::new()
-            .insert(Header { key: "pgfanout.sink", value: Some(sink) })
-            .insert(Header { key: "pgfanout.error", value: Some(error) });
+            .insert(Header { key: SINK_HEADER, value: Some(sink) })
+            .insert(Header { key: ERROR_HEADER, value: Some(error) })
+            .insert(Header { key: FORMAT_HEADER, value: Some(format) })
+            .insert(Header { key: PARKED_AT_HEADER, value: Some(&parked_at) });
         let record = FutureRecord::to(&topic).key(key).payload(payload).headers(headers);
         self.producer()
             .send(record, Duration::from_secs(300))
@@ -349,10 +377,43 @@ impl LogProducer {
             .map(|_| crate::observe::metrics::dead_letter(sink))
             .map_err(|(source, _)| LogError::Produce { topic, source })
     }
+
+    /// Records that the dead-letter record `key` (its `<partition>/<offset>`)
+    /// was re-delivered, in [`replayed_topic`]; returns once the broker has it.
+    pub async fn record_replayed(&self, key: &str, payload: &[u8]) -> Result<(), LogError> {
+        let topic = replayed_topic(&self.cfg.topic_prefix);
+        let record = FutureRecord::to(&topic).key(key).payload(payload);
+        self.producer()
+            .send(record, Duration::from_secs(300))
+            .await
+            .map(|_| ())
+            .map_err(|(source, _)| LogError::Produce { topic, source })
+    }
 }
+
+/// Which sink parked a dead-letter record (`log` and `enrich` for what
+/// never reached a sink).
+pub const SINK_HEADER: &str = "pgfanout.sink";
+/// Why it was parked: the last error.
+pub const ERROR_HEADER: &str = "pgfanout.error";
+/// How its payload reads: [`ENVELOPE_FORMAT`], or a sink batch's format
+/// (`sinks::parked`). Records parked before this header existed have none.
+pub const FORMAT_HEADER: &str = "pgfanout.format";
+/// When it was parked, RFC 3339 in UTC.
+pub const PARKED_AT_HEADER: &str = "pgfanout.parked_at";
+/// A change's envelope as the log carries it (large values left out for
+/// the log's own records): it identifies the row and its position, to be
+/// re-read from PostgreSQL; no sink input, so not replayable.
+pub const ENVELOPE_FORMAT: &str = "envelope";
 
 pub fn dead_letter_topic(prefix: &str) -> String {
     format!("{prefix}dead_letter")
+}
+
+/// Where `pgfanout dead-letters replay` records each dead-letter record it
+/// re-delivered, keyed `<partition>/<offset>` of that record.
+pub fn replayed_topic(prefix: &str) -> String {
+    format!("{prefix}dead_letter.replayed")
 }
 
 /// Creates the topics that are missing (existing ones are left as they are).

@@ -52,7 +52,7 @@ impl Delivery {
     ) -> Result<Self, PipelineError> {
         producer::ensure_topics(&cfg.log, &topics(cfg)).await?;
         let log = Arc::new(LogProducer::new(&cfg.log, database)?);
-        let sinks = sinks::build(cfg, Some(log.clone()))?;
+        let sinks = sinks::build(cfg, sinks::Refused::Park(log.clone()))?;
         for sink in &sinks {
             sink.connect().await?;
         }
@@ -97,7 +97,9 @@ impl Delivery {
             tracing::error!(table = %change.table, position = %change.position, key = %change.key.to_json(), reason = %reason, "change cannot be enriched; parking it in the dead-letter topic");
             observe::error("enrich");
             let payload = crate::log::envelope::to_vec(change, "", chrono::Utc::now().timestamp_millis(), None);
-            self.log.dead_letter("enrich", &change.position.event_id(), &payload, reason).await?;
+            self.log
+                .dead_letter("enrich", &change.position.event_id(), &payload, reason, producer::ENVELOPE_FORMAT)
+                .await?;
         }
         Ok(Some(enriched))
     }

@@ -7,6 +7,7 @@
 pub mod clickhouse;
 pub mod file;
 pub mod http;
+pub mod parked;
 pub mod redis;
 pub mod tls;
 
@@ -14,7 +15,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::config::{Config, SourceConfig};
+use crate::config::{Config, OnPermanentError, SourceConfig};
 use crate::enrich::{EngagementChange, EngagementRow, Enriched};
 use crate::log::LogProducer;
 use crate::source::{Op, Position};
@@ -137,19 +138,53 @@ impl Boundary {
     }
 }
 
-/// The configured sinks, in the order of their lanes. `dead_letter`: where
-/// sinks park batches they refuse for good (None: `status` and `init`, which
-/// never write, and a permanent error stalls).
-pub fn build(cfg: &Config, dead_letter: Option<Arc<LogProducer>>) -> Result<Vec<Arc<dyn Sink>>, SinkError> {
+/// What a sink does with a batch it gives up on: refused for good
+/// (`permanent_attempts`), or the webhook's `max_attempts` spent.
+#[derive(Clone)]
+pub enum Refused {
+    /// Park it in this dead-letter topic and go on (`run`), or with
+    /// `on_permanent_error = "stall"` retry a refusal for ever.
+    Park(Arc<LogProducer>),
+    /// No dead-letter topic (`status` and `init`, which never write; scans):
+    /// ClickHouse and Redis retry a refusal for ever, the webhook returns it.
+    Stall,
+    /// Return it as the write's `Err` after `permanent_attempts`, whatever
+    /// `on_permanent_error` says (`dead-letters replay`: the record stays
+    /// parked and the command reports the new error).
+    Return,
+}
+
+impl Refused {
+    /// Where to park, if anywhere.
+    pub fn dead_letter(&self) -> Option<Arc<LogProducer>> {
+        match self {
+            Refused::Park(log) => Some(log.clone()),
+            Refused::Stall | Refused::Return => None,
+        }
+    }
+
+    /// `retry::Policy::permanent_attempts` of ClickHouse and Redis.
+    pub fn permanent_attempts(&self, on: OnPermanentError, attempts: u32) -> Option<u32> {
+        match self {
+            Refused::Park(_) => on.attempts(attempts),
+            Refused::Stall => None,
+            Refused::Return => Some(attempts.max(1)),
+        }
+    }
+}
+
+/// The configured sinks, in the order of their lanes, each doing with what
+/// it gives up on what `refused` says.
+pub fn build(cfg: &Config, refused: Refused) -> Result<Vec<Arc<dyn Sink>>, SinkError> {
     let mut sinks: Vec<Arc<dyn Sink>> = Vec::new();
     if let Some(c) = &cfg.clickhouse {
-        sinks.push(Arc::new(clickhouse::ClickHouseSink::new(c, dead_letter.clone())?));
+        sinks.push(Arc::new(clickhouse::ClickHouseSink::new(c, &refused)?));
     }
     if let Some(c) = &cfg.redis {
-        sinks.push(Arc::new(redis::RedisSink::new(c, dead_letter.clone())?));
+        sinks.push(Arc::new(redis::RedisSink::new(c, &refused)?));
     }
     if let Some(c) = &cfg.http {
-        sinks.push(Arc::new(http::HttpSink::new(c, dead_letter.clone())?));
+        sinks.push(Arc::new(http::HttpSink::new(c, &refused)?));
     }
     if let Some(c) = &cfg.file {
         sinks.push(Arc::new(file::FileSink::new(c)));
@@ -186,10 +221,10 @@ pub enum SinkError {
     NoSink,
 }
 
-/// Parks a batch `sink` refused for good in the dead-letter topic: the
-/// payload names the sink, the error, the attempts and the change
-/// positions (first, last, count; the rows are in the log under them, to
-/// replay once the cause is fixed), keyed `<first event id>..<last>`.
+/// Parks a batch `sink` refused for good in the dead-letter topic
+/// ([`parked::ParkedBatch`]: the batch itself, to replay with `pgfanout
+/// dead-letters replay` once the cause is fixed, with the error, the
+/// attempts and the change positions), keyed `<first event id>..<last>`.
 /// Logged as an error naming `tables` and the positions. Once the broker
 /// has it the batch counts as flushed.
 pub async fn park(
@@ -200,23 +235,10 @@ pub async fn park(
     error: &str,
     attempts: u32,
 ) -> Result<(), SinkError> {
-    let positions = || batch.engagements.iter().map(|c| c.position).chain(batch.contents.iter().map(|c| c.position));
-    let (Some(first), Some(last)) = (positions().min(), positions().max()) else { return Ok(()) };
-    let (first, last) = (first.event_id(), last.event_id());
-    tracing::error!(sink, tables, first, last, changes = positions().count(), error, attempts, "batch refused permanently; parking it in the dead-letter topic and going on (on_permanent_error = \"stall\" would stop here)");
-    let payload = serde_json::json!({
-        "sink": sink,
-        "tables": tables,
-        "error": error,
-        "attempts": attempts,
-        "first": first,
-        "last": last,
-        "changes": positions().count(),
-        "engagements": batch.engagements.len(),
-        "contents": batch.contents.len(),
-    });
-    let key = format!("{first}..{last}");
-    log.dead_letter(sink, &key, &serde_json::to_vec(&payload).unwrap_or_default(), error).await?;
+    let Some(parked) = parked::ParkedBatch::new(sink, tables, batch, error, attempts) else { return Ok(()) };
+    let (first, last, changes) = (&parked.first, &parked.last, parked.changes);
+    tracing::error!(sink, tables, first, last, changes, error, attempts, "batch refused permanently; parking it in the dead-letter topic and going on (on_permanent_error = \"stall\" would stop here)");
+    parked.send(log).await?;
     Ok(())
 }
 

@@ -25,7 +25,7 @@ pub mod values;
 use std::fmt;
 use std::sync::Arc;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub use pgwire_replication::Lsn;
 use values::Value;
@@ -92,7 +92,7 @@ impl fmt::Display for Position {
 }
 
 /// Debezium's operation codes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Op {
     #[serde(rename = "c")]
     Create,

@@ -19,7 +19,7 @@ use super::slot::{self, SlotError};
 use super::streamed::{InProgress, SpillError};
 use super::tls::{self, Attempt, Evidence, Link, Negotiation, TlsError, TlsPolicy};
 use super::{Change, Op, Position, Row, SourceEvent, TxInfo};
-use crate::config::conninfo;
+use crate::config::conninfo::{self, Endpoint};
 use crate::config::SourceConfig;
 use crate::observe::{ReaderProgress, TableCounters};
 use crate::retry::{Alert, Attempts, ErrorClass, Policy};
@@ -59,37 +59,38 @@ impl SessionError {
             SessionError::Catalog(SlotError::Connect(e) | SlotError::Query { source: e, .. }) => {
                 e.code().is_none() || e.code() == Some(&tokio_postgres::error::SqlState::ADMIN_SHUTDOWN)
             }
+            // A failover under way: the old primary gone, the standby not
+            // promoted yet. The next attempt finds the new one.
+            SessionError::Catalog(SlotError::NoPrimary { .. }) => true,
             _ => false,
         }
     }
 }
 
 /// Builds pgwire-replication's config from `source.url` (libpq URL or
-/// key=value form), preferring the Unix socket when one is configured, with
-/// the TLS the URL's libpq keys ask for; the `Attempt` explains the
-/// connection's failures ([`replication_error`]).
-pub fn replication_config(cfg: &SourceConfig) -> Result<(ReplicationConfig, Attempt), SessionError> {
+/// key=value form) for `primary`, the server of the URL the SQL side chose
+/// ([`slot::connect_primary`]: pgwire-replication connects to one host),
+/// over the Unix socket when `socket_dir` is configured, with the TLS the
+/// URL's libpq keys ask for (verify-full checking `primary`'s name); the
+/// `Attempt` explains the connection's failures ([`replication_error`]).
+pub fn replication_config(
+    cfg: &SourceConfig,
+    primary: &Endpoint,
+) -> Result<(ReplicationConfig, Attempt), SessionError> {
     let split = conninfo::split(cfg.url.expose()).map_err(|e| SessionError::Url(e.to_string()))?;
     let pg = split.pg_config().map_err(|e| SessionError::Url(e.to_string()))?;
     let user = pg.get_user().unwrap_or("postgres").to_string();
     let password = pg.get_password().map(|p| String::from_utf8_lossy(p).into_owned()).unwrap_or_default();
     let dbname = pg.get_dbname().unwrap_or(&user).to_string();
-    let port = pg.get_ports().first().copied().unwrap_or(5432);
-    let host = match (&cfg.socket_dir, pg.get_hosts().first()) {
-        (Some(dir), _) => dir.clone(),
-        (None, Some(tokio_postgres::config::Host::Tcp(h))) => h.clone(),
-        (None, Some(tokio_postgres::config::Host::Unix(p))) => p.to_string_lossy().into_owned(),
-        (None, None) => match pg.get_hostaddrs().first() {
-            Some(addr) => addr.to_string(),
-            None => "localhost".to_string(),
-        },
+    let port = primary.port;
+    // `Config::load` refuses socket_dir with several hosts: the socket
+    // reaches only the server beside pgfanout, which a promotion moves.
+    let (host, over_tcp) = match &cfg.socket_dir {
+        Some(dir) => (dir.clone(), false),
+        None => (primary.name(), primary.is_tcp()),
     };
-    let over_tcp = !host.starts_with('/');
     // libpq's hostaddr: connect there, check the certificate against host.
-    let dial = match pg.get_hostaddrs().first() {
-        Some(addr) if over_tcp => addr.to_string(),
-        _ => host.clone(),
-    };
+    let dial = if over_tcp { primary.dial() } else { host.clone() };
     let rc = if over_tcp {
         ReplicationConfig::new(dial.clone(), user, password, dbname, cfg.slot.clone(), cfg.publication.clone())
             .with_port(port)
@@ -266,7 +267,7 @@ async fn stream_once(
     let catalog = Catalog::load(cfg).await?;
     let binary = !text_only && cfg.binary.unwrap_or(catalog.binary_ok);
     let proto = cfg.proto_version_for(catalog.server_version);
-    let (rc, tls) = replication_config(cfg)?;
+    let (rc, tls) = replication_config(cfg, &catalog.primary)?;
     let mut rc = rc.with_ack_lsn(Lsn(acked)).with_binary(binary).with_proto_version(proto);
     if proto >= 2 {
         // "parallel" (protocol 4) is "on" plus the abort's LSN and time.
@@ -277,7 +278,7 @@ async fn stream_once(
         Ok(client) => client,
         Err(e) => return Err(replication_error(e, &cfg.slot, &tls).await),
     };
-    tracing::info!(slot = %cfg.slot, publication = %cfg.publication, binary, proto_version = proto, "replication started");
+    tracing::info!(slot = %cfg.slot, publication = %cfg.publication, server = %catalog.primary, binary, proto_version = proto, "replication started");
     progress.set_connected(true);
     let mut read = TableCounters::new("read");
     let mut decoder = Decoder::new(proto);
@@ -499,11 +500,13 @@ struct Catalog {
     binary_ok: bool,
     /// `server_version_num`.
     server_version: i32,
+    /// The server it was read from: the replication connection goes there.
+    primary: Endpoint,
 }
 
 impl Catalog {
     async fn load(cfg: &SourceConfig) -> Result<Catalog, SessionError> {
-        let client = slot::connect(cfg.url.expose()).await.map_err(SessionError::Catalog)?;
+        let (client, primary) = slot::connect_primary(cfg.url.expose()).await.map_err(SessionError::Catalog)?;
         let err = |what| move |source| SessionError::Catalog(slot::query_err(what)(source));
         let primary_keys =
             relations::primary_keys(&client, &cfg.publication).await.map_err(err("read primary keys"))?;
@@ -517,7 +520,7 @@ impl Catalog {
             .map_err(err("read the server version"))?
             .get(0);
         let binary_ok = server_version >= 140_000 && column_types.iter().all(|&t| types.decodes_binary(t));
-        Ok(Catalog { primary_keys, types, binary_ok, server_version })
+        Ok(Catalog { primary_keys, types, binary_ok, server_version, primary })
     }
 }
 
@@ -673,6 +676,39 @@ mod tests {
             old: Some(OldTuple::Full(Tuple(vec![text("1"), text(old_ts), text("10")]))),
             new: Tuple(vec![text("1"), text(new_ts), text("20")]),
         }
+    }
+
+    #[test]
+    fn the_replication_connection_goes_to_the_server_the_sql_side_chose() {
+        let url = "postgresql://cdc:pw@db1.example:5433,db2.example:5434/app?target_session_attrs=read-write&sslmode=verify-full&sslrootcert=/nonexistent/ca.pem";
+        let cfg: SourceConfig = serde_json::from_value(serde_json::json!({ "url": url })).unwrap();
+        let pg = conninfo::split(url).unwrap().pg_config().unwrap();
+        let servers = conninfo::endpoints(&pg).unwrap();
+        // The CA file is read when the TLS configuration is built: absent
+        // here, which names the replication connection and the file.
+        let err = replication_config(&cfg, &servers[1]).err().unwrap().to_string();
+        assert!(err.starts_with("replication connection: TLS settings: sslrootcert /nonexistent/ca.pem"), "{err}");
+
+        let plain = url.replace("&sslmode=verify-full&sslrootcert=/nonexistent/ca.pem", "&sslmode=require");
+        let cfg: SourceConfig = serde_json::from_value(serde_json::json!({ "url": plain })).unwrap();
+        let (rc, attempt) = replication_config(&cfg, &servers[1]).unwrap();
+        assert_eq!(
+            (rc.host.as_str(), rc.port, rc.user.as_str(), rc.database.as_str()),
+            ("db2.example", 5434, "cdc", "app")
+        );
+        assert_eq!(
+            rc.tls.sni_hostname.as_deref(),
+            Some("db2.example"),
+            "the certificate is checked against db2's name"
+        );
+        assert_eq!(attempt.target, "db2.example:5434");
+
+        // hostaddr: dialled there, the certificate checked against the host's name.
+        let kv = "host=a.example,b.example hostaddr=10.0.0.1,10.0.0.2 port=1,2 user=cdc dbname=app sslmode=require";
+        let cfg: SourceConfig = serde_json::from_value(serde_json::json!({ "url": kv })).unwrap();
+        let servers = conninfo::endpoints(&conninfo::split(kv).unwrap().pg_config().unwrap()).unwrap();
+        let (rc, _) = replication_config(&cfg, &servers[1]).unwrap();
+        assert_eq!((rc.host.as_str(), rc.port, rc.tls.sni_hostname.as_deref()), ("10.0.0.2", 2, Some("b.example")));
     }
 
     #[test]

@@ -2,13 +2,13 @@
 //! for the states that would otherwise lose data silently (dropped,
 //! invalidated, held by another process).
 
-use tokio_postgres::config::{Host, SslMode};
+use tokio_postgres::config::{SslMode, TargetSessionAttrs};
 use tokio_postgres::Client;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::privilege::{self, MissingPrivilege};
 use super::tls::{self, Attempt, Evidence, Link, Negotiation, TlsError, TlsPolicy};
-use crate::config::conninfo::{self, ConninfoError};
+use crate::config::conninfo::{self, ConninfoError, Endpoint, TlsKeys};
 use crate::config::SourceConfig;
 
 #[derive(Debug, thiserror::Error)]
@@ -19,6 +19,10 @@ pub enum SlotError {
     Url(#[source] ConninfoError),
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error(
+        "found no primary among the hosts of source.url, and pgfanout needs one (it reads its slot and writes its state there): {tried}"
+    )]
+    NoPrimary { tried: String },
     #[error("PostgreSQL query failed ({what}): {source}")]
     Query { what: &'static str, source: tokio_postgres::Error },
     #[error("wal_level is {0}; logical replication needs wal_level=logical (set it in postgresql.conf and restart)")]
@@ -35,22 +39,118 @@ pub enum SlotError {
     PartitionsNotViaRoot { publication: String, tables: String },
 }
 
-/// Opens an ordinary (non-replication) connection and drives it in the
-/// background, with TLS as the string's libpq keys say (source/tls.rs).
+/// Opens an ordinary (non-replication) connection to the primary among the
+/// string's hosts ([`connect_primary`]) and drives it in the background.
 pub async fn connect(url: &str) -> Result<Client, SlotError> {
+    connect_primary(url).await.map(|(client, _)| client)
+}
+
+/// Opens an ordinary connection to the first server of `url` that answers
+/// and is not in recovery, trying a multi-host string's hosts in order
+/// (libpq's `host=h1,h2`, `postgres://h1:p1,h2:p2/db`), and says which
+/// server that is, so that the replication connection goes to the same
+/// one. pgfanout reads its slot and writes its state on the primary, so a
+/// standby is skipped whatever `target_session_attrs` says (`read-write`
+/// also skips a primary whose sessions are read-only, as libpq does);
+/// after a promotion the next connection finds the new primary. Each
+/// server gets the string's TLS settings (source/tls.rs), verify-full
+/// checking that server's own name.
+pub async fn connect_primary(url: &str) -> Result<(Client, Endpoint), SlotError> {
     let split = conninfo::split(url).map_err(SlotError::Url)?;
-    let mut pg = split.pg_config().map_err(SlotError::Url)?;
-    let over_tcp = pg.get_hosts().iter().any(|h| matches!(h, Host::Tcp(_))) || !pg.get_hostaddrs().is_empty();
+    let pg = split.pg_config().map_err(SlotError::Url)?;
+    let endpoints = conninfo::endpoints(&pg).map_err(SlotError::Url)?;
+    let read_write = pg.get_target_session_attrs() == TargetSessionAttrs::ReadWrite;
+    // Asked here rather than by tokio-postgres (which would refuse a
+    // standby as "database does not allow writes"), to say which it was.
+    let mut any = pg.clone();
+    any.target_session_attrs(TargetSessionAttrs::Any);
+    let (keys, any) = (&split.tls, &any);
+    first_primary(&endpoints, |server| async move {
+        let client = connect_to(keys, any, &server).await?;
+        let row = client
+            .query_one("SELECT pg_is_in_recovery(), current_setting('transaction_read_only') = 'on'", &[])
+            .await
+            .map_err(query_err("ask whether the server is a standby"))?;
+        Ok(match (row.get(0), row.get(1)) {
+            (true, _) => Probe::Standby,
+            (false, true) if read_write => Probe::ReadOnly,
+            _ => Probe::Primary(client),
+        })
+    })
+    .await
+}
+
+/// The server of `url` a replication connection of its own should go to:
+/// the one server a single-host string names (its connection then fails
+/// with its own error, TLS included), else the primary among the hosts,
+/// found as [`connect_primary`] finds it.
+pub async fn primary(url: &str) -> Result<Endpoint, SlotError> {
+    let split = conninfo::split(url).map_err(SlotError::Url)?;
+    let servers = conninfo::endpoints(&split.pg_config().map_err(SlotError::Url)?).map_err(SlotError::Url)?;
+    match <[Endpoint; 1]>::try_from(servers) {
+        Ok([one]) => Ok(one),
+        Err(_) => connect_primary(url).await.map(|(_, server)| server),
+    }
+}
+
+/// What a server turned out to be once connected.
+enum Probe<C> {
+    Primary(C),
+    /// In recovery: a standby, or a server not yet through its promotion.
+    Standby,
+    /// A primary whose sessions are read-only (`default_transaction_read_only`),
+    /// passed over under `target_session_attrs=read-write`.
+    ReadOnly,
+}
+
+/// The first of `servers` that `probe` finds a primary. A string naming
+/// one server keeps that server's own error (a refused login, a failed
+/// TLS handshake); with several, the error names each server and why it
+/// was passed over.
+async fn first_primary<C, F, Fut>(servers: &[Endpoint], mut probe: F) -> Result<(C, Endpoint), SlotError>
+where
+    F: FnMut(Endpoint) -> Fut,
+    Fut: std::future::Future<Output = Result<Probe<C>, SlotError>>,
+{
+    let mut passed_over = Vec::new();
+    for server in servers {
+        match probe(server.clone()).await {
+            Ok(Probe::Primary(client)) => {
+                if !passed_over.is_empty() {
+                    tracing::info!(server = %server, passed_over = %passed_over.join("; "), "connected to the primary, passing over the hosts before it");
+                }
+                return Ok((client, server.clone()));
+            }
+            Ok(Probe::Standby) => {
+                tracing::info!(server = %server, "skipping a standby (in recovery): pgfanout needs the primary");
+                passed_over.push(format!("{server}: a standby (in recovery)"));
+            }
+            Ok(Probe::ReadOnly) => {
+                tracing::info!(server = %server, "skipping a server whose sessions are read-only (target_session_attrs=read-write)");
+                passed_over.push(format!("{server}: read-only sessions (transaction_read_only is on)"));
+            }
+            Err(e) if servers.len() == 1 => return Err(e),
+            // Said once a primary is found (or in the error): a host that
+            // is down after a failover would otherwise log at every connection.
+            Err(e) => passed_over.push(format!("{server}: {e}")),
+        }
+    }
+    Err(SlotError::NoPrimary { tried: passed_over.join("; ") })
+}
+
+/// A connection to `server` alone, with TLS as `keys` say.
+async fn connect_to(keys: &TlsKeys, pg: &tokio_postgres::Config, server: &Endpoint) -> Result<Client, SlotError> {
+    let mut one = server.config(pg);
     let policy =
-        TlsPolicy::resolve(&split.tls, over_tcp).map_err(|source| TlsError::Config { link: Link::Sql, source })?;
-    pg.ssl_mode(match policy.negotiation() {
+        TlsPolicy::resolve(keys, server.is_tcp()).map_err(|source| TlsError::Config { link: Link::Sql, source })?;
+    one.ssl_mode(match policy.negotiation() {
         Negotiation::Plain => SslMode::Disable,
         Negotiation::Prefer => SslMode::Prefer,
         Negotiation::Require => SslMode::Require,
     });
-    let (first_host, probe) = first_tcp_host(&pg);
-    let (attempt, tls_config) = Attempt::new(Link::Sql, policy, target(&pg), first_host, probe)?;
-    let (client, conn) = match pg.connect(MakeRustlsConnect::new(tls_config)).await {
+    let probe = server.is_tcp().then(|| (server.dial(), server.port));
+    let (attempt, tls_config) = Attempt::new(Link::Sql, policy, server.to_string(), server.name(), probe)?;
+    let (client, conn) = match one.connect(MakeRustlsConnect::new(tls_config)).await {
         Ok(connected) => connected,
         Err(e) => return Err(explain(e, &attempt).await),
     };
@@ -90,35 +190,6 @@ async fn explain(e: tokio_postgres::Error, attempt: &Attempt) -> SlotError {
         Some(tls) => SlotError::Tls(tls),
         None => SlotError::Connect(e),
     }
-}
-
-/// `host:port` of each host, as errors show them.
-fn target(pg: &tokio_postgres::Config) -> String {
-    let ports = pg.get_ports();
-    let port = |i: usize| ports.get(i).or(ports.first()).copied().unwrap_or(5432);
-    let hosts: Vec<String> = match pg.get_hosts() {
-        [] => pg.get_hostaddrs().iter().map(|a| a.to_string()).collect(),
-        hosts => hosts
-            .iter()
-            .map(|h| match h {
-                Host::Tcp(h) => h.clone(),
-                Host::Unix(p) => p.display().to_string(),
-            })
-            .collect(),
-    };
-    hosts.iter().enumerate().map(|(i, h)| format!("{h}:{}", port(i))).collect::<Vec<_>>().join(",")
-}
-
-/// The first TCP host's name (what its certificate must name) and the
-/// address to reach it at (its `hostaddr` when given).
-fn first_tcp_host(pg: &tokio_postgres::Config) -> (String, Option<(String, u16)>) {
-    let port = pg.get_ports().first().copied().unwrap_or(5432);
-    let name = pg.get_hosts().iter().find_map(|h| match h {
-        Host::Tcp(h) => Some(h.clone()),
-        Host::Unix(_) => None,
-    });
-    let dial = pg.get_hostaddrs().first().map(|a| a.to_string()).or_else(|| name.clone());
-    (name.or_else(|| dial.clone()).unwrap_or_default(), dial.map(|d| (d, port)))
 }
 
 /// Runs `body` (not started yet: futures are lazy) between `begin` and
@@ -430,4 +501,67 @@ fn parse_lsn(s: Option<String>) -> Option<u64> {
 /// Quotes an SQL identifier (doubling embedded quotes).
 pub fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn servers(conninfo: &str) -> Vec<Endpoint> {
+        conninfo::endpoints(&conninfo::split(conninfo).unwrap().pg_config().unwrap()).unwrap()
+    }
+
+    /// Probes that find each server as `roles` says: `p` primary, `s`
+    /// standby, `r` read-only, `x` unreachable; returns the chosen server
+    /// and how many were probed.
+    async fn choose(conninfo: &str, roles: &str) -> (Result<Endpoint, SlotError>, usize) {
+        let servers = servers(conninfo);
+        let mut probed = 0;
+        let chosen = first_primary(&servers, |server| {
+            let role = roles.as_bytes()[servers.iter().position(|s| *s == server).unwrap()];
+            probed += 1;
+            async move {
+                match role {
+                    b'p' => Ok(Probe::Primary(())),
+                    b's' => Ok(Probe::Standby),
+                    b'r' => Ok(Probe::ReadOnly),
+                    _ => Err(SlotError::Url(ConninfoError::NoHost)),
+                }
+            }
+        })
+        .await;
+        (chosen.map(|(_, server)| server), probed)
+    }
+
+    #[tokio::test]
+    async fn the_first_primary_is_chosen_and_standbys_are_passed_over() {
+        let url = "postgresql://u@h1:5433,h2:5434,h3:5435/db?target_session_attrs=read-write";
+        let (chosen, probed) = choose(url, "ppp").await;
+        assert_eq!((chosen.unwrap().to_string(), probed), ("h1:5433".into(), 1), "the first one, nothing more asked");
+        let (chosen, probed) = choose(url, "sxp").await;
+        assert_eq!((chosen.unwrap().to_string(), probed), ("h3:5435".into(), 3));
+        let (chosen, _) = choose(url, "rsp").await;
+        assert_eq!(chosen.unwrap().to_string(), "h3:5435");
+        // After a promotion: the old primary gone, the promoted standby next.
+        let (chosen, _) = choose("host=h1,h2 port=5433,5434", "xp").await;
+        assert_eq!(chosen.unwrap().to_string(), "h2:5434");
+    }
+
+    #[tokio::test]
+    async fn without_a_primary_the_error_names_every_host_tried() {
+        let (chosen, _) = choose("host=h1,h2,h3 port=5433,5434,5435", "xsr").await;
+        let e = chosen.unwrap_err().to_string();
+        assert!(e.contains("h3:5435: read-only sessions (transaction_read_only is on)"), "{e}");
+        assert!(e.starts_with("found no primary among the hosts of source.url"), "{e}");
+        assert!(
+            e.contains("h1:5433: invalid PostgreSQL connection string: the connection string names no host"),
+            "{e}"
+        );
+        assert!(e.contains("h2:5434: a standby (in recovery)"), "{e}");
+        // One host: its own error, as it came.
+        let (chosen, _) = choose("host=h1", "x").await;
+        assert!(matches!(chosen, Err(SlotError::Url(ConninfoError::NoHost))));
+        let (chosen, _) = choose("host=h1", "s").await;
+        assert!(chosen.unwrap_err().to_string().ends_with("h1:5432: a standby (in recovery)"));
+    }
 }

@@ -39,7 +39,9 @@ pub struct ExportedSnapshot {
     pub name: String,
 }
 
-/// Creates `slot_name` (pgoutput) on a replication connection, exporting its snapshot.
+/// Creates `slot_name` (pgoutput) on a replication connection to the
+/// primary, exporting its snapshot (which SQL connections to the same
+/// server then import).
 pub async fn create_slot_exporting(
     source: &SourceConfig,
     slot_name: &str,
@@ -47,7 +49,8 @@ pub async fn create_slot_exporting(
 ) -> Result<ExportedSnapshot, ExportError> {
     let mut rc = source.clone();
     rc.slot = slot_name.to_string();
-    let (config, tls) = replication_config(&rc)?;
+    let primary = slot::primary(source.url.expose()).await?;
+    let (config, tls) = replication_config(&rc, &primary)?;
     let mut session = ReplicationClient::connect_gated(config).await?;
     // The first query waits for the connection: TLS and login failures come here.
     let version = match session.simple_query("SHOW server_version_num").await {

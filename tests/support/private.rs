@@ -290,9 +290,11 @@ impl TestEnv {
 
 /// A PostgreSQL cluster of the test's own, on a free port, for tests that
 /// need a server in a state the shared ones are not in: a WAL position
-/// moved with `pg_resetwal` ([`start`](Self::start)), or TLS only
-/// ([`start_tls`](Self::start_tls)). Configured as scripts/services
-/// configures the shared ones. Stopped (immediate) and removed on drop.
+/// moved with `pg_resetwal` ([`start`](Self::start)), TLS only
+/// ([`start_tls`](Self::start_tls)), or a primary with a physical standby
+/// to promote ([`start_major`](Self::start_major), [`standby`](Self::standby)).
+/// Configured as scripts/services configures the shared ones. Stopped
+/// (immediate) and removed on drop.
 pub struct PrivatePostgres {
     pub port: u16,
     dir: PathBuf,
@@ -357,6 +359,72 @@ impl PrivatePostgres {
         pg
     }
 
+    /// PostgreSQL `pg_version` (the binaries scripts/services installed),
+    /// every connection trusted, replication ones too (initdb's pg_hba.conf).
+    pub async fn start_major(pg_version: &str) -> Self {
+        let bin = PathBuf::from(super::env(&format!("PGFANOUT_PG{pg_version}_BIN")));
+        let pg = Self::init(bin, false, |_| {});
+        pg.configure_and_start("", None);
+        pg
+    }
+
+    /// A physical standby of this server, streaming from it through the
+    /// physical slot `slot` (created here), set up as PostgreSQL 17's slot
+    /// synchronisation asks: `primary_slot_name`, `hot_standby_feedback`,
+    /// `sync_replication_slots` and a `primary_conninfo` with a database
+    /// on the standby, `synchronized_standby_slots` naming `slot` here (so
+    /// a logical walsender never sends what the standby has not received).
+    /// The base backup is a copy of this server's data directory, stopped
+    /// for it: pg_basebackup here is Debian's 15, which refuses newer
+    /// servers, and the npm builds of 16+ ship none.
+    pub async fn standby(&self, slot: &str) -> PrivatePostgres {
+        let admin = pgfanout::source::slot::connect(&self.url()).await.expect("connect to the primary");
+        admin.execute("SELECT pg_create_physical_replication_slot($1, true)", &[&slot]).await.expect("physical slot");
+        drop(admin);
+        self.pg_ctl(&["-m", "fast", "stop"]);
+
+        let dir = std::env::temp_dir().join(format!("pgfanout-private-pg-{}", super::unique_name()));
+        std::fs::create_dir_all(dir.join("sock")).expect("create the standby's dir");
+        let standby = PrivatePostgres { port: free_port(), dir, bin: self.bin.clone() };
+        let (from, to) = (self.data(), standby.data());
+        // `-a` keeps the PostgreSQL user's ownership and the modes it insists on.
+        let copied = Command::new("cp").arg("-a").arg(&from).arg(&to).status().expect("cp").success();
+        assert!(copied, "copy {} to {}", from.display(), to.display());
+        // What pg_basebackup leaves out: the primary's slots and its pid file.
+        for entry in std::fs::read_dir(to.join("pg_replslot")).unwrap() {
+            std::fs::remove_dir_all(entry.unwrap().path()).unwrap();
+        }
+        let _ = std::fs::remove_file(to.join("postmaster.pid"));
+        std::fs::write(to.join("standby.signal"), "").unwrap();
+        if is_root() {
+            let ok = Command::new("chown").args(["-R", "postgres:"]).arg(&standby.dir).status().unwrap().success();
+            assert!(ok, "chown {} to postgres", standby.dir.display());
+        }
+
+        let mut conf = std::fs::OpenOptions::new().append(true).open(from.join("postgresql.conf")).unwrap();
+        std::io::Write::write_all(&mut conf, format!("synchronized_standby_slots = '{slot}'\n").as_bytes()).unwrap();
+        self.pg_ctl(&["start"]);
+        standby.configure_and_start(
+            &format!(
+                "primary_conninfo = 'host=127.0.0.1 port={} user=pgfanout dbname=postgres application_name=standby'\n\
+                 primary_slot_name = '{slot}'\nhot_standby_feedback = on\nsync_replication_slots = on\n",
+                self.port
+            ),
+            None,
+        );
+        standby
+    }
+
+    /// Promotes this standby to a primary; returns once it is one.
+    pub fn promote(&self) {
+        self.pg_ctl(&["promote"]);
+    }
+
+    /// Stops the server at once, as a crash would (`-m immediate`).
+    pub fn stop_immediately(&self) {
+        self.pg_ctl(&["-m", "immediate", "stop"]);
+    }
+
     /// A new data dir, `prepare` given the cluster's dir to add files to
     /// before it is handed to the PostgreSQL user, then initdb: every
     /// connection trusted, or with `password` only local ones, and TCP by
@@ -405,9 +473,14 @@ impl PrivatePostgres {
         if let Some(hba) = hba {
             std::fs::write(data.join("pg_hba.conf"), hba).unwrap();
         }
-        let log = self.dir.join("postgres.log");
+        self.pg_ctl(&["start"]);
+    }
+
+    /// `pg_ctl <args>` on the cluster, waiting (up to 60 s) for it to be done.
+    fn pg_ctl(&self, args: &[&str]) {
+        let (data, log) = (self.data(), self.dir.join("postgres.log"));
         self.run("pg_ctl", |c| {
-            c.arg("-D").arg(&data).arg("-l").arg(&log).args(["-w", "-t", "60", "start"]);
+            c.arg("-D").arg(&data).arg("-l").arg(&log).args(["-w", "-t", "60"]).args(args);
         });
     }
 

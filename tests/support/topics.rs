@@ -5,8 +5,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::Headers;
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde_json::Value as Json;
 
 use super::TestEnv;
@@ -47,20 +46,12 @@ pub async fn read_topic(
     let mut out = Vec::new();
     while !enough(&out) && Instant::now() < deadline {
         let Ok(msg) = tokio::time::timeout(Duration::from_millis(500), consumer.recv()).await else { continue };
-        let msg = msg.unwrap_or_else(|e| panic!("reading {topic}: {e}"));
-        let headers = msg
-            .headers()
-            .map(|h| {
-                h.iter()
-                    .map(|h| (h.key.to_string(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned()))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let msg = pgfanout::log::LogRecord::of(&msg.unwrap_or_else(|e| panic!("reading {topic}: {e}")));
         out.push(Record {
-            partition: msg.partition(),
-            key: msg.key().map(|k| String::from_utf8_lossy(k).into_owned()),
-            payload: serde_json::from_slice(msg.payload().unwrap_or_default()).unwrap_or(Json::Null),
-            headers,
+            partition: msg.partition,
+            payload: serde_json::from_slice(&msg.payload).unwrap_or(Json::Null),
+            key: msg.key,
+            headers: msg.headers.into_iter().collect(),
         });
     }
     out

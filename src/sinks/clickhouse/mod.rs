@@ -35,7 +35,7 @@ pub mod tls;
 use clickhouse::{Client, RowOwned, RowWrite};
 
 use self::rows::{after_last_truncate, content_records, engagement_records, ContentRecord, EngagementRecord, Table};
-use super::{Probe, SinkError};
+use super::{Probe, Refused, SinkError};
 use crate::config::ClickHouseConfig;
 use crate::enrich::Enriched;
 use crate::log::LogProducer;
@@ -117,11 +117,12 @@ fn exception_code(text: &str) -> Option<u32> {
 }
 
 impl ClickHouseSink {
-    /// `dead_letter`: where batches refused for good are parked, as
-    /// `on_permanent_error` says; without one a permanent error stalls.
-    pub fn new(cfg: &ClickHouseConfig, dead_letter: Option<Arc<LogProducer>>) -> Result<Self, SinkError> {
+    /// `refused`: what becomes of a batch refused for good (parked as
+    /// `on_permanent_error` says, stalled, or returned).
+    pub fn new(cfg: &ClickHouseConfig, refused: &Refused) -> Result<Self, SinkError> {
         let client = tls::client(cfg)?.with_database(&cfg.database);
-        let permanent_attempts = dead_letter.as_ref().and(cfg.on_permanent_error.attempts(cfg.permanent_attempts));
+        let permanent_attempts = refused.permanent_attempts(cfg.on_permanent_error, cfg.permanent_attempts);
+        let dead_letter = refused.dead_letter();
         let policy = Policy { permanent_attempts, ..Policy::sink("clickhouse", None) };
         Ok(ClickHouseSink { client, cfg: cfg.clone(), policy, dead_letter })
     }

@@ -35,9 +35,10 @@ use tokio_postgres::Client;
 
 use self::encode::{classify, Outgoing};
 use self::replay::LiveProgress;
-use super::{Cuts, Probe, SinkError};
+use super::parked::ParkedBatch;
+use super::{Cuts, Probe, Refused, SinkError};
 use crate::config::{HttpConfig, SourceConfig};
-use crate::enrich::Enriched;
+use crate::enrich::{EngagementChange, Enriched};
 use crate::log::LogProducer;
 use crate::retry::{self, Alert, ErrorClass, Policy};
 
@@ -69,7 +70,9 @@ impl std::fmt::Display for Failure {
 }
 
 impl HttpSink {
-    pub fn new(cfg: &HttpConfig, log: Option<Arc<LogProducer>>) -> Result<Self, SinkError> {
+    /// `refused`: what becomes of a batch it gives up on (parked, or without
+    /// a dead-letter topic returned as the write's `Err`).
+    pub fn new(cfg: &HttpConfig, refused: &Refused) -> Result<Self, SinkError> {
         let key = cfg.signing_key().map_err(|e| SinkError::Http(e.to_string()))?;
         let client = reqwest::Client::builder()
             .timeout(Duration::from_millis(cfg.timeout_ms))
@@ -82,18 +85,30 @@ impl HttpSink {
             failed: "post failed; retrying",
             initial: Duration::from_millis(cfg.backoff_initial_ms),
             max: Duration::from_millis(cfg.backoff_max_ms),
-            permanent_attempts: cfg.on_permanent_error.attempts(cfg.permanent_attempts),
+            // Without a dead-letter topic the webhook returns what it gives
+            // up on rather than stall; only a replay overrides "stall" too.
+            permanent_attempts: match refused {
+                Refused::Return => refused.permanent_attempts(cfg.on_permanent_error, cfg.permanent_attempts),
+                Refused::Park(_) | Refused::Stall => cfg.on_permanent_error.attempts(cfg.permanent_attempts),
+            },
             transient_attempts: Some(cfg.max_attempts),
             healthy_after: None,
             alert: Alert::Sink,
         };
-        Ok(HttpSink { client, cfg: cfg.clone(), key, log, live: OnceLock::new(), policy })
+        Ok(HttpSink { client, cfg: cfg.clone(), key, log: refused.dead_letter(), live: OnceLock::new(), policy })
     }
 
     /// Posts a batch until it is delivered, or parks it in the dead-letter
     /// topic once it failed permanently (`permanent_attempts`, 1 by default,
     /// or never with `on_permanent_error = "stall"`) or `max_attempts` times.
-    async fn deliver(&self, out: &Outgoing) -> Result<(), SinkError> {
+    /// `events` are the changes `out` carries, and `origin` their batch's:
+    /// what is parked, so that a replay posts the same batch again.
+    async fn deliver(
+        &self,
+        out: &Outgoing,
+        events: &[&EngagementChange],
+        origin: &Option<String>,
+    ) -> Result<(), SinkError> {
         let initial = self.policy.initial;
         let classify = |f: &Failure| match f.class {
             ErrorClass::TransientAfter(asked) => {
@@ -115,7 +130,16 @@ impl HttpSink {
         let (error, attempts) = (&gave_up.error.error, gave_up.attempts);
         let Some(log) = &self.log else { return Err(SinkError::Http(format!("{error} ({why})"))) };
         tracing::error!(sink = "http", idempotency_key = %out.key, error = %error, attempts, "batch undeliverable ({why}); parking it in the dead-letter topic");
-        log.dead_letter("http", &out.key, &out.body, error).await?;
+        let batch = Enriched {
+            origin: origin.clone(),
+            engagements: events.iter().map(|&c| c.clone()).collect(),
+            ..Enriched::default()
+        };
+        // The receiver's address without its query, which may hold a token.
+        let receiver = self.cfg.url.split('?').next().unwrap_or_default();
+        if let Some(parked) = ParkedBatch::new("http", receiver, &batch, error, attempts) {
+            parked.send(log).await?;
+        }
         Ok(())
     }
 
@@ -197,15 +221,17 @@ impl super::Sink for HttpSink {
     async fn write(&self, batch: &Enriched) -> Result<(), SinkError> {
         let events = super::events_json(batch);
         let Some(live) = self.live.get() else {
+            let all: Vec<&EngagementChange> = batch.engagements.iter().collect();
             return match Outgoing::of(batch.engagements.iter().zip(events)) {
-                Some(out) => self.deliver(&out).await,
+                Some(out) => self.deliver(&out, &all, &batch.origin).await,
                 None => Ok(()),
             };
         };
         let mut live = live.lock().await;
         live.settle();
-        let fresh = batch.engagements.iter().zip(events).filter(|(c, _)| !live.delivered(c.position));
-        let Some(out) = Outgoing::of(fresh) else { return Ok(()) };
+        let fresh: Vec<(&EngagementChange, &String)> =
+            batch.engagements.iter().zip(events).filter(|(c, _)| !live.delivered(c.position)).collect();
+        let Some(out) = Outgoing::of(fresh.iter().copied()) else { return Ok(()) };
         if let Some(r) = live.replay.as_ref().filter(|r| out.first == r.first) {
             if out.key == r.key {
                 tracing::info!(idempotency_key = %out.key, "re-posting the webhook batch in flight at the last stop");
@@ -216,7 +242,8 @@ impl super::Sink for HttpSink {
             }
         }
         live.record(&out, &self.policy).await?;
-        self.deliver(&out).await?;
+        let carried: Vec<&EngagementChange> = fresh.iter().map(|(c, _)| *c).collect();
+        self.deliver(&out, &carried, &batch.origin).await?;
         live.posted(out.last);
         Ok(())
     }

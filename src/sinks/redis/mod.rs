@@ -39,7 +39,7 @@ mod script;
 use redis::aio::ConnectionManager;
 use redis::Script;
 
-use super::{Probe, SinkError};
+use super::{Probe, Refused, SinkError};
 use crate::config::RedisConfig;
 use crate::enrich::Enriched;
 use crate::log::LogProducer;
@@ -82,11 +82,12 @@ fn classify_redis(e: &redis::RedisError) -> ErrorClass {
 }
 
 impl RedisSink {
-    /// `dead_letter`: where batches refused for good are parked, as
-    /// `on_permanent_error` says; without one a permanent error stalls.
-    pub fn new(cfg: &RedisConfig, dead_letter: Option<Arc<LogProducer>>) -> Result<Self, SinkError> {
+    /// `refused`: what becomes of a batch refused for good (parked as
+    /// `on_permanent_error` says, stalled, or returned).
+    pub fn new(cfg: &RedisConfig, refused: &Refused) -> Result<Self, SinkError> {
         let client = tls::client(cfg)?;
-        let permanent_attempts = dead_letter.as_ref().and(cfg.on_permanent_error.attempts(cfg.permanent_attempts));
+        let permanent_attempts = refused.permanent_attempts(cfg.on_permanent_error, cfg.permanent_attempts);
+        let dead_letter = refused.dead_letter();
         let policy = Policy { permanent_attempts, ..Policy::sink("redis", None) };
         let conn = tokio::sync::OnceCell::new();
         Ok(RedisSink { client, conn, cfg: cfg.clone(), script: Script::new(script::APPLY), policy, dead_letter })
