@@ -2,6 +2,7 @@
 //! (Redpanda in production) before any sink sees it, so other consumers can
 //! read the same stream and nothing depends on the sidecar's memory.
 
+pub mod debezium;
 pub mod envelope;
 pub mod producer;
 

@@ -17,7 +17,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 
-use super::envelope;
+use super::envelope::{self, Encoder};
 use crate::config::LogConfig;
 use crate::source::Change;
 
@@ -34,7 +34,7 @@ pub enum LogError {
 pub struct LogProducer {
     producer: FutureProducer,
     cfg: LogConfig,
-    database: String,
+    encoder: Encoder,
 }
 
 pub(crate) fn client_config(cfg: &LogConfig) -> ClientConfig {
@@ -56,11 +56,16 @@ impl LogProducer {
             .set("message.timeout.ms", "300000")
             .create()
             .map_err(LogError::Client)?;
-        Ok(LogProducer { producer, cfg: cfg.clone(), database: database.to_string() })
+        Ok(LogProducer { producer, cfg: cfg.clone(), encoder: Encoder::new(cfg, database) })
     }
 
     pub fn topic_prefix(&self) -> &str {
         &self.cfg.topic_prefix
+    }
+
+    /// A change's record value without the schema, for a dead-letter record.
+    pub fn envelope_bytes(&self, change: &Change) -> Vec<u8> {
+        serde_json::to_vec(&self.encoder.value(change, now_us())).unwrap_or_default()
     }
 
     /// Publishes a batch and waits for the broker's acknowledgement of all of it.
@@ -70,13 +75,20 @@ impl LogProducer {
     /// where one future per message polled through a `FuturesUnordered` was
     /// a fifth of the publishing CPU.
     pub async fn publish(&self, changes: &[Change]) -> Result<(), LogError> {
-        let now_ms = chrono::Utc::now().timestamp_millis();
+        let now_us = now_us();
         let mut pending = Vec::with_capacity(changes.len());
         for c in changes {
             let topic = envelope::topic(&self.cfg.topic_prefix, c);
-            let key = envelope::key(c);
-            let payload = envelope::to_vec(c, &self.database, now_ms);
-            let mut record = FutureRecord::to(&topic).key(&key).payload(&payload);
+            let key = self.encoder.key(c);
+            let payload = self.encoder.envelope(c, now_us, None);
+            // pgfanout's position, outside Debezium's value.
+            let position = envelope::position_header(c);
+            let headers =
+                OwnedHeaders::new().insert(Header { key: envelope::POSITION_HEADER, value: Some(position.as_str()) });
+            let mut record = FutureRecord::to(&topic).payload(&payload).headers(headers);
+            if let Some(key) = &key {
+                record = record.key(key);
+            }
             loop {
                 match self.producer.send_result(record) {
                     Ok(delivery) => {
@@ -89,29 +101,30 @@ impl LogProducer {
                         if pending.is_empty() {
                             tokio::time::sleep(Duration::from_millis(10)).await;
                         }
-                        self.settle(&mut pending, now_ms).await?;
+                        self.settle(&mut pending, now_us).await?;
                     }
                     // No retry can make it fit, and retrying would stop the stream for good.
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge), _)) => {
-                        self.park_oversized(c, &topic, key.len() + payload.len(), now_ms).await?;
+                        let bytes = key.as_ref().map_or(0, Vec::len) + payload.len();
+                        self.park_oversized(c, &topic, bytes, now_us).await?;
                         break;
                     }
                     Err((source, _)) => return Err(LogError::Produce { topic, source }),
                 }
             }
         }
-        self.settle(&mut pending, now_ms).await
+        self.settle(&mut pending, now_us).await
     }
 
     /// Waits for the deliveries of `pending`, in order, and empties it.
-    async fn settle(&self, pending: &mut Vec<(&Change, DeliveryFuture)>, now_ms: i64) -> Result<(), LogError> {
+    async fn settle(&self, pending: &mut Vec<(&Change, DeliveryFuture)>, now_us: i64) -> Result<(), LogError> {
         for (c, delivery) in pending.drain(..) {
             let failed = match delivery.await {
                 Ok(Ok(_)) => continue,
                 Ok(Err((KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge), msg))) => {
                     let bytes = msg.key().map_or(0, <[u8]>::len) + msg.payload().map_or(0, <[u8]>::len);
                     let topic = envelope::topic(&self.cfg.topic_prefix, c);
-                    self.park_oversized(c, &topic, bytes, now_ms).await?;
+                    self.park_oversized(c, &topic, bytes, now_us).await?;
                     continue;
                 }
                 Ok(Err((source, _))) => source,
@@ -126,10 +139,10 @@ impl LogProducer {
     /// parked in the dead-letter topic with its large values left out (so the
     /// record identifies the row and its position, to re-read from
     /// PostgreSQL). The sinks still get the whole change.
-    async fn park_oversized(&self, c: &Change, topic: &str, bytes: usize, now_ms: i64) -> Result<(), LogError> {
+    async fn park_oversized(&self, c: &Change, topic: &str, bytes: usize, now_us: i64) -> Result<(), LogError> {
         let reason = format!("envelope for {topic} is {bytes} bytes (key + value), more than the broker takes");
         tracing::error!(table = %c.table, position = %c.position, bytes, "change too large for the log; parking a summary in the dead-letter topic, the sinks still get it");
-        let mut value = envelope::value(c, &self.database, now_ms);
+        let mut value = self.encoder.value(c, now_us);
         for side in ["before", "after"] {
             if let Some(row) = value[side].as_object_mut() {
                 for v in row.values_mut() {
@@ -158,6 +171,10 @@ impl LogProducer {
             .map(|_| crate::observe::metrics::dead_letter(sink))
             .map_err(|(source, _)| LogError::Produce { topic, source })
     }
+}
+
+fn now_us() -> i64 {
+    chrono::Utc::now().timestamp_micros()
 }
 
 pub fn dead_letter_topic(prefix: &str) -> String {
