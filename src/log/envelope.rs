@@ -291,11 +291,16 @@ impl Encoder {
             ),
         );
         out.extend_from_slice(json_string(&self.database).as_bytes());
+        // `["<last commit>","<lsn>"]` as a string; the last commit is null
+        // before the first one (a slot read from its start).
+        let last_commit = match c.tx.last_commit_lsn {
+            0 => "null".to_string(),
+            n => format!("\\\"{n}\\\""),
+        };
         push(
             out,
             format_args!(
-                ",\"sequence\":\"[\\\"{}\\\",\\\"{lsn}\\\"]\",\"ts_us\":{ts_us},\"ts_ns\":{},\"schema\":",
-                c.tx.last_commit_lsn,
+                ",\"sequence\":\"[{last_commit},\\\"{lsn}\\\"]\",\"ts_us\":{ts_us},\"ts_ns\":{},\"schema\":",
                 ts_us.saturating_mul(1000)
             ),
         );
@@ -497,7 +502,13 @@ mod tests {
         assert!(v["source"]["txId"].is_null());
         assert!(v["after"]["body"].is_null());
 
-        // A table without a key, and a TRUNCATE, have a null key.
+        // The first transaction read from a new slot follows no commit.
+        let mut first = change();
+        first.tx.last_commit_lsn = 0;
+        let v: Json = serde_json::from_slice(&e.envelope(&first, 0, None)).unwrap();
+        assert_eq!(v["source"]["sequence"], "[null,\"42\"]");
+
+        // A TRUNCATE has a null key.
         let mut t = change();
         t.op = Op::Truncate;
         assert_eq!(e.key(&t), None);

@@ -211,10 +211,10 @@ pub struct Change {
     pub position: Position,
     /// The table's column types and nullability, when the source knows them.
     pub columns: Option<Arc<TableColumns>>,
-    /// Columns of `after` whose value PostgreSQL did not send because it is
-    /// TOASTed and unchanged. The row holds the old value where it knows it
-    /// (FULL identity) and leaves the column out otherwise; the log writes
-    /// Debezium's placeholder for them either way, as Debezium does.
+    /// Columns left out of `after` because PostgreSQL did not send their
+    /// value (TOASTed and unchanged) and no old row had it (DEFAULT
+    /// identity; under FULL the old row's value fills it). The sinks never
+    /// see them; the log writes Debezium's placeholder for them.
     pub unchanged_toast: Vec<Arc<str>>,
 }
 

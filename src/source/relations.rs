@@ -289,8 +289,8 @@ impl TableShape {
         self.row_noting_toast(tuple, fill, lsn, &mut Vec::new())
     }
 
-    /// [`TableShape::row`], also naming in `unchanged` the columns that were
-    /// unchanged TOAST (filled or left out).
+    /// [`TableShape::row`], also naming in `unchanged` the unchanged-TOAST
+    /// columns it left out (those `fill` had no value for).
     pub fn row_noting_toast(
         &self,
         tuple: &Tuple,
@@ -310,13 +310,13 @@ impl TableShape {
         for (col, cell) in self.columns.iter().zip(&tuple.0) {
             let value = match cell {
                 Cell::Null => Value::Null,
-                Cell::UnchangedToast => {
-                    unchanged.push(col.name.clone());
-                    match fill.and_then(|r| r.get(&col.name)) {
-                        Some(v) => v.clone(),
-                        None => continue,
+                Cell::UnchangedToast => match fill.and_then(|r| r.get(&col.name)) {
+                    Some(v) => v.clone(),
+                    None => {
+                        unchanged.push(col.name.clone());
+                        continue;
                     }
-                }
+                },
                 Cell::Text(b) => Value::from_text(col.type_oid, b).map_err(|e| self.value_err(col, lsn, e))?,
                 Cell::Binary(b) => Value::from_binary(col.type_oid, b).map_err(|e| self.value_err(col, lsn, e))?,
             };

@@ -212,7 +212,10 @@ pub async fn log(t: &TestEnv) -> (Events, Vec<String>) {
         if !tables.contains(&table) {
             tables.push(table);
         }
-        let pos = (p["position"]["commit_lsn"].as_u64().unwrap(), p["position"]["ordinal"].as_u64().unwrap());
+        // pgfanout's position travels in a header, outside Debezium's value.
+        let header = r.headers.get("pgfanout.position").expect("pgfanout.position header");
+        let (lsn, ordinal) = header.split_once('/').expect("<commit lsn>/<ordinal>");
+        let pos = (lsn.parse::<u64>().unwrap(), ordinal.parse::<u64>().unwrap());
         let key = r.key.clone().expect("message key");
         if latest.get(&key).is_some_and(|(p, _)| *p >= pos) {
             continue;
