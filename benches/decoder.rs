@@ -8,9 +8,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
-use pgfanout::source::pgoutput::{Cell, Decoder, Message, Tuple};
 use pgfanout::config::{DebeziumConfig, LogConfig};
 use pgfanout::log::envelope::Encoder;
+use pgfanout::source::pgoutput::{Cell, Decoder, Message, Tuple};
 use pgfanout::source::values::Value;
 use pgfanout::source::{Change, ColumnMeta, Op, Position, Row, TableColumns, TableName, TxInfo};
 
@@ -125,6 +125,7 @@ fn bench(c: &mut Criterion) {
                 type_modifier: -1,
                 optional: *n != "id",
                 enum_labels: None,
+                default: None,
             })
             .collect(),
         key: vec![0],

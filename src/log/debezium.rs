@@ -153,7 +153,16 @@ impl Kind {
     /// The Connect schema of the kind as the JSON converter writes it, with
     /// `optional`, and `"field":"<name>"` when it is a struct field.
     pub fn schema_json(&self, optional: bool, field: Option<&str>) -> String {
+        self.schema_json_with_default(optional, None, field)
+    }
+
+    /// [`Kind::schema_json`] with the field's `"default"` (JSON text).
+    pub fn schema_json_with_default(&self, optional: bool, default: Option<&str>, field: Option<&str>) -> String {
         let mut s = self.schema_head(optional);
+        if let Some(d) = default {
+            s.push_str(",\"default\":");
+            s.push_str(d);
+        }
         if let Some(f) = field {
             s.push_str(",\"field\":");
             s.push_str(&json_string(f));
@@ -206,6 +215,120 @@ impl Kind {
             }
         }
     }
+}
+
+/// What Debezium writes for a NULL in a NOT NULL column (a non-key column
+/// of the old row of a DELETE or key change under DEFAULT identity, which
+/// PostgreSQL sends as NULL): the schema's default if it has one, else the
+/// converter's fallback, the type's zero.
+pub fn fallback_json(kind: &Kind) -> String {
+    match kind {
+        Kind::Bool => "false".into(),
+        Kind::Int16 | Kind::Int32 | Kind::Int64 => "0".into(),
+        Kind::Float32 | Kind::Float64 | Kind::DecimalDouble => "0.0".into(),
+        Kind::Decimal { .. } => r#""AA==""#.into(),
+        Kind::VariableDecimal => r#"{"scale":0,"value":"AA=="}"#.into(),
+        Kind::DecimalString => r#""0""#.into(),
+        Kind::Date { .. } | Kind::TimeMillis { .. } | Kind::TimeMicros => "0".into(),
+        Kind::TimestampMillis { .. } | Kind::TimestampMicros | Kind::IntervalMicros => "0".into(),
+        Kind::ZonedTimestamp { .. } => r#""1970-01-01T00:00:00Z""#.into(),
+        Kind::ZonedTime => r#""00:00:00Z""#.into(),
+        Kind::IntervalString => r#""P0Y0M0DT0H0M0S""#.into(),
+        Kind::Array(_) => "[]".into(),
+        Kind::Text | Kind::Enum(_) | Kind::Xml | Kind::Json | Kind::Uuid | Kind::Binary(_) => r#""""#.into(),
+    }
+}
+
+/// The field default Debezium's schema gives a column with a DEFAULT: the
+/// literal (`'x'::text`, `42`, `'2020-01-01'::date`) as a value of the
+/// column's type, or for a function (`now()`, `nextval(…)`) the type's
+/// placeholder (zero, the epoch, empty); `None` where Debezium has none
+/// (NULL, types it does not parse defaults of, a struct-valued type).
+pub fn default_value(col: &ColumnMeta, kind: &Kind) -> Option<Value> {
+    let expr = col.default.as_deref()?;
+    let generated = is_function_default(expr);
+    let literal = |placeholder: &str| -> Option<String> {
+        if generated {
+            return Some(placeholder.to_string());
+        }
+        extract_literal(expr)
+    };
+    if col.enum_labels.is_some() {
+        return Some(Value::Text(extract_literal(expr)?));
+    }
+    let v = match (col.type_oid, kind) {
+        (_, Kind::VariableDecimal | Kind::Array(_)) => return None,
+        (oid::BOOL, _) => Value::Bool(literal("false")?.eq_ignore_ascii_case("true")),
+        (oid::BPCHAR | oid::VARCHAR | oid::TEXT, _) => Value::Text(literal("")?),
+        (oid::JSON | oid::JSONB, _) => Value::Text(literal("{}")?),
+        (oid::INT2, _) => Value::Int2(literal("0")?.parse().ok()?),
+        (oid::INT4, _) => Value::Int4(literal("0")?.parse().ok()?),
+        (oid::INT8, _) => Value::Int8(literal("0")?.parse().ok()?),
+        (oid::FLOAT4, _) => Value::Float4(literal("0.0")?.parse().ok()?),
+        (oid::FLOAT8, _) => Value::Float8(literal("0.0")?.parse().ok()?),
+        (oid::NUMERIC, _) => {
+            let text = literal("0.0")?;
+            parse_decimal(&text)?;
+            Value::Numeric(text)
+        }
+        (oid::UUID, _) => Value::Uuid(uuid::Uuid::parse_str(&literal("00000000-0000-0000-0000-000000000000")?).ok()?),
+        (oid::DATE, _) => Value::from_text(oid::DATE, literal("1970-01-01")?.as_bytes()).ok()?,
+        (oid::TIME, _) => match literal("00:00:00")?.as_str() {
+            "00:00" => Value::Time(0),
+            t => Value::from_text(oid::TIME, t.as_bytes()).ok()?,
+        },
+        (oid::TIMESTAMP, _) => {
+            let t = literal("1970-01-01 00:00:00")?;
+            let t = if t.contains(' ') { t } else { format!("{t} 00:00:00") };
+            Value::from_text(oid::TIMESTAMP, t.as_bytes()).ok()?
+        }
+        (oid::TIMESTAMPTZ, _) => {
+            let t = literal("1970-01-01 00:00:00+00")?;
+            let t = if t.contains(' ') { t } else { format!("{t} 00:00:00+00") };
+            Value::from_text(oid::TIMESTAMPTZ, t.as_bytes()).ok()?
+        }
+        // A function default of an interval is "epoch", which pgjdbc does not read.
+        (oid::INTERVAL, _) if !generated => Value::from_text(oid::INTERVAL, extract_literal(expr)?.as_bytes()).ok()?,
+        _ => return None,
+    };
+    Some(v)
+}
+
+/// Debezium's test for a generated default: a function call
+/// (`^[(]?[A-Za-z0-9_.]+\(…\)`) or one of SQL's current date/time keywords.
+fn is_function_default(expr: &str) -> bool {
+    let lower = expr.to_ascii_lowercase();
+    if ["current_timestamp", "current_time", "current_date", "localtime", "localtimestamp"].contains(&lower.as_str()) {
+        return true;
+    }
+    let body = expr.strip_prefix('(').unwrap_or(expr);
+    let name_len = body.bytes().take_while(|b| b.is_ascii_alphanumeric() || *b == b'_' || *b == b'.').count();
+    name_len > 0 && body[name_len..].starts_with('(') && body.contains(')')
+}
+
+/// The value of a default expression as Debezium extracts it: the text
+/// between its first pair of quotes (`''` unescaped), else the expression
+/// itself; `None` for `NULL::…`.
+fn extract_literal(expr: &str) -> Option<String> {
+    let Some(start) = expr.find('\'') else {
+        return (!expr.starts_with("NULL::")).then(|| expr.to_string());
+    };
+    let rest = &expr[start + 1..];
+    let mut out = String::new();
+    let mut chars = rest.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\'' {
+            if chars.peek() == Some(&'\'') {
+                chars.next();
+                out.push('\'');
+            } else {
+                return Some(out);
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    None
 }
 
 pub fn json_string(s: &str) -> String {
@@ -296,7 +419,7 @@ pub fn write_value(out: &mut Vec<u8>, kind: &Kind, value: &Value) {
         (Kind::TimestampMicros, Value::Infinity { negative, .. }) => {
             push_int(out, if *negative { TIMESTAMP_NEG_INFINITY_MICROS } else { TIMESTAMP_INFINITY_MICROS })
         }
-        (Kind::ZonedTimestamp { fraction }, Value::TimestampTz(t)) => push_str(out, &zoned_timestamp(t, *fraction)),
+        (Kind::ZonedTimestamp { fraction }, Value::TimestampTz(t)) => write_zoned_timestamp(out, t, *fraction),
         (Kind::ZonedTimestamp { .. }, Value::Infinity { negative, .. }) => {
             push_str(out, if *negative { "-infinity" } else { "infinity" })
         }
@@ -515,6 +638,21 @@ fn fraction(nanos: u32, width: u32) -> String {
     }
 }
 
+/// [`zoned_timestamp`] as a JSON string, written in place (no escaping
+/// needed, and this runs for most rows).
+fn write_zoned_timestamp(out: &mut Vec<u8>, t: &DateTime<Utc>, width: u32) {
+    let n = t.naive_utc();
+    let y = n.year();
+    if !(0..=9999).contains(&y) || !(1..=9).contains(&width) {
+        push_str(out, &zoned_timestamp(t, width));
+        return;
+    }
+    let nanos = n.nanosecond() % 1_000_000_000;
+    let _ = write!(out, "\"{y:04}-{:02}-{:02}T{:02}:{:02}:{:02}", n.month(), n.day(), n.hour(), n.minute(), n.second());
+    let digits = nanos / 10u32.pow(9 - width);
+    let _ = write!(out, ".{digits:0w$}Z\"", w = width as usize);
+}
+
 /// `io.debezium.time.ZonedTimestamp`: the instant in UTC with `width`
 /// fractional digits (the column's precision, 6 unless declared).
 pub fn zoned_timestamp(t: &DateTime<Utc>, width: u32) -> String {
@@ -611,7 +749,7 @@ mod tests {
     }
 
     fn col(type_oid: u32, type_modifier: i32) -> ColumnMeta {
-        ColumnMeta { name: "c".into(), type_oid, type_modifier, optional: true, enum_labels: None }
+        ColumnMeta { name: "c".into(), type_oid, type_modifier, optional: true, enum_labels: None, default: None }
     }
 
     fn kind(type_oid: u32, typmod: i32) -> Kind {
@@ -707,6 +845,19 @@ mod tests {
         assert_eq!(enc(&kind(oid::TIMESTAMPTZ, 3), &tz("2026-11-28T12:00:00.5Z")), r#""2026-11-28T12:00:00.500Z""#);
         assert_eq!(enc(&kind(oid::TIMESTAMPTZ, 0), &tz("2026-11-28T12:00:00Z")), r#""2026-11-28T12:00:00Z""#);
         assert_eq!(enc(&k, &Value::Infinity { oid: oid::TIMESTAMPTZ, negative: true }), r#""-infinity""#);
+        // The in-place writer is the formatter's text, also past 9999 and before year 0.
+        for micros in [0i64, -1, 1_795_867_200_123_456, -62_167_219_200_000_001, 253_402_300_800_000_000, 7_000_001] {
+            let t = DateTime::from_timestamp_micros(micros).unwrap();
+            for width in [0, 1, 3, 6, 9, 10] {
+                let mut out = Vec::new();
+                write_zoned_timestamp(&mut out, &t, width);
+                assert_eq!(
+                    String::from_utf8(out).unwrap(),
+                    json_string(&zoned_timestamp(&t, width)),
+                    "{micros} {width}"
+                );
+            }
+        }
         let t = kind(oid::TIMETZ, -1);
         assert_eq!(
             enc(&t, &Value::TimeTz { micros: 4 * 3_600_000_000 + 5 * 60_000_000, offset_secs: 5 * 3600 + 1800 }),
@@ -785,6 +936,39 @@ mod tests {
         assert_eq!(p(&kind(oid::BYTEA, -1)), r#""X194""#);
         assert_eq!(p(&kind(1009, -1)), r#"["__x"]"#);
         assert_eq!(p(&kind(1007, -1)), "[95,95,120]");
+    }
+
+    #[test]
+    fn defaults_as_debezium_parses_them() {
+        let d = |type_oid, typmod, expr: &str| {
+            let c = ColumnMeta { default: Some(expr.into()), ..col(type_oid, typmod) };
+            let k = Kind::of(&c, &DebeziumConfig::default()).unwrap();
+            default_value(&c, &k).map(|v| enc(&k, &v))
+        };
+        assert_eq!(d(oid::INT8, -1, "nextval('t_id_seq'::regclass)").as_deref(), Some("0"));
+        assert_eq!(d(oid::INT4, -1, "'-1'::integer").as_deref(), Some("-1"));
+        assert_eq!(d(oid::INT4, -1, "42").as_deref(), Some("42"));
+        assert_eq!(d(oid::TEXT, -1, "'it''s'::text").as_deref(), Some(r#""it's""#));
+        assert_eq!(d(oid::VARCHAR, 44, "NULL::character varying"), None);
+        assert_eq!(d(oid::BOOL, -1, "true").as_deref(), Some("true"));
+        assert_eq!(d(oid::TIMESTAMPTZ, -1, "now()").as_deref(), Some(r#""1970-01-01T00:00:00.000000Z""#));
+        assert_eq!(d(oid::TIMESTAMPTZ, -1, "CURRENT_TIMESTAMP").as_deref(), Some(r#""1970-01-01T00:00:00.000000Z""#));
+        assert_eq!(
+            d(oid::TIMESTAMP, -1, "'2020-01-02 03:04:05'::timestamp without time zone").as_deref(),
+            Some("1577934245000000")
+        );
+        assert_eq!(d(oid::DATE, -1, "CURRENT_DATE").as_deref(), Some("0"));
+        assert_eq!(d(oid::NUMERIC, ((10 << 16) | 2) + 4, "1.5").as_deref(), Some(r#""AJY=""#));
+        assert_eq!(d(oid::NUMERIC, -1, "1.5"), None, "a VariableScaleDecimal is a struct: no default");
+        assert_eq!(d(oid::UUID, -1, "gen_random_uuid()").as_deref(), Some(r#""00000000-0000-0000-0000-000000000000""#));
+        assert_eq!(d(oid::JSONB, -1, "'{}'::jsonb").as_deref(), Some(r#""{}""#));
+        assert_eq!(d(oid::INTERVAL, -1, "'1 day'::interval").as_deref(), Some("86400000000"));
+        assert_eq!(d(oid::BYTEA, -1, "'\\x00'::bytea"), None, "no default of bytea");
+        assert_eq!(fallback_json(&kind(oid::TIMESTAMPTZ, -1)), r#""1970-01-01T00:00:00Z""#);
+        assert_eq!(
+            kind(oid::INT8, -1).schema_json_with_default(false, Some("0"), Some("id")),
+            r#"{"type":"int64","optional":false,"default":0,"field":"id"}"#
+        );
     }
 
     #[test]

@@ -57,14 +57,28 @@ pub fn topic(prefix: &str, change: &Change) -> String {
 #[derive(Debug)]
 struct Plan {
     /// The columns Debezium writes, in order, with their encodings.
-    columns: Vec<(Arc<str>, Kind)>,
-    key: Vec<(Arc<str>, Kind)>,
+    columns: Vec<Field>,
+    key: Vec<Field>,
     /// Key schema (`None` for a table without a key: Debezium's key is null).
     key_schema: Option<String>,
     envelope_schema: String,
+    /// `"schema":"…","table":"…"` of the source block, escaped once.
+    source_table: String,
 }
 
 type Plans = HashMap<usize, (Arc<TableColumns>, Arc<Plan>)>;
+
+/// A column as Debezium writes it.
+#[derive(Debug)]
+struct Field {
+    name: Arc<str>,
+    /// `"<name>":`, escaped once.
+    label: Box<[u8]>,
+    kind: Kind,
+    /// For a NOT NULL column, what a NULL in it is written as (see
+    /// [`debezium::fallback_json`]).
+    if_null: Option<String>,
+}
 
 /// Writes changes as Debezium's records for one configuration.
 pub struct Encoder {
@@ -72,8 +86,9 @@ pub struct Encoder {
     /// The topic prefix without its trailing dot: Debezium's `topic.prefix`
     /// and `source.name`.
     name: String,
-    database: String,
-    version: String,
+    /// `{"version":…,"connector":"postgresql","name":…`, escaped once.
+    source_head: String,
+    database_json: String,
     source_schema: String,
     /// By the address of the relation's `TableColumns`, which the entry
     /// keeps alive (so the address is not reused while cached).
@@ -83,11 +98,16 @@ pub struct Encoder {
 impl Encoder {
     pub fn new(cfg: &LogConfig, database: &str) -> Encoder {
         let name = cfg.topic_prefix.strip_suffix('.').unwrap_or(&cfg.topic_prefix).to_string();
+        let version = format!("pgfanout-{}", env!("CARGO_PKG_VERSION"));
         Encoder {
             cfg: cfg.debezium.clone(),
+            source_head: format!(
+                r#"{{"version":{},"connector":"postgresql","name":{}"#,
+                json_string(&version),
+                json_string(&name)
+            ),
             name,
-            database: database.to_string(),
-            version: format!("pgfanout-{}", env!("CARGO_PKG_VERSION")),
+            database_json: json_string(database),
             source_schema: source_schema(),
             plans: Mutex::new(HashMap::new()),
         }
@@ -111,13 +131,20 @@ impl Encoder {
 
     fn make_plan(&self, change: &Change, table: &TableColumns) -> Plan {
         let kinds: Vec<Option<Kind>> = table.columns.iter().map(|c| Kind::of(c, &self.cfg)).collect();
-        let fields = |idx: &mut dyn Iterator<Item = usize>| -> (Vec<(Arc<str>, Kind)>, Vec<String>) {
+        let fields = |idx: &mut dyn Iterator<Item = usize>| -> (Vec<Field>, Vec<String>) {
             let mut cols = Vec::new();
             let mut schemas = Vec::new();
             for i in idx {
                 if let (Some(meta), Some(Some(kind))) = (table.columns.get(i), kinds.get(i)) {
-                    schemas.push(kind.schema_json(meta.optional, Some(&meta.name)));
-                    cols.push((meta.name.clone(), kind.clone()));
+                    let default = debezium::default_value(meta, kind).map(|v| {
+                        let mut out = Vec::new();
+                        debezium::write_value(&mut out, kind, &v);
+                        String::from_utf8_lossy(&out).into_owned()
+                    });
+                    schemas.push(kind.schema_json_with_default(meta.optional, default.as_deref(), Some(&meta.name)));
+                    let if_null = (!meta.optional).then(|| default.unwrap_or_else(|| debezium::fallback_json(kind)));
+                    let label = format!("{}:", json_string(&meta.name)).into_bytes().into_boxed_slice();
+                    cols.push(Field { name: meta.name.clone(), label, kind: kind.clone(), if_null });
                 }
             }
             (cols, schemas)
@@ -147,7 +174,9 @@ impl Encoder {
                 json_string(&format!("{base}.Key"))
             )
         });
-        Plan { columns, key, key_schema, envelope_schema }
+        let source_table =
+            format!(r#""schema":{},"table":{}"#, json_string(&change.table.schema), json_string(&change.table.name));
+        Plan { columns, key, key_schema, envelope_schema, source_table }
     }
 
     /// The record key: the primary key's columns (`None`, a null key, for a
@@ -165,13 +194,12 @@ impl Encoder {
             out.extend_from_slice(b",\"payload\":");
         }
         out.push(b'{');
-        for (i, (name, kind)) in plan.key.iter().enumerate() {
+        for (i, f) in plan.key.iter().enumerate() {
             if i > 0 {
                 out.push(b',');
             }
-            out.extend_from_slice(json_string(name).as_bytes());
-            out.push(b':');
-            debezium::write_value(&mut out, kind, change.key.get(name).unwrap_or(&Value::Null));
+            out.extend_from_slice(&f.label);
+            debezium::write_value(&mut out, &f.kind, change.key.get(&f.name).unwrap_or(&Value::Null));
         }
         out.push(b'}');
         if self.cfg.schemas_enable {
@@ -215,7 +243,7 @@ impl Encoder {
         out.extend_from_slice(b",\"after\":");
         self.row(out, plan, c.after.as_ref(), &c.unchanged_toast);
         out.extend_from_slice(b",\"source\":");
-        self.source(out, c);
+        self.source(out, plan, c);
         out.extend_from_slice(b",\"transaction\":");
         match tx {
             None => out.extend_from_slice(b"null"),
@@ -253,35 +281,34 @@ impl Encoder {
         // (unchanged TOAST without a value): a cursor finds each in one pass.
         let cells = &row.0;
         let mut next = 0;
-        for (i, (name, kind)) in plan.columns.iter().enumerate() {
+        for (i, f) in plan.columns.iter().enumerate() {
+            let name = &f.name;
             if i > 0 {
                 out.push(b',');
             }
-            out.extend_from_slice(json_string(name).as_bytes());
-            out.push(b':');
+            out.extend_from_slice(&f.label);
             let found = cells.get(next..).and_then(|rest| rest.iter().position(|(n, _)| n == name));
             let value = found.map(|k| {
                 next += k + 1;
                 &cells[next - 1].1
             });
-            if unchanged.iter().any(|u| u == name) {
-                debezium::write_placeholder(out, kind, &self.cfg.unavailable_value_placeholder);
-            } else {
-                debezium::write_value(out, kind, value.unwrap_or(&Value::Null));
+            match (value.unwrap_or(&Value::Null), &f.if_null) {
+                _ if unchanged.iter().any(|u| u == name) => {
+                    debezium::write_placeholder(out, &f.kind, &self.cfg.unavailable_value_placeholder)
+                }
+                (Value::Null, Some(if_null)) => out.extend_from_slice(if_null.as_bytes()),
+                (v, _) => debezium::write_value(out, &f.kind, v),
             }
         }
         out.push(b'}');
     }
 
-    fn source(&self, out: &mut Vec<u8>, c: &Change) {
+    fn source(&self, out: &mut Vec<u8>, plan: &Plan, c: &Change) {
         let snapshot = c.op == Op::Read;
         // Snapshot rows carry no record LSN: the snapshot's position.
         let lsn = if c.lsn == 0 { c.tx.commit_lsn } else { c.lsn };
         let ts_us = c.tx.commit_ts_us;
-        out.extend_from_slice(b"{\"version\":");
-        out.extend_from_slice(json_string(&self.version).as_bytes());
-        out.extend_from_slice(b",\"connector\":\"postgresql\",\"name\":");
-        out.extend_from_slice(json_string(&self.name).as_bytes());
+        out.extend_from_slice(self.source_head.as_bytes());
         push(
             out,
             format_args!(
@@ -290,7 +317,7 @@ impl Encoder {
                 if snapshot { "true" } else { "false" }
             ),
         );
-        out.extend_from_slice(json_string(&self.database).as_bytes());
+        out.extend_from_slice(self.database_json.as_bytes());
         // `["<last commit>","<lsn>"]` as a string; the last commit is null
         // before the first one (a slot read from its start).
         let last_commit = match c.tx.last_commit_lsn {
@@ -300,13 +327,11 @@ impl Encoder {
         push(
             out,
             format_args!(
-                ",\"sequence\":\"[{last_commit},\\\"{lsn}\\\"]\",\"ts_us\":{ts_us},\"ts_ns\":{},\"schema\":",
+                ",\"sequence\":\"[{last_commit},\\\"{lsn}\\\"]\",\"ts_us\":{ts_us},\"ts_ns\":{},",
                 ts_us.saturating_mul(1000)
             ),
         );
-        out.extend_from_slice(json_string(&c.table.schema).as_bytes());
-        out.extend_from_slice(b",\"table\":");
-        out.extend_from_slice(json_string(&c.table.name).as_bytes());
+        out.extend_from_slice(plan.source_table.as_bytes());
         out.extend_from_slice(b",\"txId\":");
         if c.tx.xid == 0 {
             out.extend_from_slice(b"null");
@@ -365,6 +390,7 @@ fn inferred_columns(change: &Change) -> TableColumns {
             type_modifier: -1,
             optional: true,
             enum_labels: None,
+            default: None,
         })
         .collect();
     let key = change.key.0.iter().filter_map(|(n, _)| columns.iter().position(|c| &c.name == n)).collect();
@@ -425,7 +451,7 @@ mod tests {
     }
 
     fn meta(name: &str, type_oid: u32, type_modifier: i32, optional: bool) -> ColumnMeta {
-        ColumnMeta { name: name.into(), type_oid, type_modifier, optional, enum_labels: None }
+        ColumnMeta { name: name.into(), type_oid, type_modifier, optional, enum_labels: None, default: None }
     }
 
     fn change() -> Change {
@@ -550,6 +576,44 @@ mod tests {
                 "payload": {"id": 7}
             })
         );
+    }
+
+    /// The old row of a DELETE under DEFAULT identity has only the key:
+    /// Debezium writes a NOT NULL column's NULL as its default, else as the
+    /// type's zero, and the schema carries the default.
+    #[test]
+    fn not_null_columns_of_a_key_only_old_row_and_defaults() {
+        let e = Encoder::new(&log_config(true), "app");
+        let columns = TableColumns {
+            columns: vec![
+                ColumnMeta {
+                    default: Some("nextval('t_id_seq'::regclass)".into()),
+                    ..meta("id", oid::INT8, -1, false)
+                },
+                meta("at", oid::TIMESTAMPTZ, -1, false),
+                ColumnMeta { default: Some("'new'::text".into()), ..meta("state", oid::TEXT, -1, false) },
+                meta("note", oid::TEXT, -1, true),
+            ],
+            key: vec![0],
+        };
+        let old = Row(vec![
+            ("id".into(), Value::Int8(3)),
+            ("at".into(), Value::Null),
+            ("state".into(), Value::Null),
+            ("note".into(), Value::Null),
+        ]);
+        let c = Change { op: Op::Delete, before: Some(old), after: None, columns: Some(Arc::new(columns)), ..change() };
+        let v: Json = serde_json::from_slice(&e.envelope(&c, 0, None)).unwrap();
+        assert_eq!(
+            v["payload"]["before"],
+            serde_json::json!({"id": 3, "at": "1970-01-01T00:00:00Z", "state": "new", "note": null})
+        );
+        let fields = &v["schema"]["fields"][0]["fields"];
+        assert_eq!(fields[0], serde_json::json!({"type": "int64", "optional": false, "default": 0, "field": "id"}));
+        assert_eq!(fields[2]["default"], "new");
+        assert!(fields[3].get("default").is_none());
+        let k: Json = serde_json::from_slice(&e.key(&c).unwrap()).unwrap();
+        assert_eq!(k["schema"]["fields"][0]["default"], 0, "the key's field has the default too");
     }
 
     #[test]

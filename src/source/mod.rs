@@ -194,6 +194,9 @@ pub struct ColumnMeta {
     pub optional: bool,
     /// An enum's labels in order, comma-separated (Debezium's `allowed`).
     pub enum_labels: Option<Arc<str>>,
+    /// The column's DEFAULT as the catalog prints it (`pg_get_expr`), from
+    /// which Debezium's schema takes the field's default.
+    pub default: Option<Arc<str>>,
 }
 
 /// One row-level change, decoded and named.

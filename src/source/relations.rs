@@ -48,9 +48,16 @@ pub struct ColumnShape {
     pub key: bool,
 }
 
-/// The NOT NULL columns by table OID (the Relation message's `rel_id`):
-/// pgoutput does not say which columns may be NULL.
-pub type NotNull = HashMap<u32, HashSet<String>>;
+/// What pgoutput does not say of a table's columns, by table OID (the
+/// Relation message's `rel_id`): which are NOT NULL, and their defaults.
+pub type NotNull = HashMap<u32, ColumnCatalog>;
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ColumnCatalog {
+    pub not_null: HashSet<String>,
+    /// Column → its DEFAULT expression (`pg_get_expr`).
+    pub defaults: HashMap<String, Arc<str>>,
+}
 
 /// Primary-key column names in key order, by table OID (the Relation
 /// message's `rel_id`).
@@ -144,23 +151,32 @@ pub async fn published_column_types(client: &Client, publication: &str) -> Resul
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
-/// Reads the NOT NULL columns of every table in `publication` (with the
-/// primary keys, at the session's start and after a re-sent relation).
+/// Reads the NOT NULL columns and the column defaults of every table in
+/// `publication` (with the primary keys, at the session's start and after
+/// a re-sent relation): one query for all of them.
 pub async fn not_null_columns(client: &Client, publication: &str) -> Result<NotNull, tokio_postgres::Error> {
     let rows = client
         .query(
-            "SELECT c.oid, a.attname::text
+            "SELECT c.oid, a.attname::text, a.attnotnull, pg_get_expr(d.adbin, d.adrelid)
              FROM pg_publication_tables pt
              JOIN pg_namespace n ON n.nspname = pt.schemaname
              JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = pt.tablename
-             JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped AND a.attnotnull
-             WHERE pt.pubname = $1",
+             JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+             LEFT JOIN pg_attrdef d ON d.adrelid = c.oid AND d.adnum = a.attnum AND a.attgenerated = ''
+             WHERE pt.pubname = $1 AND (a.attnotnull OR d.adbin IS NOT NULL)",
             &[&publication],
         )
         .await?;
     let mut out = NotNull::new();
     for r in rows {
-        out.entry(r.get::<_, u32>(0)).or_default().insert(r.get(1));
+        let table = out.entry(r.get::<_, u32>(0)).or_default();
+        let name: String = r.get(1);
+        if let Some(default) = r.get::<_, Option<String>>(3) {
+            table.defaults.insert(name.clone(), default.into());
+        }
+        if r.get::<_, bool>(2) {
+            table.not_null.insert(name);
+        }
     }
     Ok(out)
 }
@@ -263,8 +279,12 @@ impl Relations {
                     name: shape.name.clone(),
                     type_oid: shape.type_oid,
                     type_modifier: c.type_modifier,
-                    optional: !not_null.is_some_and(|n| n.contains(&c.name)),
+                    optional: !not_null.is_some_and(|n| n.not_null.contains(&c.name)),
                     enum_labels: self.types.enum_labels(c.type_oid),
+                    // Debezium parses defaults by type name: a domain's has none.
+                    default: (c.type_oid == shape.type_oid)
+                        .then(|| not_null.and_then(|n| n.defaults.get(&c.name).cloned()))
+                        .flatten(),
                 })
                 .collect(),
             key: log_key,

@@ -115,7 +115,9 @@ impl ScanTable {
             .query(
                 "WITH RECURSIVE cols AS (
                    SELECT a.attnum, a.attname::text AS name, a.atttypid AS typ,
-                          format_type(a.atttypid, a.atttypmod) AS type_name, a.atttypmod, a.attnotnull
+                          format_type(a.atttypid, a.atttypmod) AS type_name, a.atttypmod, a.attnotnull,
+                          (SELECT pg_get_expr(d.adbin, d.adrelid) FROM pg_attrdef d
+                            WHERE d.adrelid = a.attrelid AND d.adnum = a.attnum) AS default_expr
                    FROM pg_attribute a
                    WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped
                      AND a.attgenerated = ''
@@ -132,7 +134,8 @@ impl ScanTable {
                         c.atttypmod, c.attnotnull,
                         (SELECT string_agg(e.enumlabel::text, ',' ORDER BY e.enumsortorder) FROM pg_enum e
                           WHERE e.enumtypid = (SELECT b.typ FROM base b WHERE b.attnum = c.attnum
-                                               ORDER BY b.depth DESC LIMIT 1))
+                                               ORDER BY b.depth DESC LIMIT 1)),
+                        c.default_expr
                  FROM cols c ORDER BY c.attnum",
                 &[&regclass],
             )
@@ -156,6 +159,7 @@ impl ScanTable {
                 type_modifier: r.get(4),
                 optional: !r.get::<_, bool>(5),
                 enum_labels: r.get::<_, Option<String>>(6).map(Into::into),
+                default: r.get::<_, Option<String>>(7).map(Into::into),
             });
             columns.push(column);
             if let Some(ord) = r.get::<_, Option<i64>>(3) {
