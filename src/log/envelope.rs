@@ -520,11 +520,13 @@ mod tests {
         r.op = Op::Read;
         r.lsn = 0;
         r.tx.xid = 0;
+        r.tx.last_commit_lsn = 0;
         r.unchanged_toast.clear();
         let v: Json = serde_json::from_slice(&e.envelope(&r, 0, None)).unwrap();
         assert_eq!(v["op"], "r");
         assert_eq!(v["source"]["snapshot"], "true");
         assert_eq!(v["source"]["lsn"], 0x1_0000_0010u64);
+        assert_eq!(v["source"]["sequence"], "[null,\"4294967312\"]");
         assert!(v["source"]["txId"].is_null());
         assert!(v["after"]["body"].is_null());
 

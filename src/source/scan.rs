@@ -412,7 +412,9 @@ pub async fn read_chunk(
         xid: 0,
         commit_lsn: point.consistent_point,
         commit_ts_us: point.commit_ts_us,
-        last_commit_lsn: point.consistent_point,
+        // Debezium's snapshot rows follow no commit: their sequence is
+        // `[null, "<snapshot LSN>"]`.
+        last_commit_lsn: 0,
     };
     let mut rank = 0u32;
     let mut rows = 0u64;
