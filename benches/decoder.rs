@@ -164,13 +164,8 @@ fn bench(c: &mut Criterion) {
         })
         .collect();
     let log = |schemas_enable| LogConfig {
-        brokers: String::new(),
-        topic_prefix: "pgfanout.".into(),
-        partitions: 1,
-        replication_factor: 1,
-        compression: "lz4".into(),
-        properties: Default::default(),
         debezium: DebeziumConfig { schemas_enable, ..Default::default() },
+        ..LogConfig::new("")
     };
     let mut g = c.benchmark_group("envelope");
     g.throughput(Throughput::Elements(changes.len() as u64));

@@ -192,6 +192,21 @@ pub struct LogConfig {
     pub debezium: DebeziumConfig,
 }
 
+impl LogConfig {
+    /// A `[log]` section that names only its brokers: every other key at its default.
+    pub fn new(brokers: impl Into<String>) -> LogConfig {
+        LogConfig {
+            brokers: brokers.into(),
+            topic_prefix: default_topic_prefix(),
+            partitions: one(),
+            replication_factor: one(),
+            compression: default_compression(),
+            properties: Default::default(),
+            debezium: DebeziumConfig::default(),
+        }
+    }
+}
+
 /// `[log.debezium]`: the Debezium connector options the log's envelope
 /// follows (their names and defaults are Debezium's).
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]

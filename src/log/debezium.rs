@@ -973,42 +973,60 @@ mod tests {
 
     #[test]
     fn schemas_name_the_logical_types() {
-        assert_eq!(
-            kind(oid::NUMERIC, numeric_typmod(10, 3)).schema_json(false, Some("amount")),
-            r#"{"type":"bytes","optional":false,"name":"org.apache.kafka.connect.data.Decimal","version":1,"parameters":{"scale":"3","connect.decimal.precision":"10"},"field":"amount"}"#
-        );
-        assert_eq!(
-            kind(oid::NUMERIC, -1).schema_json(true, Some("n")),
-            r#"{"type":"struct","fields":[{"type":"int32","optional":false,"field":"scale"},{"type":"bytes","optional":false,"field":"value"}],"optional":true,"name":"io.debezium.data.VariableScaleDecimal","version":1,"doc":"Variable scaled decimal","field":"n"}"#
-        );
-        assert_eq!(
-            kind(oid::TIMESTAMPTZ, -1).schema_json(true, None),
-            r#"{"type":"string","optional":true,"name":"io.debezium.time.ZonedTimestamp","version":1}"#
-        );
-        assert_eq!(
-            kind(oid::TIMESTAMP, -1).schema_json(true, None),
-            r#"{"type":"int64","optional":true,"name":"io.debezium.time.MicroTimestamp","version":1}"#
-        );
-        assert_eq!(
-            kind(oid::DATE, -1).schema_json(true, None),
-            r#"{"type":"int32","optional":true,"name":"io.debezium.time.Date","version":1}"#
-        );
-        assert_eq!(
-            kind(oid::INTERVAL, -1).schema_json(true, None),
-            r#"{"type":"int64","optional":true,"name":"io.debezium.time.MicroDuration","version":1}"#
-        );
-        assert_eq!(
-            kind(oid::JSONB, -1).schema_json(true, None),
-            r#"{"type":"string","optional":true,"name":"io.debezium.data.Json","version":1}"#
-        );
-        assert_eq!(
-            kind(oid::UUID, -1).schema_json(true, None),
-            r#"{"type":"string","optional":true,"name":"io.debezium.data.Uuid","version":1}"#
-        );
-        assert_eq!(kind(oid::BYTEA, -1).schema_json(true, None), r#"{"type":"bytes","optional":true}"#);
-        assert_eq!(
-            kind(oid::INT8, -1).schema_json(false, Some("id")),
-            r#"{"type":"int64","optional":false,"field":"id"}"#
-        );
+        let cases = [
+            (
+                kind(oid::NUMERIC, numeric_typmod(10, 3)),
+                false,
+                Some("amount"),
+                r#"{"type":"bytes","optional":false,"name":"org.apache.kafka.connect.data.Decimal","version":1,"parameters":{"scale":"3","connect.decimal.precision":"10"},"field":"amount"}"#,
+            ),
+            (
+                kind(oid::NUMERIC, -1),
+                true,
+                Some("n"),
+                r#"{"type":"struct","fields":[{"type":"int32","optional":false,"field":"scale"},{"type":"bytes","optional":false,"field":"value"}],"optional":true,"name":"io.debezium.data.VariableScaleDecimal","version":1,"doc":"Variable scaled decimal","field":"n"}"#,
+            ),
+            (
+                kind(oid::TIMESTAMPTZ, -1),
+                true,
+                None,
+                r#"{"type":"string","optional":true,"name":"io.debezium.time.ZonedTimestamp","version":1}"#,
+            ),
+            (
+                kind(oid::TIMESTAMP, -1),
+                true,
+                None,
+                r#"{"type":"int64","optional":true,"name":"io.debezium.time.MicroTimestamp","version":1}"#,
+            ),
+            (
+                kind(oid::DATE, -1),
+                true,
+                None,
+                r#"{"type":"int32","optional":true,"name":"io.debezium.time.Date","version":1}"#,
+            ),
+            (
+                kind(oid::INTERVAL, -1),
+                true,
+                None,
+                r#"{"type":"int64","optional":true,"name":"io.debezium.time.MicroDuration","version":1}"#,
+            ),
+            (
+                kind(oid::JSONB, -1),
+                true,
+                None,
+                r#"{"type":"string","optional":true,"name":"io.debezium.data.Json","version":1}"#,
+            ),
+            (
+                kind(oid::UUID, -1),
+                true,
+                None,
+                r#"{"type":"string","optional":true,"name":"io.debezium.data.Uuid","version":1}"#,
+            ),
+            (kind(oid::BYTEA, -1), true, None, r#"{"type":"bytes","optional":true}"#),
+            (kind(oid::INT8, -1), false, Some("id"), r#"{"type":"int64","optional":false,"field":"id"}"#),
+        ];
+        for (k, optional, field, want) in cases {
+            assert_eq!(k.schema_json(optional, field), want, "{k:?}");
+        }
     }
 }

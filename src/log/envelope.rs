@@ -439,15 +439,7 @@ mod tests {
     use crate::source::{Op, Position, Row, TableName, TxInfo};
 
     fn log_config(schemas: bool) -> LogConfig {
-        LogConfig {
-            brokers: String::new(),
-            topic_prefix: "pgfanout.".into(),
-            partitions: 1,
-            replication_factor: 1,
-            compression: "lz4".into(),
-            properties: Default::default(),
-            debezium: DebeziumConfig { schemas_enable: schemas, ..Default::default() },
-        }
+        LogConfig { debezium: DebeziumConfig { schemas_enable: schemas, ..Default::default() }, ..LogConfig::new("") }
     }
 
     fn meta(name: &str, type_oid: u32, type_modifier: i32, optional: bool) -> ColumnMeta {
