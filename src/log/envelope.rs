@@ -125,6 +125,9 @@ impl Encoder {
             return p.clone();
         }
         let plan = Arc::new(self.make_plan(change, columns));
+        // A relation learnt again (after DDL, or in a new session) replaces
+        // its columns: forget the plans no change refers to any more.
+        plans.retain(|_, (cols, _)| Arc::strong_count(cols) > 1);
         plans.insert(at, (columns.clone(), plan.clone()));
         plan
     }
@@ -608,6 +611,24 @@ mod tests {
         assert!(fields[3].get("default").is_none());
         let k: Json = serde_json::from_slice(&e.key(&c).unwrap()).unwrap();
         assert_eq!(k["schema"]["fields"][0]["default"], 0, "the key's field has the default too");
+    }
+
+    /// Plans of relations no change refers to any more are dropped, so
+    /// sessions that learn every relation again do not grow the cache.
+    #[test]
+    fn plans_of_forgotten_relations_are_dropped() {
+        let e = Encoder::new(&log_config(false), "app");
+        for _ in 0..5 {
+            let c = change();
+            e.envelope(&c, 0, None);
+        }
+        let kept = e.plans.lock().unwrap().len();
+        assert_eq!(kept, 1, "only the last relation's plan is kept");
+        let c = change();
+        let again = change();
+        e.envelope(&c, 0, None);
+        e.envelope(&again, 0, None);
+        assert_eq!(e.plans.lock().unwrap().len(), 2, "relations still in use keep theirs");
     }
 
     #[test]
