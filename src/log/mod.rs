@@ -6,6 +6,7 @@
 //! `producer` sends it, `reader` reads a topic back (the dead-letter topic,
 //! for `pgfanout dead-letters`).
 
+pub mod debezium;
 pub mod envelope;
 pub mod producer;
 pub mod reader;

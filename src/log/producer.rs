@@ -18,7 +18,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 
-use super::envelope;
+use super::envelope::{self, Encoder};
 use super::records::{self, Layout, Publish, Record, TxState};
 use super::tail::{self, Tails};
 use crate::config::LogConfig;
@@ -60,7 +60,7 @@ pub struct LogProducer {
     /// on past a lost record): librdkafka takes no more records from it.
     producer: std::sync::Mutex<FutureProducer>,
     cfg: LogConfig,
-    database: String,
+    encoder: Encoder,
     state: tokio::sync::Mutex<PublishState>,
 }
 
@@ -130,9 +130,14 @@ impl LogProducer {
         Ok(LogProducer {
             producer: std::sync::Mutex::new(new_producer(cfg)?),
             cfg: cfg.clone(),
-            database: database.to_string(),
+            encoder: Encoder::new(cfg, database),
             state: tokio::sync::Mutex::new(PublishState::default()),
         })
+    }
+
+    /// A change's value without its schema, as the dead-letter topic holds it.
+    pub fn envelope_bytes(&self, change: &Change) -> Vec<u8> {
+        serde_json::to_vec(&self.encoder.value(change, chrono::Utc::now().timestamp_micros())).unwrap_or_default()
     }
 
     pub fn topic_prefix(&self) -> &str {
@@ -144,7 +149,7 @@ impl LogProducer {
     }
 
     fn layout(&self) -> Layout<'_> {
-        Layout { prefix: &self.cfg.topic_prefix, database: &self.database, debezium: &self.cfg.debezium }
+        Layout { prefix: &self.cfg.topic_prefix, debezium: &self.cfg.debezium, encoder: &self.encoder }
     }
 
     /// Publishes a batch and waits for the broker's acknowledgement of all
@@ -157,10 +162,10 @@ impl LogProducer {
     /// a fifth of the publishing CPU.
     pub async fn publish(&self, changes: &[Change], how: Publish<'_>) -> Result<(), LogError> {
         let mut state = self.state.lock().await;
-        let now_ms = chrono::Utc::now().timestamp_millis();
+        let now_us = chrono::Utc::now().timestamp_micros();
         let mut tx = state.tx.clone();
-        let records = records::plan(&self.layout(), changes, &mut tx, &how, now_ms);
-        let result = self.send(&mut state, &records, how, now_ms).await;
+        let records = records::plan(&self.layout(), changes, &mut tx, &how, now_us);
+        let result = self.send(&mut state, &records, how, now_us).await;
         match &result {
             Ok(()) => state.tx = tx,
             Err(_) => {
@@ -182,7 +187,7 @@ impl LogProducer {
         state: &mut PublishState,
         records: &[Record<'_>],
         how: Publish<'_>,
-        now_ms: i64,
+        now_us: i64,
     ) -> Result<(), LogError> {
         let origin = how.origin.unwrap_or(tail::STREAM);
         let mut topics: Vec<&str> = Vec::new();
@@ -236,7 +241,7 @@ impl LogProducer {
                 skipped += 1;
                 continue;
             }
-            let position = r.mark.position.event_id();
+            let position = envelope::position_header(&r.mark.position);
             let headers = OwnedHeaders::new_with_capacity(3)
                 .insert(Header { key: tail::POSITION_HEADER, value: Some(&position) })
                 .insert(Header { key: tail::KIND_HEADER, value: Some(r.mark.kind.as_str()) })
@@ -260,12 +265,12 @@ impl LogProducer {
                         if pending.is_empty() {
                             tokio::time::sleep(Duration::from_millis(10)).await;
                         }
-                        self.settle(&mut pending, now_ms).await?;
+                        self.settle(&mut pending, now_us).await?;
                     }
                     // No retry can make it fit, and retrying would stop the stream for good.
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge), _)) => {
                         let bytes = r.key.as_ref().map_or(0, Vec::len) + r.payload.as_ref().map_or(0, Vec::len);
-                        self.park_oversized(r, bytes, now_ms).await?;
+                        self.park_oversized(r, bytes, now_us).await?;
                         break;
                     }
                     Err((source, _)) => return Err(LogError::Produce { topic: r.topic.to_string(), source }),
@@ -276,7 +281,7 @@ impl LogProducer {
             tracing::info!(skipped, "records the log already held from before the restart were not published again");
             crate::observe::metrics::log_skipped(skipped);
         }
-        self.settle(&mut pending, now_ms).await?;
+        self.settle(&mut pending, now_us).await?;
         if let (Some(tails), Some(last)) = (state.tails.as_mut(), records.last()) {
             if live(how) {
                 tails.passed(last.mark);
@@ -286,13 +291,13 @@ impl LogProducer {
     }
 
     /// Waits for the deliveries of `pending`, in order, and empties it.
-    async fn settle(&self, pending: &mut Vec<(&Record<'_>, DeliveryFuture)>, now_ms: i64) -> Result<(), LogError> {
+    async fn settle(&self, pending: &mut Vec<(&Record<'_>, DeliveryFuture)>, now_us: i64) -> Result<(), LogError> {
         for (r, delivery) in pending.drain(..) {
             let failed = match delivery.await {
                 Ok(Ok(_)) => continue,
                 Ok(Err((KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge), msg))) => {
                     let bytes = msg.key().map_or(0, <[u8]>::len) + msg.payload().map_or(0, <[u8]>::len);
-                    self.park_oversized(r, bytes, now_ms).await?;
+                    self.park_oversized(r, bytes, now_us).await?;
                     continue;
                 }
                 Ok(Err((source, _))) => source,
@@ -310,10 +315,9 @@ impl LogProducer {
         if state.last_heartbeat.is_some_and(|t| t.elapsed() < every) {
             return Ok(());
         }
-        let layout = self.layout();
-        let topic = layout.heartbeat_topic();
-        let key = serde_json::json!({ "serverName": layout.server_name() }).to_string();
-        let value = serde_json::json!({ "ts_ms": chrono::Utc::now().timestamp_millis() }).to_string();
+        let topic = records::heartbeat_topic(&self.cfg.topic_prefix, &self.cfg.debezium);
+        let (key, value) =
+            records::heartbeat(&self.cfg.topic_prefix, &self.cfg.debezium, chrono::Utc::now().timestamp_millis());
         self.producer()
             .send(FutureRecord::to(&topic).key(&key).payload(&value), Duration::from_secs(30))
             .await
@@ -326,7 +330,7 @@ impl LogProducer {
     /// parked in the dead-letter topic with its large values left out (so the
     /// record identifies the row and its position, to re-read from
     /// PostgreSQL). The sinks still get the whole change.
-    async fn park_oversized(&self, r: &Record<'_>, bytes: usize, now_ms: i64) -> Result<(), LogError> {
+    async fn park_oversized(&self, r: &Record<'_>, bytes: usize, now_us: i64) -> Result<(), LogError> {
         let topic = &r.topic;
         let reason = format!("record for {topic} is {bytes} bytes (key + value), more than the broker takes");
         let Some(c) = r.change else {
@@ -335,7 +339,7 @@ impl LogProducer {
             return Ok(());
         };
         tracing::error!(table = %c.table, position = %c.position, bytes, "change too large for the log; parking a summary in the dead-letter topic, the sinks still get it");
-        let mut value = envelope::value(c, &self.database, now_ms);
+        let mut value = self.encoder.value(c, now_us);
         for side in ["before", "after"] {
             if let Some(row) = value[side].as_object_mut() {
                 for v in row.values_mut() {

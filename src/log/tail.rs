@@ -27,10 +27,8 @@ use rdkafka::{Offset, TopicPartitionList};
 use super::producer::{client_config, LogError};
 use super::records::{Kind, Mark};
 use crate::config::LogConfig;
-use crate::source::Position;
 
-/// Header with the record's position (`Position::event_id`).
-pub const POSITION_HEADER: &str = "pgfanout.position";
+pub use super::envelope::POSITION_HEADER;
 /// Header with the record's kind (`records::Kind`).
 pub const KIND_HEADER: &str = "pgfanout.kind";
 /// Header with the record's origin: `stream`, or a scan chunk's name.
@@ -215,7 +213,7 @@ fn mark_of(msg: &BorrowedMessage<'_>, origin: &str) -> Option<Mark> {
     for h in headers.iter() {
         let value = std::str::from_utf8(h.value?).ok()?;
         match h.key {
-            POSITION_HEADER => position = Position::from_event_id(value),
+            POSITION_HEADER => position = super::envelope::parse_position_header(value),
             KIND_HEADER => kind = Kind::parse(value),
             ORIGIN_HEADER => from = Some(value == origin),
             _ => {}
@@ -230,6 +228,7 @@ fn mark_of(msg: &BorrowedMessage<'_>, origin: &str) -> Option<Mark> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::source::Position;
 
     fn mark(lsn: u64, ordinal: u32, kind: Kind) -> Mark {
         Mark { position: Position { commit_lsn: lsn, ordinal }, kind }

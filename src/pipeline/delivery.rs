@@ -96,7 +96,7 @@ impl Delivery {
         for (change, reason) in &enriched.rejected {
             tracing::error!(table = %change.table, position = %change.position, key = %change.key.to_json(), reason = %reason, "change cannot be enriched; parking it in the dead-letter topic");
             observe::error("enrich");
-            let payload = crate::log::envelope::to_vec(change, "", chrono::Utc::now().timestamp_millis(), None);
+            let payload = self.log.envelope_bytes(change);
             self.log
                 .dead_letter("enrich", &change.position.event_id(), &payload, reason, producer::ENVELOPE_FORMAT)
                 .await?;
