@@ -459,8 +459,8 @@ fn compare(pair: &Pair, mut dbz: Vec<Rec>, mut pgf: Vec<Rec>) -> Outcome {
             continue;
         };
         let mut diffs = Vec::new();
-        walk("key", Some(&d.key), Some(&p.key), &mut diffs);
-        walk("value", Some(&d.value), Some(&p.value), &mut diffs);
+        walk_record("key", &d.key, &p.key, &mut diffs);
+        walk_record("value", &d.value, &p.value, &mut diffs);
         let root = if pair.schemas && d.value.get("payload").is_some() { "value.payload" } else { "value" };
         let ignored: Vec<String> =
             if d.topic == tx_topic { Vec::new() } else { IGNORED.iter().map(|f| format!("{root}.{f}")).collect() };
@@ -507,6 +507,25 @@ fn show(v: Option<&Json>) -> String {
         format!("{}…", s.chars().take(120).collect::<String>())
     } else {
         s
+    }
+}
+
+/// [`walk`] on a key or value; when only one side is `{schema, payload}`,
+/// the missing schema is one difference and the payload is compared with
+/// the other side's record, so the payload's own differences still show.
+fn walk_record(root: &str, a: &Json, b: &Json, out: &mut Vec<(String, String, String)>) {
+    let wrapped = |v: &Json| !std::ptr::eq(payload(v), v);
+    let schema_absent = "<absent: the record is not {schema, payload}>".to_string();
+    match (wrapped(a), wrapped(b)) {
+        (true, false) => {
+            out.push((format!("{root}.schema"), show(a.get("schema")), schema_absent));
+            walk(&format!("{root}.payload"), Some(payload(a)), Some(b), out);
+        }
+        (false, true) => {
+            out.push((format!("{root}.schema"), schema_absent, show(b.get("schema"))));
+            walk(&format!("{root}.payload"), Some(a), Some(payload(b)), out);
+        }
+        _ => walk(root, Some(a), Some(b), out),
     }
 }
 
