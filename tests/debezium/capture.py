@@ -36,8 +36,10 @@ Used by tests/debezium_golden.rs; runs on its own too, e.g.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 import threading
@@ -179,8 +181,6 @@ class Capture:
         self.lock = threading.Lock()
 
     def record(self, topic: str, key: str | None, value: str | None) -> None:
-        import json
-
         line = '{"topic":%s,"key":%s,"value":%s}\n' % (
             json.dumps(topic),
             "null" if key is None else key,
@@ -207,20 +207,27 @@ class Capture:
 
 def main(argv: list[str]) -> int:
     args = arguments(argv)
-    started = time.monotonic()
-    deadline = started + args.timeout
+    deadline = time.monotonic() + args.timeout
+
+    def give_up() -> None:
+        # Stopping the engines has a bound of its own below; this one holds
+        # even if the JVM hangs in close().
+        print(f"capture: still running {args.timeout + 30:.0f}s after the start: exiting", file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(1)
+
+    watchdog = threading.Timer(args.timeout + 30.0, give_up)
+    watchdog.daemon = True
+    watchdog.start()
 
     # Records may go to standard output; the JVM and its log must not.
     stdout = os.fdopen(os.dup(1), "w", encoding="utf-8")
     os.dup2(2, 1)
     sys.stdout = sys.stderr
 
-    os.environ.setdefault(
-        "PYDBZ_JVM_OPTS",
-        # C1 only and a small heap: this JVM lives for seconds, and starts
-        # on a busy 2-core machine.
-        "-XX:TieredStopAtLevel=1 -Xss1m",
-    )
+    # C1 only: this JVM lives for seconds, on a busy 2-core machine, where
+    # the optimising compiler's work would never pay off.
+    os.environ.setdefault("PYDBZ_JVM_OPTS", "-XX:TieredStopAtLevel=1")
     log4j = HERE / "log4j2.properties"
     jvm_opts = [f"-Dlog4j2.configurationFile={log4j.as_uri()}"]
 
@@ -289,16 +296,15 @@ def main(argv: list[str]) -> int:
         thread.join(timeout=max(1.0, min(20.0, deadline + 20.0 - time.monotonic())))
         if thread.is_alive():
             print(f"capture: engine on slot {engine['slot']} did not stop after close()", file=sys.stderr)
-        print(
-            f"capture: slot {engine['slot']}: {capture.count} records, stopped on {capture.reason}"
-            + (f", failed: {failure[0]}" if failure else ""),
-            file=sys.stderr,
-        )
+        # close() interrupts run(): only an engine that stopped by itself failed.
+        error = f", failed: {failure[0]}" if failure and capture.reason == "engine stopped" else ""
+        print(f"capture: slot {engine['slot']}: {capture.count} records, stopped on {capture.reason}{error}", file=sys.stderr)
         capture.out.flush()
         if capture.out is not stdout:
             capture.out.close()
     stdout.flush()
     sys.stderr.flush()
+    shutil.rmtree(workdir, ignore_errors=True)
     # An engine that stopped before anything here asked it to failed (its
     # error is in Debezium's log above, or in the line just printed).
     failed = any(capture.reason == "engine stopped" for _, capture, _, _, _ in runs)
