@@ -1,13 +1,18 @@
 //! pgoutput decoding throughput: the captured corpus (bytes/s) and a
 //! synthetic stream of engagement_events Inserts (rows/s), with and without
-//! converting cells to typed values.
+//! converting cells to typed values; and the log's Debezium envelope of
+//! those rows (rows/s), beside serde_json of the bare row.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
+use pgfanout::config::{DebeziumConfig, LogConfig};
+use pgfanout::log::envelope::Encoder;
 use pgfanout::source::pgoutput::{Cell, Decoder, Message, Tuple};
 use pgfanout::source::values::Value;
+use pgfanout::source::{Change, ColumnMeta, Op, Position, Row, TableColumns, TableName, TxInfo};
 
 fn corpus() -> Vec<(u32, Bytes)> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/corpus/pgoutput");
@@ -106,6 +111,82 @@ fn bench(c: &mut Criterion) {
             }
         })
     });
+    g.finish();
+
+    // The rows as changes, and their envelopes.
+    let names = ["id", "content_id", "user_id", "event_type", "event_ts", "duration_ms", "device", "raw_payload"];
+    let meta = Arc::new(TableColumns {
+        columns: names
+            .iter()
+            .zip(COLUMN_OIDS)
+            .map(|(n, oid)| ColumnMeta {
+                name: (*n).into(),
+                type_oid: oid,
+                type_modifier: -1,
+                optional: *n != "id",
+                enum_labels: None,
+                default: None,
+            })
+            .collect(),
+        key: vec![0],
+    });
+    let mut d = Decoder::new(1);
+    let changes: Vec<Change> = rows
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let Message::Insert { new, .. } = d.decode_bytes(r, 0).unwrap() else { unreachable!() };
+            let row = Row(new
+                .0
+                .iter()
+                .zip(COLUMN_OIDS)
+                .zip(names)
+                .map(|((cell, oid), n)| {
+                    let v = match cell {
+                        Cell::Text(t) => Value::from_text(oid, t).unwrap(),
+                        _ => Value::Null,
+                    };
+                    (n.into(), v)
+                })
+                .collect());
+            Change {
+                table: TableName::new("public", "engagement_events"),
+                op: Op::Create,
+                key: Row(vec![row.0[0].clone()]),
+                before: None,
+                after: Some(row),
+                lsn: 1000 + i as u64,
+                tx: TxInfo { xid: 7, commit_lsn: 1 << 32, commit_ts_us: 1_795_867_200_000_000, last_commit_lsn: 999 },
+                position: Position { commit_lsn: 1 << 32, ordinal: i as u32 },
+                columns: Some(meta.clone()),
+                unchanged_toast: Vec::new(),
+            }
+        })
+        .collect();
+    let log = |schemas_enable| LogConfig {
+        debezium: DebeziumConfig { schemas_enable, ..Default::default() },
+        ..LogConfig::new("")
+    };
+    let mut g = c.benchmark_group("envelope");
+    g.throughput(Throughput::Elements(changes.len() as u64));
+    g.bench_function("serde_json_of_the_row_10k", |b| {
+        b.iter(|| {
+            for c in &changes {
+                black_box(serde_json::to_vec(c.after.as_ref().unwrap()).unwrap());
+            }
+        })
+    });
+    for schemas in [false, true] {
+        let e = Encoder::new(&log(schemas), "app");
+        g.bench_function(format!("debezium_key_and_value_10k_schemas_{schemas}"), |b| {
+            b.iter(|| {
+                for c in &changes {
+                    black_box(e.key(c));
+                    black_box(e.envelope(c, 1_795_867_200_000_000, None));
+                }
+            })
+        });
+    }
     g.finish();
 }
 

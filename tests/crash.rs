@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
 use redis::AsyncCommands;
+use support::topics::read_topic;
 use support::workload::{self, Progress};
 use support::{pg_versions, wait_until, Sidecar, TestEnv};
 
@@ -155,7 +156,14 @@ struct DailyAvg {
 #[tokio::test(flavor = "multi_thread")]
 async fn sigkill_at_random_moments_and_every_sink_ends_exact() {
     let v = pg_versions()[0].clone();
-    let t = TestEnv::builder(&v).with(|cfg| cfg.redis.as_mut().unwrap().stream_maxlen = 10_000_000).build().await;
+    let t = TestEnv::builder(&v)
+        .with(|cfg| {
+            cfg.redis.as_mut().unwrap().stream_maxlen = 10_000_000;
+            // Several partitions: each one's tail is found and kept apart.
+            cfg.log.partitions = 3;
+        })
+        .build()
+        .await;
     let config = t.write_config(&t.cfg, "pgfanout");
 
     t.pg.batch_execute(&format!(
@@ -367,6 +375,46 @@ async fn sigkill_at_random_moments_and_every_sink_ends_exact() {
         let got = hundredths(top.get(&content).copied());
         assert_eq!(got.unwrap_or(0), score, "top score of {content} (hundredths): Redis against PostgreSQL");
     }
+
+    // The log: each change once (a restart replays from the slot's
+    // confirmed position, which is behind what reached the broker), each
+    // delete followed by its tombstone, so compaction keeps exactly the
+    // live rows (the test broker does not compact: its rule is applied here).
+    let topic = format!("{}public.engagement_events", t.cfg.log.topic_prefix);
+    // Every inserted row has a sequence value and none was rolled back, so
+    // the deleted rows (one tombstone each) are the inserted ones not live.
+    let inserted: i64 = t.pg.query_one("SELECT last_value FROM engagement_events_id_seq", &[]).await.unwrap().get(0);
+    let records = total + (inserted - pg_count) as u64;
+    let log = read_topic(&t, &topic, Duration::from_secs(180), |r| r.len() as u64 >= records).await;
+    let mut seen: HashMap<(String, String), u32> = HashMap::new();
+    for r in &log {
+        *seen.entry((r.headers["pgfanout.position"].clone(), r.headers["pgfanout.kind"].clone())).or_default() += 1;
+    }
+    let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).take(5).collect();
+    assert!(twice.is_empty(), "records the log holds more than once (of {}): {twice:?}", log.len());
+    let changes = seen.keys().filter(|(_, k)| k == "change").count() as u64;
+    assert_eq!(changes, total, "changes in the log");
+    let deletes = log.iter().filter(|r| r.payload["op"] == "d").count();
+    let tombstones = log.iter().filter(|r| r.payload.is_null()).count();
+    assert_eq!(tombstones, deletes, "a tombstone for each delete");
+    let mut compacted: HashMap<&str, bool> = HashMap::new();
+    for r in &log {
+        compacted.insert(r.key.as_deref().unwrap(), !r.payload.is_null());
+    }
+    let mut kept: Vec<i64> = compacted
+        .into_iter()
+        .filter(|(_, live)| *live)
+        .map(|(k, _)| serde_json::from_str::<serde_json::Value>(k).unwrap()["id"].as_i64().unwrap())
+        .collect();
+    kept.sort_unstable();
+    let live: Vec<i64> =
+        t.pg.query("SELECT id FROM engagement_events ORDER BY id", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+    assert_eq!(kept, live, "the keys a compacted topic keeps are the live rows");
 
     // A clean stop after all that exits 0.
     let (status, took) = sidecar.terminate(Duration::from_secs(60));

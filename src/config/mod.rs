@@ -75,6 +75,7 @@ impl Config {
         if let Some(http) = &cfg.http {
             http.signing_key().map_err(|e| ConfigError(Box::new(figment::Error::from(e.to_string()))))?;
         }
+        cfg.log.debezium.check().map_err(|e| ConfigError(Box::new(figment::Error::from(e))))?;
         Ok(cfg)
     }
 }
@@ -207,6 +208,156 @@ pub struct LogConfig {
     /// Extra librdkafka properties (e.g. security.protocol, sasl.*, ssl.*).
     #[serde(default)]
     pub properties: std::collections::BTreeMap<String, Secret>,
+    /// The Debezium connector options the log follows: how values are
+    /// encoded and what goes in besides the changes, under Debezium's names.
+    #[serde(default)]
+    pub debezium: DebeziumConfig,
+}
+
+impl LogConfig {
+    /// A `[log]` section that names only its brokers: every other key at its default.
+    pub fn new(brokers: impl Into<String>) -> LogConfig {
+        LogConfig {
+            brokers: brokers.into(),
+            topic_prefix: default_topic_prefix(),
+            partitions: one(),
+            replication_factor: one(),
+            compression: default_compression(),
+            properties: Default::default(),
+            debezium: DebeziumConfig::default(),
+        }
+    }
+}
+
+/// `[log.debezium]`: the Debezium connector options the log's envelope
+/// follows (their names and defaults are Debezium's).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DebeziumConfig {
+    /// The JSON converter's `schemas.enable`: each key and value as
+    /// `{"schema": …, "payload": …}`.
+    #[serde(rename = "schemas.enable", default)]
+    pub schemas_enable: bool,
+    #[serde(rename = "decimal.handling.mode", default)]
+    pub decimal_handling_mode: DecimalHandlingMode,
+    #[serde(rename = "time.precision.mode", default)]
+    pub time_precision_mode: TimePrecisionMode,
+    #[serde(rename = "binary.handling.mode", default)]
+    pub binary_handling_mode: BinaryHandlingMode,
+    #[serde(rename = "interval.handling.mode", default)]
+    pub interval_handling_mode: IntervalHandlingMode,
+    /// What an unchanged TOASTed value (not sent by PostgreSQL) is written as.
+    #[serde(rename = "unavailable.value.placeholder", default = "default_unavailable_placeholder")]
+    pub unavailable_value_placeholder: String,
+    /// A tombstone (the deleted key, no value) after each delete, so a
+    /// compacted topic forgets the key.
+    #[serde(rename = "tombstones.on.delete", default = "yes")]
+    pub tombstones_on_delete: bool,
+    /// Operations left out of the log, comma-separated among `c`, `u`,
+    /// `d`, `t`, or `none`. Only the log: the sinks still get every change.
+    #[serde(rename = "skipped.operations", default = "default_skipped_operations")]
+    pub skipped_operations: String,
+    /// BEGIN and END records in `<prefix>transaction` and a `transaction`
+    /// block in each change.
+    #[serde(rename = "provide.transaction.metadata", default)]
+    pub provide_transaction_metadata: bool,
+    /// The heartbeat topic is `<topic.heartbeat.prefix>.<prefix>`; written
+    /// every `source.heartbeat_ms` when that is on.
+    #[serde(rename = "topic.heartbeat.prefix", default = "default_heartbeat_prefix")]
+    pub topic_heartbeat_prefix: String,
+}
+
+impl Default for DebeziumConfig {
+    fn default() -> Self {
+        DebeziumConfig {
+            schemas_enable: false,
+            decimal_handling_mode: DecimalHandlingMode::default(),
+            time_precision_mode: TimePrecisionMode::default(),
+            binary_handling_mode: BinaryHandlingMode::default(),
+            interval_handling_mode: IntervalHandlingMode::default(),
+            unavailable_value_placeholder: default_unavailable_placeholder(),
+            tombstones_on_delete: true,
+            skipped_operations: default_skipped_operations(),
+            provide_transaction_metadata: false,
+            topic_heartbeat_prefix: default_heartbeat_prefix(),
+        }
+    }
+}
+
+impl DebeziumConfig {
+    fn check(&self) -> Result<(), String> {
+        match self.skipped_operations.split(',').map(str::trim).find(|s| !matches!(*s, "c" | "u" | "d" | "t" | "none"))
+        {
+            Some(bad) => Err(format!(
+                "log.debezium.\"skipped.operations\": '{bad}' is not one of c, u, d, t, none (comma-separated)"
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether `op` (its one-letter code) stays out of the log.
+    pub fn skips(&self, op: &str) -> bool {
+        self.skipped_operations.split(',').map(str::trim).any(|s| s == op)
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_skipped_operations() -> String {
+    "t".into()
+}
+
+fn default_heartbeat_prefix() -> String {
+    "__debezium-heartbeat".into()
+}
+
+fn default_unavailable_placeholder() -> String {
+    "__debezium_unavailable_value".into()
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum DecimalHandlingMode {
+    /// `org.apache.kafka.connect.data.Decimal` (or Debezium's
+    /// `VariableScaleDecimal` for a numeric without a declared scale).
+    #[default]
+    Precise,
+    String,
+    Double,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum TimePrecisionMode {
+    #[default]
+    Adaptive,
+    AdaptiveTimeMicroseconds,
+    Connect,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+pub enum BinaryHandlingMode {
+    #[default]
+    #[serde(rename = "bytes")]
+    Bytes,
+    #[serde(rename = "base64")]
+    Base64,
+    #[serde(rename = "base64-url-safe")]
+    Base64UrlSafe,
+    #[serde(rename = "hex")]
+    Hex,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum IntervalHandlingMode {
+    /// `io.debezium.time.MicroDuration`: microseconds, a month counted as 365.25 / 12 days.
+    #[default]
+    Numeric,
+    /// `io.debezium.time.Interval`: ISO 8601 `PnYnMnDTnHnMnS`.
+    String,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

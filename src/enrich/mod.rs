@@ -364,6 +364,8 @@ mod tests {
             lsn: 0,
             tx: Default::default(),
             position: Position { commit_lsn: 1, ordinal },
+            columns: None,
+            unchanged_toast: Vec::new(),
         }
     }
 

@@ -32,6 +32,8 @@ pub const SINK_ERRORS: &str = "pgfanout_sink_errors_total";
 /// `{sink}`: failed attempts in a row of the batch the sink is working on.
 pub const SINK_CONSECUTIVE_FAILURES: &str = "pgfanout_sink_consecutive_failures";
 pub const DEAD_LETTERS: &str = "pgfanout_dead_letters_total";
+/// Records of a replay that the log already held, not published again.
+pub const LOG_SKIPPED: &str = "pgfanout_log_records_already_held_total";
 pub const ERRORS: &str = "pgfanout_errors_total";
 pub const BUFFER_OCCUPANCY: &str = "pgfanout_buffer_occupancy";
 pub const FLUSHED_LSN: &str = "pgfanout_flushed_lsn";
@@ -117,6 +119,11 @@ fn describe() {
         "Failed attempts in a row of the batch the sink is working on."
     );
     describe_counter!(DEAD_LETTERS, Unit::Count, "Payloads parked in the dead-letter topic.");
+    describe_counter!(
+        LOG_SKIPPED,
+        Unit::Count,
+        "Records of a replay (after a restart or a failed publish) that the log already held, so not published again."
+    );
     describe_counter!(ERRORS, Unit::Count, "Errors by kind (replication, publish, enrich, lag, ...).");
     describe_gauge!(
         BUFFER_OCCUPANCY,
@@ -248,6 +255,11 @@ pub fn batch_size(n: usize) {
 /// unenrichable), lag (the lag alert), metrics_endpoint.
 pub fn error(kind: &'static str) {
     counter!(ERRORS, "kind" => kind).increment(1);
+}
+
+/// `n` records of a replay were already in the log.
+pub fn log_skipped(n: u64) {
+    counter!(LOG_SKIPPED).increment(n);
 }
 
 /// A payload of `sink` was parked in the dead-letter topic.

@@ -18,6 +18,7 @@ use super::fanout::Fanout;
 use super::{DeliverOptions, Delivery, PipelineError};
 use crate::config::Config;
 use crate::enrich::{journal::JournalWriter, Enriched};
+use crate::log::Publish;
 use crate::observe;
 use crate::sinks::{Boundary, Cuts};
 use crate::source::{Change, SourceEvent};
@@ -99,13 +100,15 @@ pub async fn drive(
         };
         let mut batch: Vec<Change> = Vec::new();
         let mut ack = BatchAck::default();
-        let take = |ev: SourceEvent, batch: &mut Vec<Change>, ack: &mut BatchAck, open_tx: &mut bool| match ev {
+        let mut commits: Vec<(u64, u64)> = Vec::new();
+        let mut take = |ev: SourceEvent, batch: &mut Vec<Change>, ack: &mut BatchAck, open_tx: &mut bool| match ev {
             SourceEvent::Change(c) => {
                 stats.reader.took_one();
                 *open_tx = true;
                 batch.push(*c);
             }
-            SourceEvent::Commit { end_lsn, .. } => {
+            SourceEvent::Commit { end_lsn, tx } => {
+                commits.push((tx.commit_lsn, end_lsn));
                 *open_tx = false;
                 ack.last_commit_end = Some(end_lsn);
             }
@@ -151,10 +154,17 @@ pub async fn drive(
             continue;
         }
         ack.open_tx = open_tx;
+        if cfg.source.heartbeat_ms > 0 && opts.origin.is_none() {
+            // Debezium's heartbeat record; a failure only delays the next one.
+            if let Err(e) = delivery.log.heartbeat(Duration::from_millis(cfg.source.heartbeat_ms)).await {
+                tracing::warn!(error = %e, "writing a heartbeat record to the log failed");
+            }
+        }
+        let how = Publish { origin: opts.origin.as_deref(), tx_open: open_tx, commits: &commits };
         let enriched = match batch.first() {
             Some(c) => {
                 observe::health::batch_started(&stats, c.tx.commit_ts_us);
-                let Some(enriched) = delivery.publish_and_enrich(&batch, opts).await? else {
+                let Some(enriched) = delivery.publish_and_enrich(&batch, opts, how).await? else {
                     // Log only: published is all there is to do.
                     continue;
                 };
@@ -166,7 +176,14 @@ pub async fn drive(
                 }
                 enriched
             }
-            None => Enriched::default(),
+            None => {
+                if !commits.is_empty() && opts.origin.is_none() {
+                    // A transaction whose last change went out in an earlier
+                    // batch ends here: its END record, before the ack.
+                    delivery.publish(&[], how).await?;
+                }
+                Enriched::default()
+            }
         };
         fanout.push(batch, enriched, ack).await?;
     }

@@ -8,7 +8,7 @@ use super::fanout::per_table;
 use super::{topics, PipelineError};
 use crate::config::Config;
 use crate::enrich::{self, ContentDim, Enriched};
-use crate::log::{producer, LogProducer};
+use crate::log::{producer, LogProducer, Publish};
 use crate::observe::{self, Stats};
 use crate::retry;
 use crate::sinks::{self, Sink};
@@ -59,6 +59,20 @@ impl Delivery {
         Ok(Delivery { log, dim, sinks, stats })
     }
 
+    /// Publishes `batch` to the log, retrying until the broker takes it. An
+    /// empty batch still ends the transactions whose commits `how` holds
+    /// (their END records).
+    pub async fn publish(&self, batch: &[Change], how: Publish<'_>) -> Result<(), PipelineError> {
+        // The broker's errors are all transient: an oversized message, the
+        // one that no retry can fix, is parked by `publish` itself.
+        let policy = retry::Policy::sink("broker", None).failed("publishing to the broker failed; retrying");
+        let log = &self.log;
+        let published = retry::run(&policy, |_| retry::ErrorClass::Transient, |_| log.publish(batch, how));
+        // Never given up (every error is transient); `?` only for the types.
+        observe::timed("broker", published).await.map_err(|g| g.error)?;
+        Ok(())
+    }
+
     /// Publishes the batch to the log (retrying
     /// until the broker takes it), enriches it and parks what cannot be
     /// enriched. `None` for a log-only delivery (nothing more to do).
@@ -66,14 +80,9 @@ impl Delivery {
         &mut self,
         batch: &[Change],
         opts: &DeliverOptions,
+        how: Publish<'_>,
     ) -> Result<Option<Enriched>, PipelineError> {
-        // The broker's errors are all transient: an oversized message, the
-        // one that no retry can fix, is parked by `publish` itself.
-        let policy = retry::Policy::sink("broker", None).failed("publishing to the broker failed; retrying");
-        let log = &self.log;
-        let published = retry::run(&policy, |_| retry::ErrorClass::Transient, |_| log.publish(batch));
-        // Never given up (every error is transient); `?` only for the types.
-        observe::timed("broker", published).await.map_err(|g| g.error)?;
+        self.publish(batch, how).await?;
         observe::metrics::count_tables("published", &per_table(batch));
         if opts.log_only {
             self.stats.changes.fetch_add(batch.len() as u64, Ordering::Relaxed);
@@ -87,7 +96,7 @@ impl Delivery {
         for (change, reason) in &enriched.rejected {
             tracing::error!(table = %change.table, position = %change.position, key = %change.key.to_json(), reason = %reason, "change cannot be enriched; parking it in the dead-letter topic");
             observe::error("enrich");
-            let payload = crate::log::envelope::to_vec(change, "", chrono::Utc::now().timestamp_millis());
+            let payload = self.log.envelope_bytes(change);
             self.log
                 .dead_letter("enrich", &change.position.event_id(), &payload, reason, producer::ENVELOPE_FORMAT)
                 .await?;

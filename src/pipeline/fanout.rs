@@ -319,7 +319,7 @@ mod tests {
     /// `n` inserts into `engagement_events` by transaction `xid`, which
     /// commits at `commit_lsn`; ordinals from `first`.
     fn inserts(xid: u32, commit_lsn: u64, first: u32, n: u32) -> Vec<Change> {
-        let tx = TxInfo { xid, commit_lsn, commit_ts_us: 1_700_000_000_000_000 + i64::from(xid) };
+        let tx = TxInfo { xid, commit_lsn, commit_ts_us: 1_700_000_000_000_000 + i64::from(xid), ..TxInfo::default() };
         (first..first + n)
             .map(|ordinal| {
                 let id = i64::from(xid) * 1000 + i64::from(ordinal);
@@ -339,6 +339,8 @@ mod tests {
                     lsn: commit_lsn - 0x80 + u64::from(ordinal),
                     tx,
                     position: Position { commit_lsn, ordinal },
+                    columns: None,
+                    unchanged_toast: Vec::new(),
                 }
             })
             .collect()

@@ -31,6 +31,7 @@ use self::fanout::Fanout;
 use crate::config::Config;
 use crate::enrich::{self, journal};
 use crate::log::producer;
+use crate::log::records;
 use crate::observe::Stats;
 use crate::sinks::{Cuts, SinkError};
 use crate::source::{self, session, slot};
@@ -61,6 +62,12 @@ pub enum PipelineError {
 pub fn topics(cfg: &Config) -> Vec<String> {
     let mut t: Vec<String> = cfg.source.tables.iter().map(|t| format!("{}{}", cfg.log.topic_prefix, t)).collect();
     t.push(producer::dead_letter_topic(&cfg.log.topic_prefix));
+    if cfg.log.debezium.provide_transaction_metadata {
+        t.push(records::transaction_topic(&cfg.log.topic_prefix));
+    }
+    if cfg.source.heartbeat_ms > 0 {
+        t.push(records::heartbeat_topic(&cfg.log.topic_prefix, &cfg.log.debezium));
+    }
     t
 }
 

@@ -68,6 +68,12 @@ impl Position {
         format!("{}/{}", Lsn(self.commit_lsn).to_pg_string(), self.ordinal)
     }
 
+    /// The position an [`Position::event_id`] was written from.
+    pub fn from_event_id(s: &str) -> Option<Position> {
+        let (lsn, ordinal) = s.rsplit_once('/')?;
+        Some(Position { commit_lsn: Lsn::parse(lsn).ok()?.0, ordinal: ordinal.parse().ok()? })
+    }
+
     /// The position a [`Position::sortable_hex`] was written from.
     pub fn from_sortable_hex(s: &str) -> Option<Position> {
         if s.len() != 24 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -163,6 +169,40 @@ pub struct TxInfo {
     pub commit_lsn: u64,
     /// Commit time, microseconds since the Unix epoch.
     pub commit_ts_us: i64,
+    /// End LSN of the transaction committed before this one in the stream
+    /// (the session's start position for its first), which Debezium's
+    /// `source.sequence` names as the last committed LSN.
+    pub last_commit_lsn: u64,
+}
+
+/// What a table's columns are beyond the values a row carries: the
+/// declared type (modifier included) and nullability, which the log's
+/// Debezium schema and encodings need (a `numeric(10,3)` is a Decimal of
+/// scale 3, a `timestamp(3)` milliseconds, a NOT NULL column a required
+/// field). Read once per relation, shared by every change of it.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct TableColumns {
+    pub columns: Vec<ColumnMeta>,
+    /// Indexes into `columns` of the primary key (or, without one, of the
+    /// replica identity index), in key order; empty when the table has
+    /// neither, where Debezium's message key is null.
+    pub key: Vec<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ColumnMeta {
+    pub name: Arc<str>,
+    /// The base type (domains resolved).
+    pub type_oid: u32,
+    /// `atttypmod`: -1 when the type has none.
+    pub type_modifier: i32,
+    /// NULL allowed (no NOT NULL constraint).
+    pub optional: bool,
+    /// An enum's labels in order, comma-separated (Debezium's `allowed`).
+    pub enum_labels: Option<Arc<str>>,
+    /// The column's DEFAULT as the catalog prints it (`pg_get_expr`), from
+    /// which Debezium's schema takes the field's default.
+    pub default: Option<Arc<str>>,
 }
 
 /// One row-level change, decoded and named.
@@ -178,6 +218,13 @@ pub struct Change {
     pub lsn: u64,
     pub tx: TxInfo,
     pub position: Position,
+    /// The table's column types and nullability, when the source knows them.
+    pub columns: Option<Arc<TableColumns>>,
+    /// Columns left out of `after` because PostgreSQL did not send their
+    /// value (TOASTed and unchanged) and no old row had it (DEFAULT
+    /// identity; under FULL the old row's value fills it). The sinks never
+    /// see them; the log writes Debezium's placeholder for them.
+    pub unchanged_toast: Vec<Arc<str>>,
 }
 
 /// What the replication reader hands to the pipeline, in stream order.

@@ -11,7 +11,7 @@ use tokio_postgres::Client;
 
 use super::pgoutput::{Cell, OldTuple, Relation, Tuple};
 use super::values::{oid, Value};
-use super::{Row, TableName};
+use super::{ColumnMeta, Row, TableColumns, TableName};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RelationError {
@@ -36,6 +36,8 @@ pub struct TableShape {
     /// the catalog names one, else the replica identity columns. Empty when
     /// the table has neither (the whole row is then the key).
     pub key: Vec<usize>,
+    /// The columns as the log's encoding needs them (shared by the changes).
+    pub meta: Arc<TableColumns>,
 }
 
 #[derive(Debug, Clone)]
@@ -46,6 +48,17 @@ pub struct ColumnShape {
     pub key: bool,
 }
 
+/// What pgoutput does not say of a table's columns, by table OID (the
+/// Relation message's `rel_id`): which are NOT NULL, and their defaults.
+pub type NotNull = HashMap<u32, ColumnCatalog>;
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ColumnCatalog {
+    pub not_null: HashSet<String>,
+    /// Column → its DEFAULT expression (`pg_get_expr`).
+    pub defaults: HashMap<String, Arc<str>>,
+}
+
 /// Primary-key column names in key order, by table OID (the Relation
 /// message's `rel_id`).
 pub type PrimaryKeys = HashMap<u32, Vec<String>>;
@@ -54,6 +67,7 @@ pub type PrimaryKeys = HashMap<u32, Vec<String>>;
 pub struct Relations {
     by_id: HashMap<u32, TableShape>,
     primary_keys: PrimaryKeys,
+    not_null: NotNull,
     types: Types,
     /// The stream is in automatic binary mode: a relation with a column that
     /// pgfanout cannot decode in binary is an error, on which the session
@@ -69,19 +83,26 @@ pub struct Relations {
 pub struct Types {
     /// Domain → its declared base type (possibly another domain).
     domains: HashMap<u32, u32>,
-    enums: HashSet<u32>,
+    /// Enum → its labels in order, comma-separated.
+    enums: HashMap<u32, Arc<str>>,
 }
 
 impl Types {
     pub async fn load(client: &Client) -> Result<Types, tokio_postgres::Error> {
         let rows = client
-            .query("SELECT oid, typtype = 'e', typbasetype FROM pg_type WHERE typtype IN ('d', 'e')", &[])
+            .query(
+                "SELECT t.oid, t.typtype = 'e', t.typbasetype,
+                        (SELECT string_agg(e.enumlabel::text, ',' ORDER BY e.enumsortorder)
+                         FROM pg_enum e WHERE e.enumtypid = t.oid)
+                 FROM pg_type t WHERE t.typtype IN ('d', 'e')",
+                &[],
+            )
             .await?;
         let mut types = Types::default();
         for r in rows {
             let oid: u32 = r.get(0);
             if r.get::<_, bool>(1) {
-                types.enums.insert(oid);
+                types.enums.insert(oid, r.get::<_, Option<String>>(3).unwrap_or_default().into());
             } else {
                 types.domains.insert(oid, r.get(2));
             }
@@ -105,7 +126,12 @@ impl Types {
     /// Whether a value of `type_oid` decodes from binary to what its text form gives.
     pub fn decodes_binary(&self, type_oid: u32) -> bool {
         let base = self.base(type_oid);
-        oid::decodes_binary(base) || self.enums.contains(&base)
+        oid::decodes_binary(base) || self.enums.contains_key(&base)
+    }
+
+    /// An enum's labels, comma-separated in order.
+    pub fn enum_labels(&self, type_oid: u32) -> Option<Arc<str>> {
+        self.enums.get(&self.base(type_oid)).cloned()
     }
 }
 
@@ -123,6 +149,36 @@ pub async fn published_column_types(client: &Client, publication: &str) -> Resul
         )
         .await?;
     Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// Reads the NOT NULL columns and the column defaults of every table in
+/// `publication` (with the primary keys, at the session's start and after
+/// a re-sent relation): one query for all of them.
+pub async fn not_null_columns(client: &Client, publication: &str) -> Result<NotNull, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT c.oid, a.attname::text, a.attnotnull, pg_get_expr(d.adbin, d.adrelid)
+             FROM pg_publication_tables pt
+             JOIN pg_namespace n ON n.nspname = pt.schemaname
+             JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = pt.tablename
+             JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+             LEFT JOIN pg_attrdef d ON d.adrelid = c.oid AND d.adnum = a.attnum AND a.attgenerated = ''
+             WHERE pt.pubname = $1 AND (a.attnotnull OR d.adbin IS NOT NULL)",
+            &[&publication],
+        )
+        .await?;
+    let mut out = NotNull::new();
+    for r in rows {
+        let table = out.entry(r.get::<_, u32>(0)).or_default();
+        let name: String = r.get(1);
+        if let Some(default) = r.get::<_, Option<String>>(3) {
+            table.defaults.insert(name.clone(), default.into());
+        }
+        if r.get::<_, bool>(2) {
+            table.not_null.insert(name);
+        }
+    }
+    Ok(out)
 }
 
 /// Reads the primary-key columns of every table in `publication`.
@@ -163,7 +219,7 @@ impl Relations {
     /// Relations whose keys come from `primary_keys` where a table has one,
     /// whose domains decode as their base types, for a stream in binary or not.
     pub fn new(primary_keys: PrimaryKeys, types: Types, binary: bool) -> Self {
-        Relations { by_id: HashMap::new(), primary_keys, types, binary }
+        Relations { by_id: HashMap::new(), primary_keys, not_null: NotNull::new(), types, binary }
     }
 
     /// Whether a Relation message for `rel_id` came before in this session
@@ -176,6 +232,12 @@ impl Relations {
     /// again (after DDL), for the relations learnt from now on.
     pub fn set_primary_keys(&mut self, primary_keys: PrimaryKeys) {
         self.primary_keys = primary_keys;
+    }
+
+    /// The NOT NULL columns, read with the primary keys (at the session's
+    /// start and again after DDL), for the relations learnt from now on.
+    pub fn set_not_null(&mut self, not_null: NotNull) {
+        self.not_null = not_null;
     }
 
     pub fn learn(&mut self, rel: &Relation) -> Result<(), RelationError> {
@@ -198,11 +260,36 @@ impl Relations {
         let primary = self.primary_keys.get(&rel.rel_id).and_then(|pk| {
             pk.iter().map(|name| columns.iter().position(|c| &*c.name == name.as_str())).collect::<Option<Vec<_>>>()
         });
-        let key = match primary {
-            Some(k) if !k.is_empty() => k,
-            _ => columns.iter().enumerate().filter(|(_, c)| c.key).map(|(i, _)| i).collect(),
+        let identity: Vec<usize> = columns.iter().enumerate().filter(|(_, c)| c.key).map(|(i, _)| i).collect();
+        let (key, log_key) = match primary {
+            Some(k) if !k.is_empty() => (k.clone(), k),
+            // Debezium falls back to a unique index's columns, which an
+            // identity index is; FULL identity flags every column, which
+            // identifies nothing to it (its message key is then null).
+            _ if rel.replica_identity == b'i' => (identity.clone(), identity),
+            _ => (identity, Vec::new()),
         };
-        let shape = TableShape { table: TableName::new(&rel.namespace, &rel.name), columns, key };
+        let not_null = self.not_null.get(&rel.rel_id);
+        let meta = TableColumns {
+            columns: rel
+                .columns
+                .iter()
+                .zip(&columns)
+                .map(|(c, shape)| ColumnMeta {
+                    name: shape.name.clone(),
+                    type_oid: shape.type_oid,
+                    type_modifier: c.type_modifier,
+                    optional: !not_null.is_some_and(|n| n.not_null.contains(&c.name)),
+                    enum_labels: self.types.enum_labels(c.type_oid),
+                    // Debezium parses defaults by type name: a domain's has none.
+                    default: (c.type_oid == shape.type_oid)
+                        .then(|| not_null.and_then(|n| n.defaults.get(&c.name).cloned()))
+                        .flatten(),
+                })
+                .collect(),
+            key: log_key,
+        };
+        let shape = TableShape { table: TableName::new(&rel.namespace, &rel.name), columns, key, meta: Arc::new(meta) };
         self.by_id.insert(rel.rel_id, shape);
         Ok(())
     }
@@ -219,6 +306,18 @@ impl TableShape {
     /// (the old tuple, when the replica identity is FULL) or are left out of
     /// the row, so a sink never mistakes "unchanged" for NULL.
     pub fn row(&self, tuple: &Tuple, fill: Option<&Row>, lsn: u64) -> Result<Row, RelationError> {
+        self.row_noting_toast(tuple, fill, lsn, &mut Vec::new())
+    }
+
+    /// [`TableShape::row`], also naming in `unchanged` the unchanged-TOAST
+    /// columns it left out (those `fill` had no value for).
+    pub fn row_noting_toast(
+        &self,
+        tuple: &Tuple,
+        fill: Option<&Row>,
+        lsn: u64,
+        unchanged: &mut Vec<Arc<str>>,
+    ) -> Result<Row, RelationError> {
         if tuple.0.len() != self.columns.len() {
             return Err(RelationError::ColumnCount {
                 table: self.table.clone(),
@@ -233,7 +332,10 @@ impl TableShape {
                 Cell::Null => Value::Null,
                 Cell::UnchangedToast => match fill.and_then(|r| r.get(&col.name)) {
                     Some(v) => v.clone(),
-                    None => continue,
+                    None => {
+                        unchanged.push(col.name.clone());
+                        continue;
+                    }
                 },
                 Cell::Text(b) => Value::from_text(col.type_oid, b).map_err(|e| self.value_err(col, lsn, e))?,
                 Cell::Binary(b) => Value::from_binary(col.type_oid, b).map_err(|e| self.value_err(col, lsn, e))?,
@@ -392,8 +494,10 @@ mod tests {
     #[test]
     fn domains_decode_as_their_base_type_and_binary_refuses_unknown_types() {
         let (posint, small, mood) = (90_001, 90_002, 90_003);
-        let types =
-            Types { domains: HashMap::from([(posint, oid::INT4), (small, posint)]), enums: HashSet::from([mood]) };
+        let types = Types {
+            domains: HashMap::from([(posint, oid::INT4), (small, posint)]),
+            enums: HashMap::from([(mood, "happy,sad".into())]),
+        };
         assert_eq!(types.base(small), oid::INT4);
         assert!(types.decodes_binary(small) && types.decodes_binary(mood) && types.decodes_binary(1007));
         assert!(!types.decodes_binary(600), "point has no binary decoder here");

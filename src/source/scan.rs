@@ -26,7 +26,7 @@ use tokio_postgres::Client;
 use super::copy::{CopyDecoder, CopyError};
 use super::slot::{self, quote_ident};
 use super::values::{oid, Value};
-use super::{Change, Op, Position, Row, SourceEvent, TableName, TxInfo};
+use super::{Change, ColumnMeta, Op, Position, Row, SourceEvent, TableColumns, TableName, TxInfo};
 
 /// Widest integer-key chunk: a row's ordinal (its key's offset in the
 /// chunk) must fit `Position::ordinal`'s 32 bits, which `Position::version()`
@@ -102,6 +102,8 @@ pub struct ScanTable {
     pub columns: Vec<ScanColumn>,
     /// Primary-key columns (indexes into `columns`), in key order.
     pub key: Vec<usize>,
+    /// The columns' declared types and nullability, for the log's encoding.
+    pub meta: Arc<TableColumns>,
 }
 
 impl ScanTable {
@@ -113,7 +115,9 @@ impl ScanTable {
             .query(
                 "WITH RECURSIVE cols AS (
                    SELECT a.attnum, a.attname::text AS name, a.atttypid AS typ,
-                          format_type(a.atttypid, a.atttypmod) AS type_name
+                          format_type(a.atttypid, a.atttypmod) AS type_name, a.atttypmod, a.attnotnull,
+                          (SELECT pg_get_expr(d.adbin, d.adrelid) FROM pg_attrdef d
+                            WHERE d.adrelid = a.attrelid AND d.adnum = a.attnum) AS default_expr
                    FROM pg_attribute a
                    WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped
                      AND a.attgenerated = ''
@@ -126,7 +130,12 @@ impl ScanTable {
                  SELECT c.name, (SELECT b.typ FROM base b WHERE b.attnum = c.attnum ORDER BY b.depth DESC LIMIT 1),
                         c.type_name,
                         (SELECT k.ord FROM pg_index i, unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
-                          WHERE i.indrelid = $1::text::regclass AND i.indisprimary AND k.attnum = c.attnum)
+                          WHERE i.indrelid = $1::text::regclass AND i.indisprimary AND k.attnum = c.attnum),
+                        c.atttypmod, c.attnotnull,
+                        (SELECT string_agg(e.enumlabel::text, ',' ORDER BY e.enumsortorder) FROM pg_enum e
+                          WHERE e.enumtypid = (SELECT b.typ FROM base b WHERE b.attnum = c.attnum
+                                               ORDER BY b.depth DESC LIMIT 1)),
+                        c.default_expr
                  FROM cols c ORDER BY c.attnum",
                 &[&regclass],
             )
@@ -138,17 +147,29 @@ impl ScanTable {
                 _ => ScanError::Query { what: format!("read the columns of {table}"), source: e },
             })?;
         let mut columns = Vec::with_capacity(rows.len());
+        let mut meta = Vec::with_capacity(rows.len());
         let mut key: Vec<(i64, usize)> = Vec::new();
         for (i, r) in rows.iter().enumerate() {
             let name: String = r.get(0);
             let type_oid: u32 = r.get(1);
-            columns.push(ScanColumn { name: name.as_str().into(), type_oid, type_name: r.get(2) });
+            let column = ScanColumn { name: name.as_str().into(), type_oid, type_name: r.get(2) };
+            meta.push(ColumnMeta {
+                name: column.name.clone(),
+                type_oid,
+                type_modifier: r.get(4),
+                optional: !r.get::<_, bool>(5),
+                enum_labels: r.get::<_, Option<String>>(6).map(Into::into),
+                default: r.get::<_, Option<String>>(7).map(Into::into),
+            });
+            columns.push(column);
             if let Some(ord) = r.get::<_, Option<i64>>(3) {
                 key.push((ord, i));
             }
         }
         key.sort_unstable();
-        Ok(ScanTable { name: table.clone(), columns, key: key.into_iter().map(|(_, i)| i).collect() })
+        let key: Vec<usize> = key.into_iter().map(|(_, i)| i).collect();
+        let meta = Arc::new(TableColumns { columns: meta, key: key.clone() });
+        Ok(ScanTable { name: table.clone(), columns, key, meta })
     }
 
     pub fn key_kind(&self) -> KeyKind {
@@ -387,7 +408,14 @@ pub async fn read_chunk(
         KeyKind::Integer(_) => chunk.lo.as_deref().and_then(|s| s.parse().ok()),
         _ => None,
     };
-    let tx = TxInfo { xid: 0, commit_lsn: point.consistent_point, commit_ts_us: point.commit_ts_us };
+    let tx = TxInfo {
+        xid: 0,
+        commit_lsn: point.consistent_point,
+        commit_ts_us: point.commit_ts_us,
+        // Debezium's snapshot rows follow no commit: their sequence is
+        // `[null, "<snapshot LSN>"]`.
+        last_commit_lsn: 0,
+    };
     let mut rank = 0u32;
     let mut rows = 0u64;
     let copy_err = |source| ScanError::Copy { table: table.name.clone(), source };
@@ -442,6 +470,8 @@ pub async fn read_chunk(
                 lsn: 0,
                 tx,
                 position: scan_position(point.consistent_point, chunk.seq, ordinal),
+                columns: Some(table.meta.clone()),
+                unchanged_toast: Vec::new(),
             };
             if out.send(SourceEvent::Change(Box::new(change))).await.is_err() {
                 return Ok(rows);
@@ -501,6 +531,7 @@ mod tests {
                 ScanColumn { name: "event_ts".into(), type_oid: oid::TIMESTAMPTZ, type_name: "timestamptz".into() },
             ],
             key: vec![0],
+            meta: Default::default(),
         };
         let c = Chunk { seq: 3, table: t.name.clone(), lo: Some("100".into()), hi: Some("200".into()), rows: 7 };
         assert_eq!(
@@ -510,6 +541,7 @@ mod tests {
         );
         let u = ScanTable {
             key: vec![1],
+            meta: Default::default(),
             columns: vec![
                 ScanColumn { name: "v".into(), type_oid: oid::TEXT, type_name: "text".into() },
                 ScanColumn { name: "k".into(), type_oid: oid::UUID, type_name: "uuid".into() },
@@ -525,6 +557,7 @@ mod tests {
                 ScanColumn { name: "p".into(), type_oid: 600, type_name: "point".into() },
             ],
             key: vec![0],
+            meta: Default::default(),
             ..u
         };
         assert!(p.copy_sql(&c, None).starts_with("COPY (SELECT \"k\", \"p\"::text FROM"), "{}", p.copy_sql(&c, None));
@@ -540,6 +573,7 @@ mod tests {
                 ScanColumn { name: "event_ts".into(), type_oid: oid::TIMESTAMPTZ, type_name: "timestamptz".into() },
             ],
             key: vec![0, 1],
+            meta: Default::default(),
         };
         assert_eq!(t.key_kind(), KeyKind::IntegerPrefix(0));
         let c = Chunk { seq: 0, table: t.name.clone(), lo: Some("100".into()), hi: Some("200".into()), rows: 7 };

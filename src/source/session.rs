@@ -274,6 +274,7 @@ async fn stream_once(
         rc = rc.with_streaming(if proto >= 4 { "parallel" } else { "on" });
     }
     let mut relations = Relations::new(catalog.primary_keys, catalog.types, binary && cfg.binary.is_none());
+    relations.set_not_null(catalog.not_null);
     let mut client = match ReplicationClient::connect(rc).await {
         Ok(client) => client,
         Err(e) => return Err(replication_error(e, &cfg.slot, &tls).await),
@@ -289,6 +290,9 @@ async fn stream_once(
     let mut open: Option<OpenTx> = None;
     let mut last_idle = 0u64;
     let mut last_reported = acked;
+    // Debezium's "last committed LSN" (source.sequence): the previous
+    // commit's end, the start position before the first.
+    let mut last_commit_end = acked;
     loop {
         let ev = tokio::select! {
             ev = client.recv() => ev,
@@ -342,12 +346,20 @@ async fn stream_once(
                 }
                 match decoder.decode_bytes(&data, wal_start.0)? {
                     Message::Begin { final_lsn, commit_ts, xid } => {
-                        let info = TxInfo { xid, commit_lsn: final_lsn, commit_ts_us: pg_ts_to_unix_micros(commit_ts) };
+                        let info = TxInfo {
+                            xid,
+                            commit_lsn: final_lsn,
+                            commit_ts_us: pg_ts_to_unix_micros(commit_ts),
+                            last_commit_lsn: last_commit_end,
+                        };
                         open = Some(OpenTx { info, ordinal: 0 });
                         continue;
                     }
                     Message::Commit { end_lsn, .. } => match open.take() {
-                        Some(tx) => SourceEvent::Commit { end_lsn, tx: tx.info },
+                        Some(tx) => {
+                            last_commit_end = end_lsn;
+                            SourceEvent::Commit { end_lsn, tx: tx.info }
+                        }
                         None => continue,
                     },
                     // A non-transactional message (our heartbeat, or anyone's)
@@ -371,7 +383,13 @@ async fn stream_once(
                         continue;
                     }
                     Message::StreamCommit { xid, commit_lsn, end_lsn, commit_ts, .. } => {
-                        let info = TxInfo { xid, commit_lsn, commit_ts_us: pg_ts_to_unix_micros(commit_ts) };
+                        let info = TxInfo {
+                            xid,
+                            commit_lsn,
+                            commit_ts_us: pg_ts_to_unix_micros(commit_ts),
+                            last_commit_lsn: last_commit_end,
+                        };
+                        last_commit_end = end_lsn;
                         let mut tx = OpenTx { info, ordinal: 0 };
                         let mut held = streams.commit(xid)?;
                         while let Some((lsn, bytes)) = held.next_message()? {
@@ -434,7 +452,11 @@ async fn forward(
             let keys = relations::primary_keys(&client, &to.source.publication)
                 .await
                 .map_err(|source| SessionError::Catalog(slot::query_err("read primary keys again")(source)))?;
+            let not_null = relations::not_null_columns(&client, &to.source.publication)
+                .await
+                .map_err(|source| SessionError::Catalog(slot::query_err("read NOT NULL columns again")(source)))?;
             relations.set_primary_keys(keys);
+            relations.set_not_null(not_null);
             tracing::info!(table = %format!("{}.{}", rel.namespace, rel.name), "relation changed; its columns and key are read again");
         }
     }
@@ -494,6 +516,7 @@ async fn emit_heartbeats(url: String, every: Duration) {
 /// message is re-sent after DDL, see `forward`).
 struct Catalog {
     primary_keys: relations::PrimaryKeys,
+    not_null: relations::NotNull,
     types: relations::Types,
     /// The server has binary transfer (14+) and every published column has
     /// a type pgfanout decodes in binary.
@@ -510,6 +533,8 @@ impl Catalog {
         let err = |what| move |source| SessionError::Catalog(slot::query_err(what)(source));
         let primary_keys =
             relations::primary_keys(&client, &cfg.publication).await.map_err(err("read primary keys"))?;
+        let not_null =
+            relations::not_null_columns(&client, &cfg.publication).await.map_err(err("read NOT NULL columns"))?;
         let types = relations::Types::load(&client).await.map_err(err("read domains and enums"))?;
         let column_types = relations::published_column_types(&client, &cfg.publication)
             .await
@@ -520,7 +545,7 @@ impl Catalog {
             .map_err(err("read the server version"))?
             .get(0);
         let binary_ok = server_version >= 140_000 && column_types.iter().all(|&t| types.decodes_binary(t));
-        Ok(Catalog { primary_keys, types, binary_ok, server_version, primary })
+        Ok(Catalog { primary_keys, not_null, types, binary_ok, server_version, primary })
     }
 }
 
@@ -545,10 +570,16 @@ fn changes(
     open: Option<&mut OpenTx>,
     lsn: u64,
 ) -> Result<Vec<Change>, SessionError> {
-    let make = |table, op, key: Row, before: Option<Row>, after: Option<Row>| -> Result<Change, SessionError> {
+    let make = |shape: &relations::TableShape,
+                op,
+                key: Row,
+                before: Option<Row>,
+                after: Option<Row>,
+                unchanged_toast: Vec<Arc<str>>|
+     -> Result<Change, SessionError> {
         let tx = open.as_ref().map(|t| t.info).ok_or_else(|| SessionError::NoTransaction(Lsn(lsn).to_pg_string()))?;
         Ok(Change {
-            table,
+            table: shape.table.clone(),
             op,
             key,
             before,
@@ -556,6 +587,8 @@ fn changes(
             lsn,
             tx,
             position: Position { commit_lsn: tx.commit_lsn, ordinal: 0 },
+            columns: Some(shape.meta.clone()),
+            unchanged_toast,
         })
     };
     let mut out = match msg {
@@ -566,12 +599,13 @@ fn changes(
         Message::Insert { rel_id, new, .. } => {
             let shape = relations.shape(rel_id, lsn)?;
             let after = shape.row(&new, None, lsn)?;
-            vec![make(shape.table.clone(), Op::Create, shape.key_of(&after), None, Some(after))?]
+            vec![make(shape, Op::Create, shape.key_of(&after), None, Some(after), Vec::new())?]
         }
         Message::Update { rel_id, old, new, .. } => {
             let shape = relations.shape(rel_id, lsn)?;
             let before = old.as_ref().map(|o| shape.old_row(o, lsn)).transpose()?;
-            let after = shape.row(&new, before.as_ref(), lsn)?;
+            let mut unchanged = Vec::new();
+            let after = shape.row_noting_toast(&new, before.as_ref(), lsn, &mut unchanged)?;
             let key = shape.key_of(&after);
             match before.as_ref().map(|b| shape.key_of(b)).filter(|old_key| *old_key != key) {
                 // The key changed (an event's event_ts, where a table
@@ -580,22 +614,22 @@ fn changes(
                 // writes it, so a consumer that keeps rows by key (or a
                 // topic compacted by key) does not keep the old one.
                 Some(old_key) => vec![
-                    make(shape.table.clone(), Op::Delete, old_key, before, None)?,
-                    make(shape.table.clone(), Op::Create, key, None, Some(after))?,
+                    make(shape, Op::Delete, old_key, before, None, Vec::new())?,
+                    make(shape, Op::Create, key, None, Some(after), unchanged)?,
                 ],
-                None => vec![make(shape.table.clone(), Op::Update, key, before, Some(after))?],
+                None => vec![make(shape, Op::Update, key, before, Some(after), unchanged)?],
             }
         }
         Message::Delete { rel_id, old, .. } => {
             let shape = relations.shape(rel_id, lsn)?;
             let before = shape.old_row(&old, lsn)?;
-            vec![make(shape.table.clone(), Op::Delete, shape.key_of(&before), Some(before), None)?]
+            vec![make(shape, Op::Delete, shape.key_of(&before), Some(before), None, Vec::new())?]
         }
         Message::Truncate { rel_ids, .. } => {
             let mut v = Vec::new();
             for rel_id in rel_ids {
-                let table = relations.shape(rel_id, lsn)?.table.clone();
-                v.push(make(table, Op::Truncate, Row::default(), None, None)?);
+                let shape = relations.shape(rel_id, lsn)?;
+                v.push(make(shape, Op::Truncate, Row::default(), None, None, Vec::new())?);
             }
             v
         }
@@ -714,7 +748,7 @@ mod tests {
     #[test]
     fn an_update_that_changes_the_key_is_a_delete_and_a_create() {
         let mut r = relations();
-        let mut tx = OpenTx { info: TxInfo { xid: 1, commit_lsn: 100, commit_ts_us: 0 }, ordinal: 0 };
+        let mut tx = OpenTx { info: TxInfo { xid: 1, commit_lsn: 100, ..TxInfo::default() }, ordinal: 0 };
         let moved =
             changes(update("2026-01-31 23:00:00+00", "2026-02-01 01:00:00+00"), &mut r, Some(&mut tx), 90).unwrap();
         let ops: Vec<Op> = moved.iter().map(|c| c.op).collect();

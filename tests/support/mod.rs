@@ -170,6 +170,7 @@ impl TestEnvBuilder {
                 replication_factor: 1,
                 compression: "lz4".into(),
                 properties: Default::default(),
+                debezium: Default::default(),
             },
             clickhouse: on(Sink::ClickHouse).then(|| ClickHouseConfig {
                 url: env("PGFANOUT_CLICKHOUSE_URL"),

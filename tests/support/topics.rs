@@ -13,14 +13,16 @@ use super::TestEnv;
 /// One record of a topic.
 #[derive(Debug)]
 pub struct Record {
+    pub partition: i32,
     pub key: Option<String>,
     pub payload: Json,
     pub headers: HashMap<String, String>,
 }
 
-/// Reads `topic` (partition 0) from the beginning until `enough` says so or
-/// `timeout` passes. Assigned, not subscribed, and read to the end by
-/// polling: Tansu's watermarks cannot be trusted.
+/// Reads `topic` (every partition) from the beginning until `enough` says
+/// so or `timeout` passes. Assigned, not subscribed, and read to the end by
+/// polling: Tansu's watermarks cannot be trusted. A tombstone's payload is
+/// JSON null.
 pub async fn read_topic(
     t: &TestEnv,
     topic: &str,
@@ -33,8 +35,12 @@ pub async fn read_topic(
         .set("enable.auto.commit", "false")
         .create()
         .expect("consumer");
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).expect("topic metadata");
+    let partitions = metadata.topics().first().map_or(0, |t| t.partitions().len()).max(1) as i32;
     let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, 0, Offset::Beginning).unwrap();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
+    }
     consumer.assign(&tpl).expect("assign");
     let deadline = Instant::now() + timeout;
     let mut out = Vec::new();
@@ -42,6 +48,7 @@ pub async fn read_topic(
         let Ok(msg) = tokio::time::timeout(Duration::from_millis(500), consumer.recv()).await else { continue };
         let msg = pgfanout::log::LogRecord::of(&msg.unwrap_or_else(|e| panic!("reading {topic}: {e}")));
         out.push(Record {
+            partition: msg.partition,
             payload: serde_json::from_slice(&msg.payload).unwrap_or(Json::Null),
             key: msg.key,
             headers: msg.headers.into_iter().collect(),
