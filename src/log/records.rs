@@ -264,20 +264,8 @@ fn tx_key(schemas: bool, id: &str) -> Option<Vec<u8>> {
 /// change's LSN.
 fn begin_record<'a>(schemas: bool, topic: &Arc<str>, first: &Change) -> Record<'a> {
     let id = envelope::transaction_id(&first.tx, first.lsn);
-    let value = TxValue {
-        status: "BEGIN",
-        id: &id,
-        event_count: None,
-        data_collections: None,
-        ts_ms: first.tx.commit_ts_us.div_euclid(1000),
-    };
-    Record {
-        topic: topic.clone(),
-        key: tx_key(schemas, &id),
-        payload: Some(converted(schemas, TX_VALUE_SCHEMA, &value)),
-        mark: Mark { position: first.position, kind: Kind::Begin },
-        change: None,
-    }
+    let value = TxValue { status: "BEGIN", id: &id, event_count: None, data_collections: None, ts_ms: ms(&first.tx) };
+    tx_record(schemas, topic, &value, Mark { position: first.position, kind: Kind::Begin })
 }
 
 /// END: named by the transaction id and its commit's end LSN.
@@ -290,13 +278,22 @@ fn end_record<'a>(schemas: bool, topic: &Arc<str>, open: OpenTx, end_lsn: u64) -
         id: &id,
         event_count: Some(open.events),
         data_collections: Some(collections),
-        ts_ms: open.tx.commit_ts_us.div_euclid(1000),
+        ts_ms: ms(&open.tx),
     };
+    tx_record(schemas, topic, &value, Mark { position: open.last, kind: Kind::End })
+}
+
+/// The commit time in milliseconds, as transaction records carry it.
+fn ms(tx: &TxInfo) -> i64 {
+    tx.commit_ts_us.div_euclid(1000)
+}
+
+fn tx_record<'a>(schemas: bool, topic: &Arc<str>, value: &TxValue<'_>, mark: Mark) -> Record<'a> {
     Record {
         topic: topic.clone(),
-        key: tx_key(schemas, &id),
-        payload: Some(converted(schemas, TX_VALUE_SCHEMA, &value)),
-        mark: Mark { position: open.last, kind: Kind::End },
+        key: tx_key(schemas, value.id),
+        payload: Some(converted(schemas, TX_VALUE_SCHEMA, value)),
+        mark,
         change: None,
     }
 }
