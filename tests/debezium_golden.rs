@@ -67,12 +67,14 @@ CREATE TABLE dbz_end (id int PRIMARY KEY);
 const TABLES: [&str; 2] = ["dbz_default", "dbz_full"];
 const END_TABLE: &str = "public.dbz_end";
 
-/// Row 1: a value in every column (unicode, quotes, a TOASTed text); row 2:
-/// NULL everywhere but the key; row 3: zeros, empties and dates before 1970.
+/// Row 1: a value in every column (unicode, quotes, a TOASTed text, a json
+/// spaced as no formatter would and a jsonb number with a trailing zero, so
+/// both must be passed on as PostgreSQL's text); row 2: NULL everywhere but
+/// the key; row 3: zeros, empties and dates before 1970.
 const ROWS: &str = r#"
 (1, -32768, 2147483647, 9223372036854775807, 12345.6789, -98765.432, 3.25, 2.718281828459045, true,
  'Grüße, 世界 🚀 "quoted" \ back', 'varchar ü', 'ab', '\xdeadbeef00', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11',
- '{"k": [1, 2.5, "ü"], "n": null}', '{"b": {"c": true}, "a": 1}', '2024-02-29', '13:45:59.123456',
+ '{"k":[1, 2.50,"ü"] , "n" :null}', '{"b": {"c": true}, "a": 1.50}', '2024-02-29', '13:45:59.123456',
  '13:45:59.5+05:30', '2024-02-29 13:45:59.123456', '2024-02-29 13:45:59.123456+01',
  '1 year 2 mons 3 days 04:05:06.789', '192.168.1.5/24', '{1,2,NULL,4}', '{"a","ü b",NULL}',
  repeat('toast ü ', 1000)),

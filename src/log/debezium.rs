@@ -11,7 +11,6 @@ use std::io::Write;
 
 use base64::Engine;
 use chrono::{DateTime, Datelike, NaiveDate, NaiveDateTime, Timelike, Utc};
-use serde_json::Value as Json;
 
 use crate::config::{BinaryHandlingMode, DebeziumConfig, DecimalHandlingMode, IntervalHandlingMode, TimePrecisionMode};
 use crate::source::values::{oid, ArrayDim, Value};
@@ -382,7 +381,8 @@ pub fn write_value(out: &mut Vec<u8>, kind: &Kind, value: &Value) {
         (Kind::Float64, Value::Float8(f)) => push_f64(out, *f),
         (Kind::Text | Kind::Enum(_) | Kind::Xml, Value::Text(s) | Value::Inet(s) | Value::Cidr(s)) => push_str(out, s),
         (Kind::Text | Kind::Enum(_) | Kind::Xml, Value::Unknown { text, .. }) => push_str(out, text),
-        (Kind::Json, Value::Json(j)) => push_str(out, &jsonb_text(j)),
+        // The text PostgreSQL sent, as Debezium passes it on.
+        (Kind::Json, Value::Json { text, .. }) => push_str(out, text),
         (Kind::Uuid, Value::Uuid(u)) => push_str(out, u.hyphenated().encode_lower(&mut uuid::Uuid::encode_buffer())),
         (Kind::Binary(mode), Value::Bytea(b)) => push_str(out, &binary_text(*mode, b)),
         (Kind::Decimal { scale, .. }, Value::Numeric(s)) => match parse_decimal(s) {
@@ -697,48 +697,9 @@ pub fn interval_iso(months: i32, days: i32, micros: i64) -> String {
     format!("P{y}Y{m}M{d}DT{h}H{mi}M{secs}S")
 }
 
-/// JSON as PostgreSQL's jsonb prints it: object keys shortest first, then
-/// bytewise (jsonb's storage order), `", "` and `": "` between items.
-pub fn jsonb_text(j: &Json) -> String {
-    fn write(out: &mut String, j: &Json) {
-        match j {
-            Json::Object(m) => {
-                let mut keys: Vec<&String> = m.keys().collect();
-                keys.sort_by(|a, b| a.len().cmp(&b.len()).then_with(|| a.as_bytes().cmp(b.as_bytes())));
-                out.push('{');
-                for (i, k) in keys.iter().enumerate() {
-                    if i > 0 {
-                        out.push_str(", ");
-                    }
-                    out.push_str(&json_string(k));
-                    out.push_str(": ");
-                    write(out, &m[*k]);
-                }
-                out.push('}');
-            }
-            Json::Array(a) => {
-                out.push('[');
-                for (i, v) in a.iter().enumerate() {
-                    if i > 0 {
-                        out.push_str(", ");
-                    }
-                    write(out, v);
-                }
-                out.push(']');
-            }
-            other => out.push_str(&other.to_string()),
-        }
-    }
-    let mut out = String::new();
-    write(&mut out, j);
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
-
-    use serde_json::json;
 
     use super::*;
 
@@ -885,9 +846,11 @@ mod tests {
 
     #[test]
     fn strings_json_uuid_and_binary() {
+        let jsonb = Value::from_text(oid::JSONB, br#"{"a": "x", "bb": [1.50, null]}"#).unwrap();
         assert_eq!(
-            enc(&kind(oid::JSONB, -1), &Value::Json(json!({"bb": [1, null], "a": "x"}))),
-            r#""{\"a\": \"x\", \"bb\": [1, null]}""#
+            enc(&kind(oid::JSONB, -1), &jsonb),
+            r#""{\"a\": \"x\", \"bb\": [1.50, null]}""#,
+            "the text as PostgreSQL sent it, 1.50 included"
         );
         let u = uuid::Uuid::parse_str("A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11").unwrap();
         assert_eq!(enc(&kind(oid::UUID, -1), &Value::Uuid(u)), r#""a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11""#);

@@ -423,7 +423,7 @@ fn value_oid(v: &Value) -> u32 {
         Value::TimestampTz(_) => oid::TIMESTAMPTZ,
         Value::Infinity { oid, .. } => *oid,
         Value::Interval { .. } => oid::INTERVAL,
-        Value::Json(_) => oid::JSONB,
+        Value::Json { .. } => oid::JSONB,
         Value::Bytea(_) => oid::BYTEA,
         Value::Inet(_) => oid::INET,
         Value::Cidr(_) => oid::CIDR,

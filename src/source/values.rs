@@ -150,8 +150,13 @@ pub enum Value {
         days: i32,
         micros: i64,
     },
-    /// json and jsonb.
-    Json(Json),
+    /// json and jsonb: the value, and the text PostgreSQL sent (a json's
+    /// input as it was typed, a jsonb's canonical form), which the log
+    /// writes as Debezium does.
+    Json {
+        value: Json,
+        text: Box<str>,
+    },
     Bytea(Vec<u8>),
     /// Canonical PostgreSQL text, e.g. `192.168.1.5/24`, `::1`.
     Inet(String),
@@ -234,9 +239,7 @@ impl Value {
             }
             oid::TEXT | oid::VARCHAR | oid::BPCHAR | oid::NAME => Value::Text(s.to_owned()),
             oid::UUID => Value::Uuid(Uuid::parse_str(s).map_err(|_| e("not a uuid"))?),
-            oid::JSON | oid::JSONB => {
-                Value::Json(serde_json::from_str(s).map_err(|x| e(&format!("invalid JSON: {x}")))?)
-            }
+            oid::JSON | oid::JSONB => Value::json(s).map_err(|x| e(&format!("invalid JSON: {x}")))?,
             oid::BYTEA => {
                 Value::Bytea(parse_bytea_text(s).ok_or_else(|| e("invalid bytea (expected \\x hex or escape format)"))?)
             }
@@ -301,10 +304,11 @@ impl Value {
             oid::NUMERIC => Value::Numeric(numeric_binary_to_text(data).ok_or_else(|| e("malformed binary numeric"))?),
             oid::TEXT | oid::VARCHAR | oid::BPCHAR | oid::NAME => Value::Text(utf8()?.to_owned()),
             oid::UUID => Value::Uuid(Uuid::from_bytes(arr(fixed(16)?))),
-            oid::JSON => Value::Json(serde_json::from_str(utf8()?).map_err(|x| e(&format!("invalid JSON: {x}")))?),
+            oid::JSON => Value::json(utf8()?).map_err(|x| e(&format!("invalid JSON: {x}")))?,
             oid::JSONB => match data.split_first() {
                 Some((1, rest)) => {
-                    Value::Json(serde_json::from_slice(rest).map_err(|x| e(&format!("invalid JSON: {x}")))?)
+                    let text = std::str::from_utf8(rest).map_err(|_| e("invalid UTF-8"))?;
+                    Value::json(text).map_err(|x| e(&format!("invalid JSON: {x}")))?
                 }
                 _ => return Err(e("unknown jsonb binary version")),
             },
@@ -386,6 +390,11 @@ impl Value {
     /// (`Serialize for Value` writes that shape; this is it as a tree.)
     pub fn to_json(&self) -> Json {
         serde_json::to_value(self).unwrap_or(Json::Null)
+    }
+
+    /// A json or jsonb value from its text.
+    pub fn json(text: &str) -> Result<Value, serde_json::Error> {
+        Ok(Value::Json { value: serde_json::from_str(text)?, text: text.into() })
     }
 
     pub fn is_null(&self) -> bool {
@@ -1104,7 +1113,7 @@ impl Serialize for Value {
             },
             Value::Infinity { negative, .. } => s.serialize_str(if *negative { "-infinity" } else { "infinity" }),
             Value::Interval { months, days, micros } => s.serialize_str(&iso_duration(*months, *days, *micros)),
-            Value::Json(j) => j.serialize(s),
+            Value::Json { value, .. } => value.serialize(s),
             Value::Bytea(b) => s.collect_str(&format_args!("\\x{}", hex::encode(b))),
             Value::Array { dims, values, .. } => {
                 let lens: Vec<usize> = dims.iter().map(|d| d.len).collect();
@@ -1253,7 +1262,9 @@ mod tests {
             t(oid::UUID, "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11").as_uuid().unwrap().to_string(),
             "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"
         );
-        assert_eq!(t(oid::JSONB, r#"{"ü": [1, null]}"#), Value::Json(json!({"ü": [1, null]})));
+        let j = t(oid::JSONB, r#"{"ü": [1, null]}"#);
+        assert_eq!(j.to_json(), json!({"ü": [1, null]}));
+        assert!(matches!(&j, Value::Json { text, .. } if &**text == r#"{"ü": [1, null]}"#), "{j:?}");
         assert_eq!(t(oid::BYTEA, "\\x00ff10"), Value::Bytea(vec![0, 255, 16]));
         assert_eq!(t(oid::BYTEA, "a\\\\b\\001"), Value::Bytea(b"a\\b\x01".to_vec()));
         assert!(Value::from_text(oid::BYTEA, b"\\xzz").is_err());
@@ -1405,7 +1416,8 @@ mod tests {
         let mut tz = 3_600_000_000i64.to_be_bytes().to_vec();
         tz.extend_from_slice(&(-19_800i32).to_be_bytes());
         assert_eq!(b(oid::TIMETZ, &tz), Value::TimeTz { micros: 3_600_000_000, offset_secs: 19_800 });
-        assert_eq!(b(oid::JSONB, b"\x01{\"a\":1}"), Value::Json(json!({"a": 1})));
+        assert_eq!(b(oid::JSONB, b"\x01{\"a\":1}"), Value::json(r#"{"a":1}"#).unwrap());
+        assert_eq!(b(oid::JSONB, b"\x01{\"a\":1}").to_json(), json!({"a": 1}));
         assert!(Value::from_binary(oid::JSONB, b"\x02{}").is_err());
         assert_eq!(b(oid::INET, &[2, 32, 0, 4, 10, 1, 2, 3]), Value::Inet("10.1.2.3".into()));
         assert_eq!(b(oid::INET, &[2, 24, 0, 4, 192, 168, 1, 5]), Value::Inet("192.168.1.5/24".into()));
