@@ -214,12 +214,18 @@ async fn promotion(v: &str, logs: &support::logs::Logs) {
     let total = progress_before.changes() + progress_after.changes();
     let topic = format!("{}public.engagement_events", t.cfg.log.topic_prefix);
     // To its end (a record twice may come after all the others).
-    let records = read_topic(&t, &topic, Duration::from_secs(15), |_| false).await;
+    // The change records: a delete's tombstone shares its position.
+    let records: Vec<_> = read_topic(&t, &topic, Duration::from_secs(15), |_| false)
+        .await
+        .into_iter()
+        .filter(|r| r.headers.get("pgfanout.kind").is_some_and(|k| k == "change"))
+        .collect();
     let mut positions: Vec<(u64, u64)> = records
         .iter()
         .map(|r| {
-            let p = &r.payload["position"];
-            (p["commit_lsn"].as_u64().unwrap(), p["ordinal"].as_u64().unwrap())
+            // pgfanout's position travels in a header, `<commit LSN>/<ordinal>`.
+            let (lsn, ordinal) = r.headers["pgfanout.position"].split_once('/').expect("<commit lsn>/<ordinal>");
+            (lsn.parse().unwrap(), ordinal.parse().unwrap())
         })
         .collect();
     positions.sort();
