@@ -209,7 +209,9 @@ impl LogProducer {
             let partitions = state.partitions.clone();
             let origin = origin.to_string();
             let read = tokio::task::spawn_blocking(move || {
-                let counts = tail::partition_counts(&cfg, &counts, TAIL_TIMEOUT)?;
+                // One consumer for the partition counts and the tails.
+                let consumer = tail::consumer(&cfg)?;
+                let counts = tail::partition_counts(&consumer, &counts, TAIL_TIMEOUT)?;
                 let with_counts: Vec<(String, i32)> = tails
                     .into_iter()
                     .map(|t| {
@@ -218,7 +220,7 @@ impl LogProducer {
                         (t, n)
                     })
                     .collect();
-                known.read(&cfg, &with_counts, &origin, TAIL_TIMEOUT).map(|()| (known, counts))
+                known.read(&consumer, &with_counts, &origin, TAIL_TIMEOUT).map(|()| (known, counts))
             });
             let (known, counts) =
                 read.await.map_err(|e| LogError::Tail { topic: String::new(), reason: e.to_string() })??;

@@ -49,7 +49,9 @@ pub struct Tails {
     read: std::collections::HashSet<String>,
 }
 
-fn consumer(cfg: &LogConfig) -> Result<BaseConsumer, LogError> {
+/// The consumer both reads go through: assigned, never subscribed or
+/// committing, partition EOF on.
+pub fn consumer(cfg: &LogConfig) -> Result<BaseConsumer, LogError> {
     client_config(cfg)
         .set("group.id", "pgfanout-tail")
         .set("enable.auto.commit", "false")
@@ -61,8 +63,11 @@ fn consumer(cfg: &LogConfig) -> Result<BaseConsumer, LogError> {
 
 /// The partition count of each of `topics`, from the broker's metadata
 /// (blocking).
-pub fn partition_counts(cfg: &LogConfig, topics: &[String], timeout: Duration) -> Result<Vec<(String, i32)>, LogError> {
-    let consumer = consumer(cfg)?;
+pub fn partition_counts(
+    consumer: &BaseConsumer,
+    topics: &[String],
+    timeout: Duration,
+) -> Result<Vec<(String, i32)>, LogError> {
     let mut out = Vec::with_capacity(topics.len());
     for topic in topics {
         let md = consumer.fetch_metadata(Some(topic), timeout).map_err(LogError::Client)?;
@@ -107,12 +112,11 @@ impl Tails {
     /// (blocking: run it off the async threads).
     pub fn read(
         &mut self,
-        cfg: &LogConfig,
+        consumer: &BaseConsumer,
         topics: &[(String, i32)],
         origin: &str,
         timeout: Duration,
     ) -> Result<(), LogError> {
-        let consumer = consumer(cfg)?;
         let deadline = Instant::now() + timeout;
         for (topic, n) in topics {
             let mut pending = Vec::new();
@@ -122,7 +126,7 @@ impl Tails {
             }
             // One topic at a time: a partition EOF names the partition only.
             while !pending.is_empty() {
-                let found = read_windows(&consumer, topic, &pending, origin, deadline)?;
+                let found = read_windows(consumer, topic, &pending, origin, deadline)?;
                 let mut wider = Vec::new();
                 for mut part in pending {
                     match found.get(&part.partition) {
